@@ -1,0 +1,89 @@
+"""Architecture of the toy latent-diffusion model (SD-style components, tiny sizes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdattn.tokenizer import build_word_tokenizer
+from toyworld.world import World
+
+MAX_LENGTH = 16  # tokenizer / text encoder context
+
+
+def build_tokenizer(world: World):
+    return build_word_tokenizer(world.vocabulary(), model_max_length=MAX_LENGTH)
+
+
+def build_vae(image_size: int, channels=(32, 64, 64), latent_channels: int = 4) -> AutoencoderKL:
+    """len(channels)-1 downsamplings: 64 px -> 16 x 16 x 4 latents for three levels."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=tuple(channels), layers_per_block=1, latent_channels=latent_channels,
+        norm_num_groups=16, sample_size=image_size, scaling_factor=1.0,
+    )
+
+
+def build_text_encoder(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4) -> CLIPTextModel:
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_unet(latent_size: int, channels=(64, 128, 128), cross_dim: int = 64, heads: int = 4,
+               latent_channels: int = 4) -> UNet2DConditionModel:
+    """Cross- and self-attention at latent_size, latent_size/2 and latent_size/4 (mid block).
+
+    Down: CrossAttn(16) -> CrossAttn(8) -> Down(4) ; mid: CrossAttn(4) ;
+    up: Up(4) -> CrossAttn(8) -> CrossAttn(16).
+    """
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=tuple(channels), layers_per_block=1, cross_attention_dim=cross_dim,
+        attention_head_dim=heads, norm_num_groups=32,
+    )
+
+
+def build_scheduler() -> DDIMScheduler:
+    """SD's noise schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler=None) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler or build_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def load_pipeline(path: str | Path = "models/toy", dtype=torch.float32) -> StableDiffusionPipeline:
+    """Load the shipped toy pipeline offline."""
+    from toyworld.world import REPO_ROOT
+
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = REPO_ROOT / p
+    return StableDiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)

@@ -1,0 +1,232 @@
+"""The toy world: seeded, deterministic renders of one coloured shape on a simple background.
+
+Everything (vocabulary, RGB values, backgrounds, sizes) is read from ``datasets/toy_world.yaml``.
+Each render comes with its prompt ("a red circle", "an orange star in the park", ...) and exact
+ground truth (colour, shape, background, boolean object mask).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_GRAMMAR = REPO_ROOT / "datasets" / "toy_world.yaml"
+_TEMPLATE_RES = 192  # shapes are drawn once at this resolution, then box-filtered to size
+
+
+# --------------------------------------------------------------------------- shape templates
+def _shape_coverage(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean inside-test in normalised coordinates u, v in [-1, 1] (v points down)."""
+    if shape == "circle":
+        return u**2 + v**2 <= 1.0
+    if shape == "square":
+        return (np.abs(u) <= 0.82) & (np.abs(v) <= 0.82)
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    if shape == "triangle":  # pointing up, base at the bottom
+        return (v <= 0.8) & (v >= -1.0) & (np.abs(u) <= (v + 1.0) / 1.8)
+    if shape == "cross":  # a plus sign
+        w = 0.34
+        return ((np.abs(u) <= w) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= w) & (np.abs(u) <= 1.0))
+    if shape == "star":  # five-pointed, one point up
+        ang = np.arctan2(u, -v)  # 0 at the top, clockwise
+        rad = np.sqrt(u**2 + v**2)
+        k = 5
+        r_out, r_in = 1.0, 0.42
+        # polar boundary of a regular star polygon: interpolate between tip and notch radii
+        # along straight edges (exact polygon edge in polar form).
+        sector = 2 * np.pi / k
+        a = np.mod(ang, sector)
+        a = np.minimum(a, sector - a)  # 0 at a tip, sector/2 at a notch
+        # edge from tip (r_out, 0) to notch (r_in, sector/2): line through the two points
+        p1 = np.array([r_out, 0.0])
+        p2 = np.array([r_in * np.cos(sector / 2), r_in * np.sin(sector / 2)])
+        # line n.x = c
+        n = np.array([p2[1] - p1[1], p1[0] - p2[0]])
+        c = n @ p1
+        denom = n[0] * np.cos(a) + n[1] * np.sin(a)
+        r_edge = c / denom
+        return rad <= r_edge
+    if shape == "car":  # side view: body, cabin, two wheels (one silhouette, one colour)
+        body = (np.abs(u) <= 1.0) & (v >= -0.1) & (v <= 0.42)
+        cabin_half = 0.55 - 0.35 * (-(v + 0.1) / 0.45)  # trapezoid narrowing upwards
+        cabin = (v >= -0.55) & (v < -0.1) & (np.abs(u + 0.05) <= cabin_half)
+        wheels = ((u - 0.58) ** 2 + (v - 0.45) ** 2 <= 0.26**2) | ((u + 0.58) ** 2 + (v - 0.45) ** 2 <= 0.26**2)
+        return body | cabin | wheels
+    raise ValueError(f"no geometry for shape {shape!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def shape_template(shape: str) -> np.ndarray:
+    """High-resolution 0/1 coverage of ``shape`` over the box [-1, 1]^2."""
+    t = (np.arange(_TEMPLATE_RES) + 0.5) / _TEMPLATE_RES * 2 - 1
+    v, u = np.meshgrid(t, t, indexing="ij")
+    return _shape_coverage(shape, u, v).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _coverage(shape: str, size: int) -> np.ndarray:
+    """Anti-aliased coverage of ``shape`` in a size x size pixel box."""
+    img = Image.fromarray(shape_template(shape), mode="F")
+    return np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32).clip(0, 1)
+
+
+# --------------------------------------------------------------------------- world / grammar
+@dataclass
+class Render:
+    image: np.ndarray  # uint8 H x W x 3
+    prompt: str
+    color: str
+    shape: str
+    background: str
+    mask: np.ndarray  # bool H x W, True on the object
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # x0, y0, size (square box), unused
+
+
+@dataclass
+class World:
+    image_size: int
+    noise_std: float
+    margin: int
+    size_range: tuple[int, int]
+    colors: dict[str, tuple[int, int, int]]
+    shapes: list[str]
+    backgrounds: dict[str, dict]
+    background_probs: dict[str, float]
+    articles: list[str] = field(default_factory=lambda: ["a", "an"])
+
+    # ---- vocabulary and prompts
+    @property
+    def background_words(self) -> list[str]:
+        words: list[str] = []
+        for b in self.backgrounds.values():
+            for w in b["phrase"].split():
+                if w not in words:
+                    words.append(w)
+        return words
+
+    def vocabulary(self) -> list[str]:
+        """Every word a prompt may use (each is one token of the toy tokenizer)."""
+        return list(self.articles) + list(self.colors) + list(self.shapes) + self.background_words
+
+    @staticmethod
+    def article(word: str) -> str:
+        return "an" if word[:1].lower() in "aeiou" else "a"
+
+    def make_prompt(self, color: str, shape: str, background: str = "none") -> str:
+        phrase = self.backgrounds[background]["phrase"]
+        prompt = f"{self.article(color)} {color} {shape}"
+        return f"{prompt} {phrase}" if phrase else prompt
+
+    def check_prompt(self, prompt: str) -> list[str]:
+        """Return the prompt's words; raise ValueError (listing the vocabulary) on an unknown word."""
+        words = re.findall(r"[A-Za-z]+|[^\sA-Za-z]", prompt.lower())
+        vocab = self.vocabulary()
+        unknown = [w for w in words if w not in vocab]
+        if unknown:
+            raise ValueError(
+                f"prompt {prompt!r} has words outside the toy-world vocabulary: {unknown}. "
+                f"Vocabulary: {', '.join(vocab)}"
+            )
+        return words
+
+    def parse_prompt(self, prompt: str) -> dict:
+        """(color, shape, background) named by a prompt; None for a part it does not name."""
+        words = self.check_prompt(prompt)
+        color = next((w for w in words if w in self.colors), None)
+        shape = next((w for w in words if w in self.shapes), None)
+        text = " ".join(words)
+        background = "none"
+        for name, b in self.backgrounds.items():
+            if b["phrase"] and b["phrase"] in text:
+                background = name
+        return {"color": color, "shape": shape, "background": background}
+
+    # ---- rendering
+    def sample_spec(self, rng: np.random.Generator) -> dict:
+        color = str(rng.choice(list(self.colors)))
+        shape = str(rng.choice(self.shapes))
+        names = list(self.background_probs)
+        p = np.array([self.background_probs[n] for n in names], dtype=float)
+        background = str(rng.choice(names, p=p / p.sum()))
+        return {"color": color, "shape": shape, "background": background, **self._sample_place(rng)}
+
+    def _sample_place(self, rng: np.random.Generator) -> dict:
+        lo, hi = self.size_range
+        r = int(rng.integers(lo, hi + 1))
+        size = 2 * r
+        x0 = int(rng.integers(self.margin, self.image_size - self.margin - size + 1))
+        y0 = int(rng.integers(self.margin, self.image_size - self.margin - size + 1))
+        return {"x0": x0, "y0": y0, "size": size}
+
+    def render(self, color: str, shape: str, background: str = "none", *, seed: int | None = None,
+               rng: np.random.Generator | None = None, x0: int | None = None, y0: int | None = None,
+               size: int | None = None) -> Render:
+        """Render one object; placement is drawn from ``rng``/``seed`` unless given."""
+        if color not in self.colors:
+            raise ValueError(f"unknown colour {color!r}; colours: {', '.join(self.colors)}")
+        if shape not in self.shapes:
+            raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(self.shapes)}")
+        if background not in self.backgrounds:
+            raise ValueError(f"unknown background {background!r}; backgrounds: {', '.join(self.backgrounds)}")
+        rng = rng if rng is not None else np.random.default_rng(seed)
+        if x0 is None or y0 is None or size is None:
+            place = self._sample_place(rng)
+            x0 = place["x0"] if x0 is None else x0
+            y0 = place["y0"] if y0 is None else y0
+            size = place["size"] if size is None else size
+        n = self.image_size
+        cov = np.zeros((n, n), np.float32)
+        cov[y0:y0 + size, x0:x0 + size] = _coverage(shape, int(size))[: n - y0, : n - x0]
+        bg = np.array(self.backgrounds[background]["rgb"], np.float32)
+        fg = np.array(self.colors[color], np.float32)
+        img = bg * (1 - cov[..., None]) + fg * cov[..., None]
+        img = img + rng.normal(0.0, self.noise_std, img.shape).astype(np.float32)
+        image = np.clip(np.round(img), 0, 255).astype(np.uint8)
+        return Render(image=image, prompt=self.make_prompt(color, shape, background), color=color,
+                      shape=shape, background=background, mask=cov >= 0.5, box=(x0, y0, size, size))
+
+    def render_random(self, seed: int | None = None, rng: np.random.Generator | None = None) -> Render:
+        rng = rng if rng is not None else np.random.default_rng(seed)
+        spec = self.sample_spec(rng)
+        return self.render(spec["color"], spec["shape"], spec["background"], rng=rng,
+                           x0=spec["x0"], y0=spec["y0"], size=spec["size"])
+
+    def render_batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+        """n random renders: uint8 array (n, H, W, 3) and their prompts."""
+        items = [self.render_random(rng=rng) for _ in range(n)]
+        return np.stack([r.image for r in items]), [r.prompt for r in items]
+
+
+def load_world(path: str | Path | None = None) -> World:
+    """Read the grammar YAML (default ``datasets/toy_world.yaml``)."""
+    return _load_world(str(Path(path) if path else DEFAULT_GRAMMAR))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_world(path: str) -> World:
+    cfg = yaml.safe_load(Path(path).read_text())
+    return World(
+        image_size=int(cfg["image_size"]),
+        noise_std=float(cfg["noise_std"]),
+        margin=int(cfg["margin"]),
+        size_range=tuple(cfg["size_range"]),
+        colors={k: tuple(int(c) for c in v) for k, v in cfg["colors"].items()},
+        shapes=list(cfg["shapes"]),
+        backgrounds={k: {"phrase": v.get("phrase", "") or "", "rgb": tuple(v["rgb"])}
+                     for k, v in cfg["backgrounds"].items()},
+        background_probs={k: float(v) for k, v in cfg["background_probs"].items()},
+        articles=list(cfg.get("articles", ["a", "an"])),
+    )
+
+
+def check_prompt(prompt: str, world: World | None = None) -> list[str]:
+    """Module-level shortcut: raise ValueError listing the vocabulary for an unknown word."""
+    return (world or load_world()).check_prompt(prompt)
