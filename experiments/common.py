@@ -1,0 +1,51 @@
+"""Helpers shared by the task functions: model from config, output folder, logger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as _instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sdattn.errors import UserError
+from sdattn.models import load_pipeline
+
+
+def instantiate(node, *args, **kwargs):
+    """``hydra.utils.instantiate`` that lets our one-line user errors through unwrapped."""
+    try:
+        return _instantiate(node, *args, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+
+
+def load_model(cfg: DictConfig):
+    """The pipeline of ``cfg.model`` on ``cfg.device``; ``model.path`` (if set) wins over the preset."""
+    m = cfg.model
+    if m.get("path"):
+        pipe = load_pipeline(path=m.path, config=m.get("config"), dtype=cfg.dtype)
+    else:
+        pipe = instantiate(m.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(cfg.device)
+
+
+def model_identity(cfg: DictConfig) -> dict:
+    """What identifies the model's weights (for cache keys)."""
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    return {"name": m.get("name"), "path": m.get("path"), "pipeline": m.get("pipeline"), "dtype": cfg.dtype}
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_logger(cfg: DictConfig):
+    """The configured Lightning logger, or None (``logger=null``)."""
+    return instantiate(cfg.logger) if cfg.get("logger") else None

@@ -1,0 +1,1 @@
+"""Task functions: ``run(cfg) -> results``, one module per task."""

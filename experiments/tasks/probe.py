@@ -1,0 +1,98 @@
+"""Probing task (Tables 1–3): capture attention features, train MLP probes per layer, write tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from experiments.common import instantiate, load_model, make_logger, model_identity, output_dir
+from probing.capture import CaptureSpec, capture_features
+from probing.prompts import build_prompts, load_family, resolve_token
+from probing.probe import train_probe
+from probing.store import FeatureStore
+from probing.tables import accuracy_table, formatted, write_table
+from sdattn.layers import LayerSelector, enumerate_layers
+from sdattn.sampling import latent_size
+
+
+def family_path(cfg: DictConfig) -> Path:
+    fam = str(cfg.probe.family)
+    return Path(fam) if fam.endswith(".yaml") else Path(cfg.paths.data_dir) / "probe" / f"{fam}.yaml"
+
+
+def collect_features(cfg: DictConfig, pipe, prompts, layers, spec: CaptureSpec, family: dict) -> dict:
+    """Features of every prompt, generated once and cached on disk (resumable)."""
+    p = cfg.probe
+    store = FeatureStore(Path(cfg.paths.cache_dir) / "features", {
+        "model": model_identity(cfg), "family": family, "kind": spec.kind, "tokens": list(spec.tokens),
+        "steps": str(spec.steps), "grid": spec.grid, "pool": spec.pool, "layers": [x.name for x in layers],
+        "num_inference_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale,
+    })
+    todo = [x for x in prompts if x.id in set(store.missing([x.id for x in prompts]))]
+    batches = [todo[i:i + p.batch_size] for i in range(0, len(todo), p.batch_size)]
+    for batch in tqdm(batches, desc=f"capture ({len(todo)} of {len(prompts)} images)", disable=not cfg.progress):
+        words = [[resolve_token(t, x) for t in spec.tokens] for x in batch]
+        feats = capture_features(pipe, layers, spec, [x.prompt for x in batch], [x.seed for x in batch], words,
+                                 p.num_inference_steps, p.guidance_scale)
+        store.add([x.id for x in batch], feats)
+    return store.load([x.id for x in prompts])
+
+
+def run(cfg: DictConfig) -> dict:
+    """Returns ``{"tables": {stem: DataFrame (mean, %)}, "files": {...}, "layers": [...]}``."""
+    p = cfg.probe
+    family = load_family(family_path(cfg))
+    prompts = build_prompts(family, p.n_per_class, p.test_fraction, p.classes)
+    classes = list(dict.fromkeys(x.label for x in prompts))
+    pipe = load_model(cfg)
+    all_layers = enumerate_layers(pipe.unet, latent_size(pipe))
+    layers = LayerSelector(kinds=p.kind, indices=OmegaConf.to_object(p.layers) if OmegaConf.is_config(p.layers)
+                           else p.layers).select(all_layers)
+    spec = CaptureSpec(kind=p.kind, tokens=list(p.tokens), steps=p.steps, grid=p.grid, pool=p.pool)
+    if p.kind == "cross" and not spec.tokens:
+        from sdattn.errors import UserError
+
+        raise UserError("probe.tokens is empty: name the words whose cross-attention maps to probe, e.g. ['{cls}']")
+    feats = collect_features(cfg, pipe, prompts, layers, spec, family)
+
+    y = torch.tensor([classes.index(x.label) for x in prompts])
+    train = torch.tensor([x.split == "train" for x in prompts])
+    make_trainer = instantiate(cfg.trainer)
+    token_names = [t.replace("{cls}", "class word") for t in spec.tokens] if p.kind == "cross" else [None]
+    out, tables, files = output_dir(cfg), {}, {}
+    logger = make_logger(cfg)
+    for t, token in enumerate(token_names):
+        per_class, overall, control = {}, {}, {}
+        for layer in tqdm(layers, desc="probes" + (f" [{token}]" if token else ""), disable=not cfg.progress):
+            x = feats[layer.label]
+            x = (x[:, t] if p.kind == "cross" else x).flatten(1)
+            col = f"L{layer.index}"
+            for s in p.seeds:
+                kw = dict(n_classes=len(classes), make_trainer=make_trainer, seed=int(s), **p.mlp)
+                r = train_probe(x[train], y[train], x[~train], y[~train], **kw)
+                per_class.setdefault(col, []).append(r.per_class.numpy())
+                overall.setdefault(col, []).append(r.overall)
+                if p.control:
+                    control.setdefault(col, []).append(
+                        train_probe(x[train], y[train], x[~train], y[~train], shuffle_labels=True, **kw).overall)
+        mean, std = accuracy_table(per_class, classes, overall, control if p.control else None, 1 / len(classes))
+        stem = p.name + (f"_{token.replace(' ', '_')}" if token and len(token_names) > 1 else "")
+        caption = f"{p.title} — model {cfg.model.name}" + (f", token '{token}'" if token else "") + \
+            f"; test accuracy %, {int((~train).sum())} test images, chance {100 / len(classes):.1f}%"
+        table = formatted(mean, std, with_std=len(p.seeds) > 1)
+        files[stem] = write_table(table, out, stem, caption)
+        tables[stem] = mean
+        print(f"\n{caption}\n{table.to_markdown()}\n")
+        if logger is not None:
+            logger.log_table(key=stem, dataframe=table.reset_index(names="class"))
+    if logger is not None:
+        logger.finalize("success")
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+            logger.experiment.finish()
+    print(f"tables written to {out}")
+    return {"tables": tables, "files": files, "layers": [x.label for x in layers], "classes": classes,
+            "chance": 1 / len(classes), "out_dir": str(out)}

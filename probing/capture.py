@@ -1,0 +1,178 @@
+"""Capture attention features during sampling, through the shared hook layer.
+
+Cross-attention: for each requested word, softmax(QKᵀ/√d) of the conditional branch, mean over
+heads, mean over the word's tokens, averaged over the capture steps, reshaped to the layer's
+(h, w) grid and bilinearly resized to ``grid × grid`` → ``grid²`` features.
+
+Self-attention: the (hw × hw) map of the conditional branch, mean over heads, average-pooled over
+query positions *and* key positions to ``pool × pool`` grids → ``pool⁴`` features, computed in
+query chunks so the full map is never held (memory does not grow with 4096² maps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sdattn.errors import UserError
+from sdattn.hooks import AttentionHook, HookSet, StepState
+from sdattn.layers import LayerId
+from sdattn.sampling import sample
+
+
+def parse_steps(spec, num_steps: int) -> set[int]:
+    """``"all"``, a list of 0-based step indices, or ``"a-b"`` → set of steps in 0..num_steps-1."""
+    if spec is None or spec == "all":
+        return set(range(num_steps))
+    if isinstance(spec, str) and "-" in spec:
+        lo, hi = (int(x) for x in spec.split("-"))
+        steps = set(range(lo, hi + 1))
+    else:
+        steps = {int(s) for s in ([spec] if isinstance(spec, int) else spec)}
+    bad = sorted(s for s in steps if not 0 <= s < num_steps)
+    if bad:
+        raise UserError(f"capture step {bad[0]} is outside 0..{num_steps - 1}")
+    return steps
+
+
+class _Accumulator:
+    """Running sums of one feature per layer over the captured steps."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().float().cpu()
+        if key in self.sums:
+            self.sums[key] += value
+            self.counts[key] += 1
+        else:
+            self.sums[key], self.counts[key] = value.clone(), 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+class CrossMapCapture(AttentionHook):
+    """Records token cross-attention maps of the conditional branch; output unchanged (SDPA)."""
+
+    def __init__(self, layer: LayerId, state: StepState, acc: _Accumulator, token_weights: torch.Tensor,
+                 steps: set[int], grid: int):
+        super().__init__(layer, state)
+        self.acc, self.weights, self.steps, self.grid = acc, token_weights, steps, grid
+
+    def attend(self, attn, query, key, value, mask):
+        out = super().attend(attn, query, key, value, mask)
+        if self.state.step in self.steps:
+            rows = self.state.layout.cond_rows
+            probs = torch.softmax(query[rows].float() @ key[rows].float().transpose(-1, -2) * attn.scale, -1)
+            maps = torch.einsum("bnl,btl->btn", probs.mean(1), self.weights.to(probs.device))  # (B, T, N)
+            b, t, _ = maps.shape
+            maps = maps.reshape(b * t, 1, self.layer.height, self.layer.width)
+            maps = F.interpolate(maps, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+            self.acc.add(self.layer.label, maps.reshape(b, t, -1))
+        return out
+
+
+def pooled_self_attention(query, key, scale: float, hw: tuple[int, int], pool: int,
+                          chunk: int = 1024) -> torch.Tensor:
+    """Mean-over-heads self-attention map pooled to (pool², pool²), without holding it whole.
+
+    query/key: (B, H, N, d) → (B, pool⁴).
+    """
+    b, _, n, _ = query.shape
+    h, w = hw
+    rows = []
+    for start in range(0, n, chunk):
+        probs = torch.softmax(query[:, :, start:start + chunk].float() @ key.float().transpose(-1, -2) * scale, -1)
+        p = probs.mean(1)  # (B, c, N)
+        c = p.shape[1]
+        p = F.adaptive_avg_pool2d(p.reshape(b * c, 1, h, w), pool).reshape(b, c, pool * pool)
+        rows.append(p)
+    m = torch.cat(rows, 1)  # (B, N, pool²): key-pooled
+    m = m.transpose(1, 2).reshape(b * pool * pool, 1, h, w)
+    m = F.adaptive_avg_pool2d(m, pool).reshape(b, pool * pool, pool * pool)  # (B, keys, queries)
+    return m.transpose(1, 2).reshape(b, -1)
+
+
+class SelfMapCapture(AttentionHook):
+    """Records pooled self-attention maps of the conditional branch; output unchanged (SDPA)."""
+
+    def __init__(self, layer: LayerId, state: StepState, acc: _Accumulator, steps: set[int], pool: int):
+        super().__init__(layer, state)
+        self.acc, self.steps, self.pool = acc, steps, pool
+
+    def attend(self, attn, query, key, value, mask):
+        out = super().attend(attn, query, key, value, mask)
+        if self.state.step in self.steps:
+            rows = self.state.layout.cond_rows
+            feat = pooled_self_attention(query[rows], key[rows], attn.scale, (self.layer.height, self.layer.width),
+                                         self.pool)
+            self.acc.add(self.layer.label, feat)
+        return out
+
+
+@dataclass
+class CaptureSpec:
+    """What to capture. ``kind``: "cross" or "self"; ``tokens``: word specs for cross maps."""
+
+    kind: str = "cross"
+    tokens: Sequence[str] = ("{cls}",)
+    steps: object = "all"
+    grid: int = 16
+    pool: int = 8
+
+
+def token_weights(tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]]) -> torch.Tensor:
+    """(B, T, L) weights averaging the tokens of word t of prompt b (L = tokenizer max length)."""
+    from .prompts import word_token_positions
+
+    L = tokenizer.model_max_length
+    w = torch.zeros(len(prompts), max(len(x) for x in words), L)
+    for b, (prompt, ws) in enumerate(zip(prompts, words)):
+        for t, word in enumerate(ws):
+            pos = word_token_positions(tokenizer, prompt, word)
+            w[b, t, pos] = 1.0 / len(pos)
+    return w
+
+
+def capture_features(
+    pipe,
+    layers: Sequence[LayerId],
+    spec: CaptureSpec,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    words: Sequence[Sequence[str]] | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Sample ``prompts`` and return ``{layer label: features}``.
+
+    cross: (B, T, grid²) for the T words of each prompt (``words[b]``); self: (B, pool⁴).
+    """
+    steps = parse_steps(spec.steps, num_inference_steps)
+    acc = _Accumulator()
+    if spec.kind == "cross":
+        if words is None:
+            raise UserError("cross-attention capture needs the words to capture")
+        weights = token_weights(pipe.tokenizer, prompts, words)
+
+        def factory(layer, state):
+            return CrossMapCapture(layer, state, acc, weights, steps, spec.grid)
+    elif spec.kind == "self":
+        def factory(layer, state):
+            return SelfMapCapture(layer, state, acc, steps, spec.pool)
+    else:
+        raise UserError(f"capture kind {spec.kind!r} is not one of ['cross', 'self']")
+    wrong = [x.label for x in layers if x.kind != spec.kind]
+    if wrong:
+        raise UserError(f"layer {wrong[0]} is not a {spec.kind}-attention layer")
+    with HookSet(pipe.unet, layers, factory) as hooks:
+        sample(pipe, prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+               callbacks=[hooks], progress=progress, decode_images=False)
+    return acc.means()

@@ -1,0 +1,83 @@
+"""Two-layer MLP probes trained with Lightning; per-class test accuracy via torchmetrics."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+
+
+class MLPProbe(pl.LightningModule):
+    """Linear → ReLU → Dropout → Linear, cross-entropy, AdamW."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.2, lr: float = 1e-3,
+                 weight_decay: float = 1e-4):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_dim) → (B, n_classes)
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+@dataclass
+class ProbeResult:
+    per_class: torch.Tensor  # (C,) test accuracy of each class
+    overall: float  # test accuracy over all test samples
+
+
+def standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z-score both with the training split's statistics."""
+    mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def train_probe(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    n_classes: int,
+    make_trainer: Callable[[], pl.Trainer],
+    seed: int = 0,
+    hidden: int = 256,
+    dropout: float = 0.2,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 64,
+    shuffle_labels: bool = False,
+) -> ProbeResult:
+    """Fit one probe on (N, F) features; ``shuffle_labels`` gives the permuted-label control."""
+    pl.seed_everything(seed, verbose=False)
+    x_train, x_test = standardize(x_train.float(), x_test.float())
+    if shuffle_labels:
+        y_train = y_train[torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))]
+    model = MLPProbe(x_train.shape[1], n_classes, hidden, dropout, lr, weight_decay)
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    make_trainer().fit(model, loader)
+    model.eval()
+    with torch.no_grad():
+        pred = model(x_test).argmax(-1)
+    per_class = MulticlassAccuracy(num_classes=n_classes, average=None)(pred, y_test)
+    overall = (pred == y_test).float().mean().item()
+    return ProbeResult(per_class, overall)

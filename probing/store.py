@@ -1,0 +1,74 @@
+"""Features on disk: safetensors shards plus a manifest, in a folder keyed by a config hash.
+
+Each shard is written atomically (temp file + rename) before the manifest names it, so an
+interrupted run loses at most the batch in flight and a re-run skips every finished sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def config_hash(config: dict) -> str:
+    """A short stable hash of a JSON-able config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    """Per-sample feature rows under ``root/<hash>/``: ``manifest.json`` + ``shard-*.safetensors``."""
+
+    def __init__(self, root: str | Path, config: dict):
+        self.config = config
+        self.dir = Path(root) / config_hash(config)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.dir / "manifest.json"
+        if self.manifest_path.exists():
+            self.manifest = json.loads(self.manifest_path.read_text())
+        else:
+            self.manifest = {"config": config, "shards": {}}
+            atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, default=str))
+
+    def done_ids(self) -> set[str]:
+        return {i for ids in self.manifest["shards"].values() for i in ids}
+
+    def missing(self, ids: Iterable[str]) -> list[str]:
+        done = self.done_ids()
+        return [i for i in ids if i not in done]
+
+    def add(self, ids: list[str], features: dict[str, torch.Tensor]) -> None:
+        """Write one shard: ``features[name]`` has one row per id."""
+        for name, t in features.items():
+            if t.shape[0] != len(ids):
+                raise ValueError(f"feature {name} has {t.shape[0]} rows for {len(ids)} ids")
+        shard = f"shard-{len(self.manifest['shards']):06d}.safetensors"
+        tmp = self.dir / (shard + ".tmp")
+        save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
+        os.replace(tmp, self.dir / shard)
+        self.manifest["shards"][shard] = list(ids)
+        atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, default=str))
+
+    def load(self, ids: list[str]) -> dict[str, torch.Tensor]:
+        """Rows for ``ids`` in that order, for every feature name."""
+        rows: dict[str, dict[str, torch.Tensor]] = {}
+        for shard, shard_ids in self.manifest["shards"].items():
+            tensors = load_file(str(self.dir / shard))
+            for name, t in tensors.items():
+                for i, sid in enumerate(shard_ids):
+                    rows.setdefault(name, {})[sid] = t[i]
+        missing = [i for i in ids if any(i not in r for r in rows.values())] if rows else list(ids)
+        if missing:
+            raise KeyError(f"{len(missing)} samples have no stored features, e.g. {missing[0]!r}")
+        return {name: torch.stack([r[i] for i in ids]) for name, r in rows.items()}

@@ -1,0 +1,43 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+torch.set_num_threads(1)  # small models: one thread is fastest and immune to a busy second core
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from sdattn.models import build_tiny_pipeline
+
+    return build_tiny_pipeline(ROOT / "datasets" / "tiny_vocab.txt", seed=0)
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose_cfg(*overrides) → a resolved run config writing under tmp_path."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import experiments.run  # noqa: F401  (registers the project_root resolver)
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("run", overrides=[f"paths.output_dir={tmp_path / 'out'}",
+                                            f"paths.cache_dir={tmp_path / 'cache'}", "progress=false",
+                                            *overrides])
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()

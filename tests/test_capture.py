@@ -1,0 +1,99 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from probing.capture import CaptureSpec, capture_features, pooled_self_attention, token_weights
+from probing.prompts import build_prompts, load_family, word_token_positions
+from probing.store import FeatureStore
+from sdattn.errors import UserError
+from sdattn.hooks import AttentionHook, HookSet
+from sdattn.layers import LayerSelector, enumerate_layers
+from sdattn.sampling import sample
+
+from .conftest import ROOT
+
+
+class _ProbsRecorder(AttentionHook):
+    """Reference: materialise the full attention probabilities the slow way."""
+
+    store: dict
+
+    def attend(self, attn, q, k, v, mask):
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+        self.store.setdefault(self.layer.label, []).append(probs[self.state.layout.cond_rows].mean(1))
+        return super().attend(attn, q, k, v, mask)
+
+
+def test_cross_maps_equal_explicit_attention_probabilities(tiny_pipe):
+    layers = LayerSelector(kinds="cross", indices=[3, 14]).select(enumerate_layers(tiny_pipe.unet))
+    prompts, words = ["a red car", "a blue dog"], [["red", "car"], ["blue", "a"]]
+    feats = capture_features(tiny_pipe, layers, CaptureSpec(grid=4, steps=[1, 2]), prompts, [0, 1], words,
+                             num_inference_steps=3, guidance_scale=7.5)
+    store: dict = {}
+
+    def factory(layer, state):
+        h = _ProbsRecorder(layer, state)
+        h.store = store
+        return h
+
+    with HookSet(tiny_pipe.unet, layers, factory) as hooks:
+        sample(tiny_pipe, prompts, [0, 1], num_inference_steps=3, callbacks=[hooks], progress=False,
+               decode_images=False)
+    for layer in layers:
+        probs = torch.stack(store[layer.label][1:3]).mean(0)  # steps 1, 2: (B, N, L)
+        # "red" is token 2 of "a red car"; "car" token 3; "blue" token 2 and "a" token 1 of "a blue dog"
+        expected = torch.stack([probs[0][:, [2, 3]], probs[1][:, [2, 1]]]).transpose(1, 2)  # (B, T, N)
+        expected = F.interpolate(expected.reshape(4, 1, layer.height, layer.width), size=(4, 4), mode="bilinear",
+                                 align_corners=False).reshape(2, 2, 16)
+        assert feats[layer.label].shape == (2, 2, 16)
+        assert torch.allclose(feats[layer.label], expected, atol=1e-5)
+
+
+def test_multi_token_word_is_averaged_and_absent_word_rejected(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    pos = word_token_positions(tok, "a zebra car", "zebra")  # not in the vocabulary: several tokens
+    assert len(pos) > 1 and pos[0] == 2
+    w = token_weights(tok, ["a zebra car"], [["zebra"]])
+    assert torch.allclose(w[0, 0, pos], torch.full((len(pos),), 1 / len(pos))) and w.sum() == pytest.approx(1)
+    with pytest.raises(UserError, match="word 'dog' is not in the prompt 'a red car'"):
+        word_token_positions(tok, "a red car", "dog")
+
+
+def test_pooled_self_attention_equals_pooling_the_full_map():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 64, 8, generator=g), torch.randn(2, 3, 64, 8, generator=g)
+    full = (q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(-1).mean(1)  # (B, 64 q, 64 k) on an 8×8 grid
+    pooled = full.reshape(2, 4, 2, 4, 2, 4, 2, 4, 2).mean((2, 4, 6, 8)).reshape(2, -1)
+    got = pooled_self_attention(q, k, 8 ** -0.5, (8, 8), pool=4, chunk=10)
+    assert torch.allclose(got, pooled, atol=1e-6)
+
+
+def test_self_capture_shape(tiny_pipe):
+    layers = LayerSelector(kinds="self", indices=[1, 7]).select(enumerate_layers(tiny_pipe.unet))
+    feats = capture_features(tiny_pipe, layers, CaptureSpec(kind="self", pool=2), ["a red car"], [0],
+                             num_inference_steps=2)
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {"self-1": (1, 16), "self-7": (1, 16)}
+    with pytest.raises(UserError, match="not a cross-attention layer"):
+        capture_features(tiny_pipe, layers, CaptureSpec(kind="cross"), ["a red car"], [0], [["red"]],
+                         num_inference_steps=1)
+
+
+def test_probe_prompts_split_by_seed_with_articles():
+    fam = load_family(ROOT / "datasets" / "probe" / "animal_park.yaml")
+    prompts = build_prompts(fam, n_per_class=4, test_fraction=0.25)
+    assert len(prompts) == 40 and len({p.label for p in prompts}) == 10
+    assert any(p.prompt == "an giraffe standing in the park" for p in prompts) is False
+    assert {p.prompt for p in prompts if p.label == "dog"} == {"a dog standing in the park"}
+    assert {p.seed for p in prompts if p.split == "test"} == {3}
+    with pytest.raises(UserError, match="class 'zebra' is not in family"):
+        build_prompts(fam, 4, classes=["zebra"])
+
+
+def test_feature_store_resumes_and_is_keyed_by_config(tmp_path):
+    store = FeatureStore(tmp_path, {"a": 1})
+    store.add(["x", "y"], {"f": torch.arange(4.0).reshape(2, 2)})
+    again = FeatureStore(tmp_path, {"a": 1})
+    assert again.missing(["x", "y", "z"]) == ["z"]
+    assert torch.equal(again.load(["y", "x"])["f"], torch.tensor([[2.0, 3.0], [0.0, 1.0]]))
+    assert FeatureStore(tmp_path, {"a": 2}).missing(["x"]) == ["x"]
+    assert not list(tmp_path.rglob("*.tmp"))

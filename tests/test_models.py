@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from sdattn.errors import ModelLoadError
+from sdattn.models import load_pipeline
+from sdattn.sampling import sample
+from sdattn.tokenizer import build_word_tokenizer
+
+
+def test_tokenizer_words_are_single_tokens_and_round_trip(tmp_path):
+    words = ["a", "an", "red", "green", "greenery", "standing", "car", "cart"]
+    tok = build_word_tokenizer(words, 16)
+    ids = tok("a green car standing", padding="max_length", max_length=16).input_ids
+    assert len(ids) == 16 and ids[0] == tok.bos_token_id and ids[5] == tok.eos_token_id
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in words)
+    tok.save_pretrained(tmp_path)
+    from transformers import CLIPTokenizer
+
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    assert again("a green car").input_ids == tok("a green car").input_ids and again.model_max_length == 16
+
+
+def test_saved_tiny_pipeline_loads_back_through_model_path(tiny_pipe, tmp_path, compose_cfg):
+    from experiments.common import load_model
+
+    tiny_pipe.save_pretrained(tmp_path / "tiny")
+    cfg = compose_cfg("model=local", f"model.path={tmp_path / 'tiny'}")
+    pipe = load_model(cfg)
+    kw = dict(num_inference_steps=2, progress=False, decode_images=False)
+    a = sample(tiny_pipe, ["a red car"], seeds=[0], **kw).latents
+    b = sample(pipe, ["a red car"], seeds=[0], **kw).latents
+    assert torch.allclose(a, b, atol=1e-6)
+    # model.path also overrides the default (tiny) preset
+    pipe2 = load_model(compose_cfg(f"model.path={tmp_path / 'tiny'}"))
+    assert torch.equal(next(pipe2.unet.parameters()), next(pipe.unet.parameters()))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(path="/no/such/dir"), "does not exist"),
+    (dict(id="runwayml/stable-diffusion-v1-5", alt_ids=["stable-diffusion-v1-5/stable-diffusion-v1-5"]),
+     "not available offline.*huggingface-cli download runwayml/stable-diffusion-v1-5.*model.path"),
+    (dict(), "no model given"),
+])
+def test_missing_model_gives_one_clear_line(kwargs, match, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    with pytest.raises(ModelLoadError, match=match) as e:
+        load_pipeline(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_single_file_and_folder(tmp_path):
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="suffix '.txt'"):
+        load_pipeline(path=str(tmp_path / "x.txt"))
+    with pytest.raises(ModelLoadError, match="without model_index.json"):
+        load_pipeline(path=str(tmp_path))
+    (tmp_path / "w.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="could not load model.path"):
+        load_pipeline(path=str(tmp_path / "w.safetensors"), config=str(tmp_path))
