@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh clone:
+#   make run    set up .venv (first time) and run the main job: the probing table of Table 1
+#   make test   set up .venv (first time) and run the fast test suite
+# Pass other overrides with ARGS, e.g. make run ARGS="probe=self_attn".
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARGS   ?= probe=cross_attn
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: run test test-slow setup lint bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install torch==2.13.0          # first and pinned: the CPU wheel, never a CUDA upgrade
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) -m experiments.run $(ARGS)
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) -m experiments.bench capture
