@@ -13,7 +13,6 @@ export HF_HUB_OFFLINE ?= 1
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install torch==2.13.0          # first and pinned: the CPU wheel, never a CUDA upgrade
 	$(PY) -m pip install -e '.[dev]'
 	touch $@

@@ -18,14 +18,19 @@ def build_tokenizer(world: World):
     return build_word_tokenizer(world.vocabulary(), model_max_length=MAX_LENGTH)
 
 
-def build_vae(image_size: int, channels=(32, 64, 64), latent_channels: int = 4) -> AutoencoderKL:
-    """len(channels)-1 downsamplings: 64 px -> 16 x 16 x 4 latents for three levels."""
+def build_vae(image_size: int, channels=(16, 32, 32), latent_channels: int = 4,
+              mid_attention: bool = False) -> AutoencoderKL:
+    """len(channels)-1 downsamplings: 64 px -> 16 x 16 x 4 latents for three levels.
+
+    Without mid-block attention the VAE is fully convolutional, so it can train on crops.
+    """
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         block_out_channels=tuple(channels), layers_per_block=1, latent_channels=latent_channels,
         norm_num_groups=16, sample_size=image_size, scaling_factor=1.0,
+        mid_block_add_attention=mid_attention,
     )
 
 
