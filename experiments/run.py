@@ -38,6 +38,10 @@ def task_name(cfg: DictConfig) -> str:
 
 def dispatch(cfg: DictConfig):
     """Run the configured task and return its result."""
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     module = importlib.import_module(f"experiments.tasks.{task_name(cfg)}")
     return module.run(cfg)
 

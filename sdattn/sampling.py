@@ -111,26 +111,35 @@ def denoise(
     pipe,
     latents: torch.Tensor,
     cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    uncond: torch.Tensor | Sequence[torch.Tensor] | None,
     num_inference_steps: int,
     guidance_scale: float,
     callbacks: Sequence[StepCallback] = (),
     progress: bool = True,
     scheduler=None,
 ) -> torch.Tensor:
-    """The DDIM loop on prepared inputs. ``cond``/``uncond``: (B, L, D). Returns (B, C, h, w)."""
+    """The DDIM loop on prepared inputs. Returns (B, C, h, w).
+
+    ``cond``: (B, L, D). ``uncond``: (B or 1, L, D), or one such tensor per step (null-text
+    inversion), or None for no guidance.
+    """
     unet = pipe.unet
     scheduler = scheduler or ddim_scheduler(pipe)
     scheduler.set_timesteps(num_inference_steps)
     cfg = uncond is not None
     layout = BatchLayout(n=latents.shape[0], cfg=cfg)
-    context = torch.cat([uncond, cond]) if cfg else cond
-    context = context.to(unet.device, unet.dtype)
+    per_step = cfg and not torch.is_tensor(uncond)
+    cond = cond.to(unet.device, unet.dtype)
     latents = latents.to(unet.device, torch.float32) * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     for i, t in enumerate(tqdm(timesteps, desc="DDIM", disable=not progress, leave=False)):
         for cb in callbacks:
             cb.on_step_begin(i, int(t), len(timesteps), layout)
+        if cfg:
+            u = (uncond[i] if per_step else uncond).to(unet.device, unet.dtype)
+            context = torch.cat([u.expand(cond.shape[0], -1, -1), cond])
+        else:
+            context = cond
         model_in = torch.cat([latents, latents]) if cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
         noise = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context).sample.float()

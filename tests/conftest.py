@@ -41,3 +41,14 @@ def compose_cfg(tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def toy_pipe():
+    """The shipped toy-world model (a trained, smooth model: what inversion tests need)."""
+    from sdattn.models import load_pipeline
+
+    path = ROOT / "models" / "toy"
+    if not (path / "model_index.json").exists():
+        pytest.skip("the toy-world model is not in models/toy")
+    return load_pipeline(path=str(path))

@@ -1,0 +1,112 @@
+"""Real images into the model: loading/cropping, DDIM inversion, null-text inversion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMInverseScheduler
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from sdattn.errors import UserError
+from sdattn.sampling import ddim_scheduler, default_size, encode_prompts
+
+
+def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """Any image mode → RGB; the shorter side resized to fit (Lanczos), then centre-cropped to
+    ``size`` = (height, width). Smaller images are rejected (no upsampling). → (1, 3, H, W) in [0, 1]."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"image {str(p)!r} does not exist or is not a file")
+    try:
+        img = Image.open(p)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"image {str(p)!r} cannot be read as an image: {e}") from None
+    img = img.convert("RGB")
+    h, w = size
+    if img.height < h or img.width < w:
+        raise UserError(f"image {str(p)!r} is {img.width}x{img.height}; the model needs at least {w}x{h}")
+    scale = max(h / img.height, w / img.width)
+    new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+    img = img.resize(new, Image.LANCZOS)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def image_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    dh, dw = default_size(pipe)
+    return height or dh, width or dw
+
+
+@torch.no_grad()
+def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_steps: int = 50,
+                progress: bool = True) -> list[torch.Tensor]:
+    """DDIM inversion (no guidance) with diffusers' ``DDIMInverseScheduler``.
+
+    latents (B, C, h, w) → trajectory [z_0, z_1, ..., z_T] (T = num_inference_steps), where
+    z_T pairs with the sampler's first step and z_{T-i-1} is what the sampler's step i should reach.
+    """
+    unet = pipe.unet
+    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    inverse.set_timesteps(num_inference_steps)
+    context = encode_prompts(pipe, [prompt] * latents.shape[0]).to(unet.device, unet.dtype)
+    z = latents.to(unet.device, torch.float32)
+    traj = [z]
+    for t in tqdm(inverse.timesteps, desc="DDIM inversion", disable=not progress, leave=False):
+        noise = unet(z.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        z = inverse.step(noise, t, z).prev_sample
+        traj.append(z)
+    return traj
+
+
+def null_text_inversion(
+    pipe,
+    trajectory: Sequence[torch.Tensor],
+    prompt: str,
+    guidance_scale: float,
+    inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: float = 1e-5,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Null-text inversion (Mokady et al.): per sampling step, optimise the unconditional
+    embedding so that guided DDIM with ``prompt`` follows the inversion ``trajectory``.
+
+    Returns one unconditional embedding (1, L, D) per sampling step.
+    """
+    unet = pipe.unet
+    steps = len(trajectory) - 1
+    scheduler = ddim_scheduler(pipe)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        cond = encode_prompts(pipe, [prompt]).to(unet.device, unet.dtype)
+        uncond = encode_prompts(pipe, [""]).to(unet.device, unet.dtype)
+    z = trajectory[-1].clone()
+    out = []
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="null-text inversion", disable=not progress, leave=False)):
+        target = trajectory[-i - 2]
+        with torch.no_grad():
+            noise_c = unet(z, t, encoder_hidden_states=cond).sample
+        uncond = uncond.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([uncond], lr=lr)
+        for _ in range(inner_steps):
+            noise_u = unet(z, t, encoder_hidden_states=uncond).sample
+            noise = noise_u + guidance_scale * (noise_c - noise_u)
+            prev = scheduler.step(noise, t, z).prev_sample
+            loss = torch.nn.functional.mse_loss(prev, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if loss.item() < early_stop:
+                break
+        uncond = uncond.detach()
+        out.append(uncond)
+        with torch.no_grad():
+            noise_u = unet(z, t, encoder_hidden_states=uncond).sample
+            z = scheduler.step(noise_u + guidance_scale * (noise_c - noise_u), t, z).prev_sample
+    return out

@@ -1,0 +1,102 @@
+"""Attention-replacement hooks for editing, on the shared hook layer.
+
+Map replacement uses the identity softmax(Q_src K_srcᵀ/√d)·V_tgt = SDPA(q_src, k_src, v_tgt):
+the target row's query and key are swapped for the source row's before one batched SDPA call,
+so no attention map is materialised and the cost equals plain sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sdattn.errors import UserError
+from sdattn.hooks import AttentionHook, StepState
+from sdattn.layers import LayerId, LayerSelector
+
+
+def step_range(spec, num_steps: int) -> set[int]:
+    """Active steps: a fraction f → steps 0..round(f·N)-1; a pair [a, b] of fractions → round(a·N)..round(b·N)-1."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        start, end = 0.0, float(spec)
+    else:
+        try:
+            start, end = (float(x) for x in spec)
+        except (TypeError, ValueError):
+            raise UserError(f"step fraction {spec!r} must be a number in [0, 1] or a pair [start, end]") from None
+    for f in (start, end):
+        if not 0.0 <= f <= 1.0:
+            raise UserError(f"step fraction {f} is outside [0, 1]")
+    if start > end:
+        raise UserError(f"step range [{start}, {end}] is empty: start must be ≤ end")
+    return set(range(round(start * num_steps), round(end * num_steps)))
+
+
+def select_layers(layers: Sequence[LayerId], spec, kind: str = "self") -> list[LayerId]:
+    """Layer presets for replacement.
+
+    ``"paper"``: layers 4–14 (Liu et al. §4); ``"official"``: layers whose query grid has at most a
+    quarter of the latent's tokens (the official code's ``tokens ≤ 32²`` at 512 px: SD 1.5 layers
+    3–13); ``"none"``/empty: no layer; ``"all"``; or an explicit range/list such as ``"4-14"``.
+    """
+    mine = [x for x in layers if x.kind == kind]
+    if spec is None or spec == "none" or (not isinstance(spec, (str, int)) and len(spec) == 0):
+        return []
+    if spec == "paper":
+        n = len(mine)
+        if n < 14:
+            raise UserError(f"layer preset 'paper' (4-14) needs ≥ 14 {kind} layers; this model has {n}")
+        return LayerSelector(kinds=kind, indices="4-14").select(layers)
+    if spec == "official":
+        largest = max(x.tokens for x in mine)
+        return LayerSelector(kinds=kind, max_tokens=largest // 4).select(layers)
+    return LayerSelector(kinds=kind, indices=spec).select(layers)
+
+
+class AttentionReplace(AttentionHook):
+    """In the conditional branch, target rows attend with the source row's map (active steps only).
+
+    ``pairs``: (source prompt index, target prompt index) in the batch.
+    """
+
+    def __init__(self, layer: LayerId, state: StepState, pairs: Sequence[tuple[int, int]], steps: set[int]):
+        super().__init__(layer, state)
+        self.pairs, self.steps = list(pairs), steps
+
+    def attend(self, attn, query, key, value, mask):
+        if self.state.step in self.steps:
+            lay = self.state.layout
+            src = [lay.cond_row(s) for s, _ in self.pairs]
+            tgt = [lay.cond_row(t) for _, t in self.pairs]
+            query, key = query.clone(), key.clone()
+            query[tgt], key[tgt] = query[src], key[src]
+        return super().attend(attn, query, key, value, mask)
+
+
+class TokenMapEdit(AttentionHook):
+    """Cross-attention, per token, in the conditional branch: the target's map columns at
+    ``target_positions`` are replaced by the source's columns at ``source_positions``
+    (``mode="replace"``) or zeroed (``mode="subtract"``, the token's contribution removed)."""
+
+    def __init__(self, layer: LayerId, state: StepState, pairs: Sequence[tuple[int, int]], steps: set[int],
+                 source_positions: Sequence[int], target_positions: Sequence[int], mode: str = "replace"):
+        super().__init__(layer, state)
+        if mode not in ("replace", "subtract"):
+            raise UserError(f"token edit mode {mode!r} is not one of ['replace', 'subtract']")
+        if len(source_positions) != len(target_positions):
+            raise UserError("the edited word has a different number of tokens in source and target prompts")
+        self.pairs, self.steps, self.mode = list(pairs), steps, mode
+        self.src_pos, self.tgt_pos = list(source_positions), list(target_positions)
+
+    def attend(self, attn, query, key, value, mask):
+        if self.state.step not in self.steps:
+            return super().attend(attn, query, key, value, mask)
+        probs = torch.softmax(query @ key.transpose(-1, -2) * attn.scale, -1)  # (B, H, N, L): small for cross
+        lay = self.state.layout
+        for s, t in self.pairs:
+            rs, rt = lay.cond_row(s), lay.cond_row(t)
+            new = probs[rs, :, :, self.src_pos] if self.mode == "replace" else 0.0
+            probs[rt, :, :, self.tgt_pos] = new
+        return probs @ value
+

@@ -1,0 +1,55 @@
+"""Editing task: FPE on a generated image (Alg. 1) or a real image (Alg. 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from editing.fpe import fpe_generated, fpe_real
+from editing.grid import labelled_grid, to_pil
+from editing.inversion import image_size, load_image
+from experiments.common import load_model, output_dir
+from sdattn.errors import UserError
+
+
+def _spec(value):
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+
+def run(cfg: DictConfig) -> dict:
+    """Writes the images, ``grid.png`` and ``latents.safetensors``; returns their paths and the result."""
+    e = cfg.edit
+    out = output_dir(cfg)
+    common = dict(layers=_spec(e.layers), self_replace_steps=_spec(e.self_replace_steps),
+                  num_inference_steps=e.num_inference_steps, guidance_scale=e.guidance_scale, progress=cfg.progress)
+    if e.mode == "generated":
+        pipe = load_model(cfg)
+        result = fpe_generated(pipe, e.source_prompt, e.target_prompt, cfg.seed, negative_prompt=e.negative_prompt,
+                               **common)
+        names = {"source": e.source_prompt, "edited": e.target_prompt}
+        latents = {"source": result.latents["source"], "edited": result.latents["edited"]}
+    elif e.mode == "real":
+        if not e.get("image"):
+            raise UserError("edit.image is required for edit=fpe_real: give edit.image=path/to/photo.jpg")
+        if not Path(str(e.image)).is_file():  # fail before loading the model
+            raise UserError(f"image {str(e.image)!r} does not exist or is not a file")
+        pipe = load_model(cfg)
+        image = load_image(e.image, image_size(pipe))
+        result = fpe_real(pipe, image, e.target_prompt, e.source_prompt, e.inversion,
+                          null_text=OmegaConf.to_container(e.null_text), **common)
+        names = {"input": "input", "reconstruction": f"reconstruction ({e.inversion})", "edited": e.target_prompt}
+        latents = {k: result.latents[k] for k in ("inverted", "reconstruction", "edited")}
+    else:
+        raise UserError(f"edit.mode {e.mode!r} is not one of ['generated', 'real']")
+    files = {}
+    for name in names:
+        files[name] = out / f"{name}.png"
+        to_pil(result.images[name]).save(files[name])
+    files["grid"] = out / "grid.png"
+    labelled_grid([[(result.images[n], cap) for n, cap in names.items()]]).save(files["grid"])
+    files["latents"] = out / "latents.safetensors"
+    save_file({k: v.contiguous().cpu() for k, v in latents.items()}, str(files["latents"]))
+    print(f"FPE ({e.mode}) on {len(result.info['layers'])} self layers; files in {out}")
+    return {"files": files, "result": result}

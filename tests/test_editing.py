@@ -1,0 +1,174 @@
+"""FPE correctness on the tiny model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from editing.fpe import SOURCE, TARGET, fpe_generated, fpe_real, model_layers, replacement_edit
+from editing.inversion import ddim_invert, load_image
+from editing.replace import AttentionReplace, TokenMapEdit, select_layers, step_range
+from sdattn.errors import UserError
+from sdattn.hooks import AttentionHook, HookSet
+from sdattn.layers import LayerSelector, enumerate_layers
+from sdattn.sampling import decode, denoise, encode_image, encode_prompts, initial_latents, sample
+
+from .conftest import SHARED
+
+KW = dict(num_inference_steps=4, guidance_scale=7.5, progress=False)
+
+
+def test_presets_and_step_ranges(tiny_pipe):
+    layers = model_layers(tiny_pipe)
+    assert [x.index for x in select_layers(layers, "paper")] == list(range(4, 15))
+    assert [x.index for x in select_layers(layers, "official")] == list(range(3, 14))
+    assert select_layers(layers, "none") == [] and len(select_layers(layers, "all")) == 16
+    assert [x.index for x in select_layers(layers, [2, "5-6"], "cross")] == [2, 5, 6]
+    assert step_range(0.8, 50) == set(range(40)) and step_range([0.2, 0.5], 10) == {2, 3, 4}
+    for bad, match in [(1.5, r"outside \[0, 1\]"), ([0.6, 0.2], "empty"), ("x", "must be a number")]:
+        with pytest.raises(UserError, match=match):
+            step_range(bad, 50)
+    with pytest.raises(UserError, match="out of range: this model has layers 1..16"):
+        select_layers(layers, "4-20")
+
+
+def test_no_layer_selected_equals_plain_target_generation(tiny_pipe):
+    edit = fpe_generated(tiny_pipe, "a white car", "a red car", seed=3, layers="none", **KW)
+    pair = sample(tiny_pipe, ["a white car", "a red car"], seeds=[3, 3], **KW)  # same batch, no hooks
+    assert torch.equal(edit.latents["edited"], pair.latents[1:]) and torch.equal(edit.images["edited"], pair.images[1:])
+    alone = sample(tiny_pipe, ["a red car"], seeds=[3], **KW)  # batch of one: equal up to float noise
+    assert (edit.latents["edited"] - alone.latents).abs().max() < 1e-5 * alone.latents.abs().max() * 10
+
+
+def test_same_prompt_everywhere_replaced_is_the_source(tiny_pipe):
+    edit = fpe_generated(tiny_pipe, "a red car", "a red car", seed=1, layers="all", self_replace_steps=1.0, **KW)
+    assert torch.allclose(edit.latents["edited"], edit.latents["source"], atol=1e-5)
+
+
+def test_replacement_changes_the_target_and_hooks_are_gone_after(tiny_pipe):
+    before = sample(tiny_pipe, ["a red car"], seeds=[2], **KW).latents
+    edit = fpe_generated(tiny_pipe, "a white dog", "a red car", seed=2, layers="all", self_replace_steps=1.0, **KW)
+    assert (edit.latents["edited"] - before).abs().max() > 1e-3
+    assert not any(isinstance(p, AttentionHook) for p in tiny_pipe.unet.attn_processors.values())
+    after = sample(tiny_pipe, ["a red car"], seeds=[2], **KW).latents
+    assert torch.equal(before, after)
+
+
+class _Tap(AttentionHook):
+    """Records the attention output of every row (after any replacement by the hook below)."""
+
+    def __init__(self, layer, state, inner, log):
+        super().__init__(layer, state)
+        self.inner, self.log = inner, log
+
+    def attend(self, attn, q, k, v, mask):
+        out = self.inner.attend(attn, q, k, v, mask)
+        self.log.append((self.state.step, q.detach().clone(), k.detach().clone(), v.detach().clone(), out))
+        return out
+
+
+def test_sdpa_identity_equals_explicit_source_map_and_only_target_cond_changes(tiny_pipe):
+    layer = LayerSelector(kinds="self", indices=[4]).select(model_layers(tiny_pipe))[0]
+    steps = {0, 1}
+    plain_log, hooked_log = [], []
+    z = initial_latents(tiny_pipe, [0])
+    for log, replace in ((plain_log, False), (hooked_log, True)):
+        def factory(lay, st, log=log, replace=replace):
+            inner = AttentionReplace(lay, st, [(SOURCE, TARGET)], steps if replace else set())
+            return _Tap(lay, st, inner, log)
+        replacement_edit(tiny_pipe, "a white car", "a red car", z, {layer: factory}, **KW)
+    scale = tiny_pipe.unet.get_submodule(layer.module_name).scale
+    # rows: [uncond src, uncond tgt, cond src, cond tgt]
+    _, q, k, v, out = hooked_log[0]
+    explicit = torch.softmax(q[2] @ k[2].transpose(-1, -2) * scale, -1) @ v[3]  # source map · target values
+    assert torch.allclose(out[3], explicit, atol=1e-5)
+    _, q0, k0, v0, out0 = plain_log[0]
+    assert torch.allclose(out[:3], out0[:3], atol=1e-6)  # uncond branches and the source untouched
+    assert not torch.allclose(out[3], out0[3], atol=1e-4)
+    # step 2 is outside the active steps: the hook is a no-op there
+    step2 = [x for x in hooked_log if x[0] == 2][0]
+    ref = F.scaled_dot_product_attention(step2[1], step2[2], step2[3], scale=scale)
+    assert torch.allclose(step2[4], ref, atol=1e-6)
+
+
+def test_token_map_replace_and_subtract(tiny_pipe):
+    layer = LayerSelector(kinds="cross", indices=[4]).select(model_layers(tiny_pipe))[0]
+    log = []
+    z = initial_latents(tiny_pipe, [0])
+
+    def factory(lay, st):
+        return _Tap(lay, st, TokenMapEdit(lay, st, [(SOURCE, TARGET)], {0}, [3], [3], mode="subtract"), log)
+
+    replacement_edit(tiny_pipe, "a black car", "a coral car", z, {layer: factory}, **KW)
+    _, q, k, v, out = log[0]
+    scale = tiny_pipe.unet.get_submodule(layer.module_name).scale
+    probs = torch.softmax(q[3] @ k[3].transpose(-1, -2) * scale, -1)
+    probs[..., 3] = 0
+    assert torch.allclose(out[3], probs @ v[3], atol=1e-5)
+    with pytest.raises(UserError, match="mode 'add'"):
+        TokenMapEdit(layer, None, [(0, 1)], {0}, [1], [1], mode="add")
+
+
+def test_ddim_inversion_reconstructs_the_input_latent(toy_pipe):
+    # a rendered toy-world image, encoded, inverted with the empty prompt and sampled back
+    from toyworld.world import load_world
+
+    img = torch.as_tensor(load_world().render("red", "star", "park", seed=11).image).permute(2, 0, 1)[None].float() / 255
+    z0 = encode_image(toy_pipe, img)
+    traj = ddim_invert(toy_pipe, z0, "", num_inference_steps=50, progress=False)
+    assert len(traj) == 51
+    back = denoise(toy_pipe, traj[-1], encode_prompts(toy_pipe, [""]), None, 50, 1.0, progress=False)
+    # documented tolerance (README): mean |error| ≤ 10 % of the latent's mean magnitude at 50 steps
+    assert (back - z0).abs().mean() < 0.10 * z0.abs().mean()
+    assert (traj[-1] - z0).abs().mean() > 0.5 * z0.abs().mean()  # and it really went to noise
+
+
+def test_fpe_real_on_the_shared_photo(tiny_pipe):
+    img = load_image(SHARED / "benchmarks" / "fpe" / "000141.jpg", (32, 32))
+    assert img.shape == (1, 3, 32, 32) and 0 <= img.min() and img.max() <= 1
+    res = fpe_real(tiny_pipe, img, "a red car", **KW)
+    assert set(res.images) == {"input", "reconstruction", "edited"}
+    z0 = encode_image(tiny_pipe, img)
+    # the source branch is re-anchored to the trajectory: its result stays near the input latent
+    assert (res.latents["reconstruction"] - z0).abs().mean() < (res.latents["edited"] - z0).abs().mean() + 0.5
+    nt = fpe_real(tiny_pipe, img, "a red car", source_prompt="a white car", inversion="null_text",
+                  null_text={"inner_steps": 2}, **KW)
+    assert nt.images["edited"].shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: p / "missing.jpg", "does not exist"),
+    (lambda p: (p / "bad.jpg").write_text("no image") and p / "bad.jpg", "cannot be read"),
+])
+def test_bad_images(make, match, tmp_path):
+    with pytest.raises(UserError, match=match):
+        load_image(make(tmp_path), (32, 32))
+
+
+def test_small_image_rejected(tmp_path):
+    from PIL import Image
+
+    Image.new("L", (20, 40)).save(tmp_path / "small.png")
+    with pytest.raises(UserError, match="is 20x40; the model needs at least 32x32"):
+        load_image(tmp_path / "small.png", (32, 32))
+    Image.new("L", (64, 40)).save(tmp_path / "grey.png")
+    assert load_image(tmp_path / "grey.png", (32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_edit_task_writes_files(compose_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    from experiments.run import dispatch
+
+    cfg = compose_cfg("edit=fpe", "seed=42", "edit.num_inference_steps=3")
+    files = dispatch(cfg)["files"]
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"source.png", "edited.png", "grid.png",
+                                                              "latents.safetensors"}
+    assert set(load_file(files["latents"])) == {"source", "edited"}
+    cfg = compose_cfg("edit=fpe_real", f"edit.image={SHARED / 'benchmarks' / 'fpe' / '000141.jpg'}",
+                      "edit.num_inference_steps=3")
+    dispatch(cfg)
+    assert {"reconstruction.png", "edited.png", "grid.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(UserError, match="edit.image is required"):
+        dispatch(compose_cfg("edit=fpe_real"))
+    with pytest.raises(UserError, match=r"step fraction 1.5 is outside \[0, 1\]"):
+        dispatch(compose_cfg("edit=fpe", "edit.self_replace_steps=1.5", "edit.num_inference_steps=2"))
