@@ -172,3 +172,22 @@ def test_edit_task_writes_files(compose_cfg, tmp_path):
         dispatch(compose_cfg("edit=fpe_real"))
     with pytest.raises(UserError, match=r"step fraction 1.5 is outside \[0, 1\]"):
         dispatch(compose_cfg("edit=fpe", "edit.self_replace_steps=1.5", "edit.num_inference_steps=2"))
+
+
+@pytest.mark.parametrize("experiment,rows", [
+    ("fig4_cross", ["cross 1-4", "cross 5-8", "cross 9-12", "cross 13-16", "cross 4-14", "cross all"]),
+    ("fig4_self", ["self 1-3", "self 4-8", "self 9-14", "self 15-16", "self 4-14", "self all"]),
+    ("fig5_tokens", ["<- a", "<- car", "- a", "- car"]),
+])
+def test_ablation_grids(experiment, rows, compose_cfg, tmp_path):
+    from PIL import Image
+
+    from experiments.run import dispatch
+
+    res = dispatch(compose_cfg(f"experiment={experiment}", "ablation.num_inference_steps=2", "ablation.seeds=[0]",
+                               "ablation.cell=64"))
+    assert res["rows"] == rows
+    img = Image.open(res["file"])
+    assert img.size[1] == (len(rows) + 2) * (64 + 18)
+    if experiment == "fig4_cross":  # replacing every cross layer at every step with a word swap changes the image
+        assert not torch.equal(res["latents"]["cross all"][0], res["latents"]["cross 1-4"][0])
