@@ -29,6 +29,15 @@ def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+def with_articles(text: str) -> str:
+    """Each ``{article}`` → "a"/"an" by the first letter of the word after it."""
+    words = text.split()
+    for i, w in enumerate(words[:-1]):
+        if w == "{article}":
+            words[i] = article(words[i + 1])
+    return " ".join(words)
+
+
 def load_family(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists():
@@ -64,9 +73,9 @@ def build_prompts(
     for cls in classes:
         for k in range(n_per_class):
             seed = seed_offset + k
-            words = {"cls": cls, "article": article(cls)}
+            words = {"cls": cls}
             words.update({name: options[k % len(options)] for name, options in fill.items()})
-            prompt = family["template"].format(**words)
+            prompt = with_articles(family["template"].format(article="{article}", **words))
             out.append(ProbePrompt(prompt, cls, seed, "test" if k >= n_per_class - n_test else "train", words))
     return out
 
