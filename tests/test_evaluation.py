@@ -191,14 +191,10 @@ def test_generator_small():
 
 
 def test_data_configs_compose(compose_cfg):
-    from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
     for option in DATASET_NAMES:
-        try:
-            cfg = compose_cfg(f"data={option}")
-        except ConfigCompositionException:  # run.yaml without a `data` default: append the group
-            cfg = compose_cfg(f"+data={option}")
+        cfg = compose_cfg(f"data={option}")
         data = OmegaConf.to_container(cfg, resolve=True)["data"]
         assert data == {"name": option, "path": None, "root": None, "limit": None}
 
