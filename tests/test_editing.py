@@ -191,3 +191,14 @@ def test_ablation_grids(experiment, rows, compose_cfg, tmp_path):
     assert img.size[1] == (len(rows) + 2) * (64 + 18)
     if experiment == "fig4_cross":  # replacing every cross layer at every step with a word swap changes the image
         assert not torch.equal(res["latents"]["cross all"][0], res["latents"]["cross 1-4"][0])
+
+
+def test_toy_edit_evaluation_runs(compose_cfg, tmp_path):
+    import json
+
+    from experiments.run import dispatch
+
+    metrics = dispatch(compose_cfg("experiment=eval_toy_edit", "toy_edit.n=2", "model.steps=2"))
+    saved = json.loads((tmp_path / "out" / "toy_edit_metrics.json").read_text())
+    assert saved == metrics and metrics["n_pairs"] == 2
+    assert 0 <= metrics["iou_source_vs_fpe"] <= 1 and 0 <= metrics["fpe_color_accuracy"] <= 1
