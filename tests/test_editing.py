@@ -202,3 +202,16 @@ def test_toy_edit_evaluation_runs(compose_cfg, tmp_path):
     saved = json.loads((tmp_path / "out" / "toy_edit_metrics.json").read_text())
     assert saved == metrics and metrics["n_pairs"] == 2
     assert 0 <= metrics["iou_source_vs_fpe"] <= 1 and 0 <= metrics["fpe_color_accuracy"] <= 1
+
+
+def test_bench_edit_variants(compose_cfg, tiny_pipe):
+    import experiments.bench as bench
+
+    cfg = compose_cfg()
+    rows = [bench.measure_edit_variant(tiny_pipe, cfg, v, steps=2) for v in bench.EDIT_VARIANTS]
+    assert [r["variant"] for r in rows] == ["plain", "fpe", "invert+sample", "fpe_real"]
+    assert all(r["seconds"] > 0 and r["peak"] > 0 and r["steps"] == 2 for r in rows)
+    table = bench.format_capture_table(rows, bench.EDIT_BASELINE).splitlines()
+    assert [x.split()[0] for x in table[1:]] == ["plain", "fpe", "invert+sample", "fpe_real"]
+    assert table[3].split()[2] == "1.00"  # invert+sample is its own baseline
+    assert bench.build_parser().parse_args(["edit"]).func is bench.cmd_edit

@@ -1,0 +1,143 @@
+"""Figure 3 (attention maps) task, its capture against explicit attention probabilities, and the bench."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.run import dispatch
+from probing.prompts import word_token_positions
+from probing.visualize import (
+    capture_attention_maps,
+    resolve_resolution,
+    select_cross_layers,
+    self_layer_by_index,
+    top_components,
+)
+from sdattn.errors import UserError
+from sdattn.hooks import AttentionHook, HookSet
+from sdattn.layers import enumerate_layers
+from sdattn.sampling import sample
+
+from .conftest import ROOT
+
+FAST = ["experiment=attention_maps", "model=tiny", "attention_maps.num_inference_steps=3", "logger=none"]
+
+
+class _ProbsRecorder(AttentionHook):
+    """Reference: the full attention probabilities of the conditional rows, mean over heads, per step."""
+
+    store: dict
+
+    def attend(self, attn, q, k, v, mask):
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (B, H, Nq, Nk)
+        self.store[(self.layer.label, self.state.step)] = probs[self.state.layout.cond_rows].mean(1)
+        return super().attend(attn, q, k, v, mask)
+
+
+def test_task_writes_figure(compose_cfg, tmp_path, tiny_pipe, monkeypatch):
+    monkeypatch.setattr("experiments.tasks.attention_maps.load_model", lambda cfg: tiny_pipe)  # = model=tiny
+    result = dispatch(compose_cfg(*FAST))
+    png = tmp_path / "out" / "attention_maps.png"
+    assert result["png"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["words"] == ["a", "white", "horse", "in", "the", "park"]
+    assert result["cross_layers"] == ["cross-5", "cross-6", "cross-8", "cross-9", "cross-10"]  # 4×4 = 1/4 of 16
+    assert result["self_layer"] == "self-11"
+    assert result["shapes"] == {"image": (3, 32, 32), "cross": (6, 4, 4), "self_map": (64, 64),
+                                "components": (6, 8, 8), "singular_values": (6,)}
+    saved = np.load(result["npz"])
+    assert saved["components"].shape == (6, 8, 8) and list(saved["words"]) == result["words"]
+
+
+def test_experiment_config_selects_the_task(compose_cfg):
+    cfg = compose_cfg("experiment=attention_maps", "prompt=a red car")
+    assert (cfg.task, cfg.prompt, cfg.attention_maps.self_layer) == ("attention_maps", "a red car", 11)
+    assert cfg.attention_maps.num_inference_steps == cfg.model.steps
+
+
+def test_maps_equal_explicit_attention_probabilities(tiny_pipe):
+    layers = enumerate_layers(tiny_pipe.unet)
+    cross = select_cross_layers(layers, "all", "1/4", 16)
+    self_layer = self_layer_by_index(layers, 11)
+    prompt, words = "a zebra in the park", ["zebra", "park"]  # "zebra" is several tokens in the tiny vocabulary
+    maps = capture_attention_maps(tiny_pipe, prompt, 3, cross, self_layer, words, cross_steps=[1, 2],
+                                  self_steps=[0, 2], num_inference_steps=3, guidance_scale=7.5)
+    store: dict = {}
+
+    def factory(layer, state):
+        h = _ProbsRecorder(layer, state)
+        h.store = store
+        return h
+
+    with HookSet(tiny_pipe.unet, [*cross, self_layer], factory) as hooks:
+        out = sample(tiny_pipe, [prompt], [3], num_inference_steps=3, callbacks=[hooks], progress=False)
+    assert torch.allclose(maps.image, out.images[0])
+    for t, word in enumerate(words):
+        pos = word_token_positions(tiny_pipe.tokenizer, prompt, word)
+        expected = torch.stack([store[(x.label, s)][0][:, pos].mean(-1) for x in cross for s in (1, 2)]).mean(0)
+        assert torch.allclose(maps.cross[t], expected.reshape(4, 4), atol=1e-6), word
+    assert len(word_token_positions(tiny_pipe.tokenizer, prompt, "zebra")) > 1
+    expected_self = (store[("self-11", 0)][0] + store[("self-11", 2)][0]) / 2  # (64, 64)
+    assert torch.allclose(maps.self_map, expected_self, atol=1e-6)
+    assert torch.allclose(maps.self_map.sum(-1), torch.ones(64), atol=1e-5)
+
+
+def test_svd_components_are_orthonormal_singular_vectors():
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(64, 64, generator=g).softmax(-1)  # a row-stochastic "attention map" on an 8×8 grid
+    comps, sigma = top_components(m, (8, 8), k=6)
+    assert comps.shape == (6, 8, 8) and sigma.shape == (6,)
+    u = comps.reshape(6, 64).double()  # (k, N)
+    assert torch.allclose(u @ u.T, torch.eye(6, dtype=torch.float64), atol=1e-5)
+    mmt = m.double() @ m.double().T
+    assert torch.allclose(u @ mmt, (sigma.double() ** 2)[:, None] * u, atol=1e-5)  # M Mᵀ u = σ² u
+    assert (sigma[:-1] >= sigma[1:]).all()
+    with pytest.raises(UserError, match="does not match a 4x4 grid"):
+        top_components(m, (4, 4))
+
+
+def test_layer_choices():
+    assert resolve_resolution("1/4", 64) == 16 and resolve_resolution(32, 64) == 32
+    assert resolve_resolution("all", 64) is None
+    with pytest.raises(UserError, match="cross resolution 'quarter' is not a grid side"):
+        resolve_resolution("quarter", 64)
+
+
+def test_bad_words_and_layers_are_user_errors(compose_cfg, tiny_pipe):
+    with pytest.raises(UserError, match=r"word 'dog' is not in the prompt 'a white horse in the park'; words there"):
+        dispatch(compose_cfg(*FAST, "attention_maps.words=[horse,dog]"))
+    with pytest.raises(UserError, match="attention_maps.words is empty"):
+        dispatch(compose_cfg(*FAST, "attention_maps.words=[]"))
+    layers = enumerate_layers(tiny_pipe.unet)
+    with pytest.raises(UserError, match=r"self layer 17 is not a self-attention layer of this model: allowed 1..16"):
+        self_layer_by_index(layers, 17)
+    with pytest.raises(UserError, match=r"no cross layer among indices .* resolutions of this model's cross"):
+        select_cross_layers(layers, "1-4", 5, 16)
+
+
+def test_bench_capture_variants(compose_cfg, tiny_pipe):
+    from experiments import bench
+
+    cfg = compose_cfg("model=tiny", "probe.layers=[3,14]")
+    rows = [bench.measure_capture_variant(tiny_pipe, cfg, v, n_prompts=2, steps=2) for v in bench.CAPTURE_VARIANTS]
+    assert [r["variant"] for r in rows] == ["plain", "cross", "self"]
+    assert all(r["seconds"] > 0 and r["peak"] > 0 and r["prompts"] == 2 and r["steps"] == 2 for r in rows)
+    assert rows[0]["layers"] == [3, 14]
+    table = bench.format_capture_table(rows).splitlines()
+    assert table[0].split()[:3] == ["variant", "time", "s"]
+    assert [x.split()[0] for x in table[1:]] == ["plain", "cross", "self"]
+    args = bench.build_parser().parse_args(["capture", "--model", "tiny", "--prompts", "3", "device=cpu"])
+    assert (args.func, args.model, args.prompts, args.overrides) == (bench.cmd_capture, "tiny", 3, ["device=cpu"])
+
+
+@pytest.mark.slow
+def test_bench_capture_cli():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "experiments.bench", "capture", "--prompts", "2", "--steps", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "capture benchmark: model tiny" in r.stdout
+    assert [line.split()[0] for line in r.stdout.splitlines()[-3:]] == ["plain", "cross", "self"]
