@@ -188,7 +188,7 @@ EDIT_BASELINE = {"plain": "plain", "fpe": "plain", "invert+sample": "invert+samp
 def measure_edit_variant(pipe, cfg, variant: str, steps: int | None = None, repeats: int = 1) -> dict:
     """One editing variant on the model's example prompts (``model.examples.edit_*``):
     ``plain``: sampling the two-image batch [source, target] from one seed (decoded);
-    ``fpe``: FPE (Alg. 1, preset ``edit.layers``) of the same pair;
+    ``fpe``: FPE (Alg. 1, preset ``edit.layers``, else ``model.fpe_layers``) of the same pair;
     ``invert+sample``: VAE-encode + DDIM inversion + sampling the two-image batch from the inverted latent;
     ``fpe_real``: FPE on a real image (Alg. 2) — a fixed random image of the model's size."""
     import torch
@@ -200,7 +200,7 @@ def measure_edit_variant(pipe, cfg, variant: str, steps: int | None = None, repe
     steps = steps or int(cfg.model.steps)
     guidance = float(cfg.model.guidance_scale)
     src, tgt = str(cfg.model.examples.edit_source), str(cfg.model.examples.edit_target)
-    layers = str(cfg.edit.layers) if cfg.get("edit") else "paper"
+    layers = str(cfg.edit.layers) if cfg.get("edit") else str(cfg.model.get("fpe_layers", "paper"))
     image = torch.rand((1, 3, *image_size(pipe)), generator=torch.Generator().manual_seed(0))
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, progress=False)
     calls = {
