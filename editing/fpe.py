@@ -11,8 +11,15 @@ import torch
 
 from sdattn.hooks import AttentionHook, HookSet, StepState
 from sdattn.layers import LayerId, enumerate_layers
-from sdattn.sampling import check_prompts, decode, encode_image, encode_prompts, initial_latents, latent_size, \
-    denoise
+from sdattn.sampling import (
+    check_prompts,
+    decode,
+    denoise,
+    encode_image,
+    encode_prompts,
+    initial_latents,
+    latent_size,
+)
 
 from .inversion import ddim_invert, null_text_inversion
 from .replace import AttentionReplace, select_layers, step_range

@@ -131,7 +131,6 @@ def _capture_setup(cfg, n_prompts: int):
 def measure_capture_variant(pipe, cfg, variant: str, n_prompts: int = 8, steps: int | None = None,
                             repeats: int = 1) -> dict:
     """Warm up, then time ``repeats`` sampling calls of one variant on ``pipe``; returns the measurements."""
-    import torch
 
     from probing.capture import capture_features
     from sdattn.layers import LayerSelector, enumerate_layers
@@ -207,8 +206,8 @@ def measure_edit_variant(pipe, cfg, variant: str, steps: int | None = None, repe
         "plain": lambda: sample(pipe, [src, tgt], latents=initial_latents(pipe, [0]).repeat(2, 1, 1, 1), **kw),
         "fpe": lambda: fpe_generated(pipe, src, tgt, 0, layers=layers, **kw),
         "invert+sample": lambda: sample(
-            pipe, ["", tgt], latents=ddim_invert(pipe, encode_image(pipe, image), "", steps, False)[-1].repeat(2, 1, 1, 1),
-            **kw),
+            pipe, ["", tgt],
+            latents=ddim_invert(pipe, encode_image(pipe, image), "", steps, False)[-1].repeat(2, 1, 1, 1), **kw),
         "fpe_real": lambda: fpe_real(pipe, image, tgt, layers=layers, **kw),
     }
     return _measure(pipe, calls[variant], repeats) | {

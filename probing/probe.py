@@ -26,7 +26,8 @@ class MLPProbe(pl.LightningModule):
                  weight_decay: float = 1e-4):
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_dim) → (B, n_classes)
         return self.net(x)

@@ -8,9 +8,9 @@ from editing.fpe import SOURCE, TARGET, fpe_generated, fpe_real, model_layers, r
 from editing.inversion import ddim_invert, load_image
 from editing.replace import AttentionReplace, TokenMapEdit, select_layers, step_range
 from sdattn.errors import UserError
-from sdattn.hooks import AttentionHook, HookSet
-from sdattn.layers import LayerSelector, enumerate_layers
-from sdattn.sampling import decode, denoise, encode_image, encode_prompts, initial_latents, sample
+from sdattn.hooks import AttentionHook
+from sdattn.layers import LayerSelector
+from sdattn.sampling import denoise, encode_image, encode_prompts, initial_latents, sample
 
 from .conftest import SHARED
 
@@ -112,7 +112,8 @@ def test_ddim_inversion_reconstructs_the_input_latent(toy_pipe):
     # a rendered toy-world image, encoded, inverted with the empty prompt and sampled back
     from toyworld.world import load_world
 
-    img = torch.as_tensor(load_world().render("red", "star", "park", seed=11).image).permute(2, 0, 1)[None].float() / 255
+    render = load_world().render("red", "star", "park", seed=11)
+    img = torch.as_tensor(render.image).permute(2, 0, 1)[None].float() / 255
     z0 = encode_image(toy_pipe, img)
     traj = ddim_invert(toy_pipe, z0, "", num_inference_steps=50, progress=False)
     assert len(traj) == 51

@@ -39,7 +39,8 @@ def run(cfg: DictConfig) -> dict:
     pipe = load_model(cfg)
     rows, grid = [], []
     layer_spec = OmegaConf.to_object(t.layers) if OmegaConf.is_config(t.layers) else t.layers
-    for c1, c2, shape, seed in edit_pairs(list(t.colors or world.colors), list(t.shapes or world.shapes), t.n, cfg.seed):
+    pairs = edit_pairs(list(t.colors or world.colors), list(t.shapes or world.shapes), t.n, cfg.seed)
+    for c1, c2, shape, seed in pairs:
         src, tgt = world.make_prompt(c1, shape), world.make_prompt(c2, shape)
         kw = dict(num_inference_steps=t.num_inference_steps, guidance_scale=t.guidance_scale, progress=False)
         edit = fpe_generated(pipe, src, tgt, seed, layers=layer_spec, self_replace_steps=t.self_replace_steps, **kw)

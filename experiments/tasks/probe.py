@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from experiments.common import instantiate, load_model, make_logger, model_identity, output_dir
 from probing.capture import CaptureSpec, capture_features
-from probing.prompts import build_prompts, load_family, resolve_token
 from probing.probe import train_probe
+from probing.prompts import build_prompts, load_family, resolve_token
 from probing.store import FeatureStore
 from probing.tables import accuracy_table, formatted, write_table
 from sdattn.layers import LayerSelector, enumerate_layers

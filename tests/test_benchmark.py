@@ -1,0 +1,185 @@
+"""Benchmark harness (Tables 4–5): every method end to end on the tiny model, resume, tables, skips."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from evaluation import methods as M
+from evaluation import runner as R
+from evaluation.datasets import EditExample
+from experiments.run import dispatch
+from sdattn.errors import UserError
+
+ALL = ["fpe", "p2p", "masactrl", "sdedit_0.5", "sdedit_0.75"]
+PAIRS = [{"soure_prompt": "a red car", "edit_prompt": "a blue car"},
+         {"soure_prompt": "a photo of a dog", "edit_prompt": "a photo of a cat in the park"}]
+
+
+@pytest.fixture
+def bench(tmp_path, compose_cfg, tiny_pipe, monkeypatch):
+    """bench(*overrides) → the benchmark task's result on the tiny model (shared, not reloaded)."""
+    import experiments.tasks.benchmark as task
+
+    monkeypatch.setattr(task, "load_model", lambda cfg: tiny_pipe)
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(PAIRS))
+
+    def _run(*overrides):
+        cfg = compose_cfg("experiment=table4", f"data.path={data}", "model.steps=2", "metrics.clip=tiny-random",
+                          f"paths.log_dir={tmp_path / 'logs'}", *overrides)
+        return dispatch(cfg)
+
+    return _run
+
+
+def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
+    for m in ALL:
+        res = bench(f"method={m}", "data.limit=2")
+        rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+        assert [r["status"] for r in rows] == ["ok", "ok"], rows  # pair 2: p2p refine (token counts differ)
+        for r in rows:
+            assert 0 <= r["clip_score"] <= 100 and -1 <= r["clip_directional"] <= 1 and r["time_s"] > 0
+            assert (tmp_path / "logs/benchmark/car_fake_edit" / m / "images" / f"{r['id']}.png").is_file()
+    table, files, cap = res["tables"]["table4"]["car_fake_edit"]
+    assert list(table.index) == ALL
+    assert list(table.columns) == ["CLIP score ↑", "CLIP dir. sim. ↑", "Time (s) ↓", "PSNR ↑", "SSIM ↑",
+                                   R.REL_FPE, "Pairs"]
+    assert table.loc["fpe", R.REL_FPE] == "1.00×"
+    assert "tiny-random" in cap and "meaningless" in cap
+    md = files["md"].read_text()
+    assert "CLIP: tiny-random" in md and files["tex"].is_file() and files["csv"].is_file()
+    t5 = res["tables"]["table5"][0]
+    assert list(t5.index) == ALL
+    assert list(t5.columns) == ["car_fake_edit CLIP score ↑", "car_fake_edit CLIP dir. sim. ↑"]
+    print("\n" + table.to_markdown())  # per-image times on the tiny model (pytest -s)
+
+
+def test_resume_after_interruption_gives_the_same_table(bench, monkeypatch):
+    counter = itertools.count()
+    monkeypatch.setattr(R, "_clock", lambda: float(next(counter)))  # every edit takes "1 s"
+    calls = []
+    real = M.METHODS["fpe"]
+    monkeypatch.setitem(M.METHODS, "fpe", lambda pipe, ex, *a: (calls.append(ex.id), real(pipe, ex, *a))[1])
+    res = bench("method=fpe", "data.limit=2")
+    assert calls == ["car_fake_edit/00000"] * 2 + ["car_fake_edit/00001"]  # warm-up + 2 pairs
+    table, files, _ = res["tables"]["table4"]["car_fake_edit"]
+    before = {k: p.read_text() for k, p in files.items()}
+    pairs = f"{res['out_dir']}/pairs.jsonl"
+    lines = open(pairs).read().splitlines()
+    open(pairs, "w").write(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing pair 2
+    for p in files.values():
+        p.unlink()
+    calls.clear()
+    res = bench("method=fpe", "data.limit=2")
+    assert calls == ["car_fake_edit/00001"] * 2  # warm-up + the missing pair only
+    assert res["summary"].resumed == 1 and res["summary"].edited == ["car_fake_edit/00001"]
+    assert {k: p.read_text() for k, p in res["tables"]["table4"]["car_fake_edit"][1].items()} == before
+    assert len(R.read_pairs(pairs)) == 2
+    calls.clear()
+    bench("method=fpe", "data.limit=2")  # nothing left: no edit, not even a warm-up
+    assert calls == []
+
+
+def test_unknown_and_not_implemented_methods_are_one_line_errors(bench):
+    for name in ("nope", "pnp", "instructpix2pix"):
+        with pytest.raises(UserError) as e:
+            bench("method=fpe", f"method.name={name}")
+        msg = str(e.value)
+        assert "\n" not in msg and "implemented: fpe, p2p, masactrl, sdedit" in msg
+
+
+def test_missing_image_is_skipped_and_reported(bench, tmp_path, capsys):
+    Image.new("RGB", (40, 36), (200, 30, 30)).save(tmp_path / "car.png")
+    data = tmp_path / "real.json"
+    data.write_text(json.dumps([{"image_name": "car.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"},
+                                {"image_name": "gone.png", "soure_prompt": "a red car", "edit_prompt": "a cat"}]))
+    res = bench("method=sdedit_0.5", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}")
+    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    assert [r["id"] for r in rows] == ["car_real_edit/00000"]
+    assert res["summary"].missing == 1
+    out = capsys.readouterr().out
+    assert "1 skipped: 1 missing images" in out and "gone.png" in out
+
+
+def test_method_error_is_skipped_and_reported(bench, capsys):
+    res = bench("method=p2p", "method.refine=false", "data.limit=2")
+    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    assert [r["status"] for r in rows] == ["ok", "error"] and "p2p refine" in rows[1]["error"]
+    assert "1 skipped: 1 method errors" in capsys.readouterr().out
+
+
+def test_clip_load_failure_is_one_line(bench, tmp_path):
+    with pytest.raises(UserError, match="not available") as e:
+        bench("method=fpe", f"metrics.clip={tmp_path / 'no-clip'}")
+    assert "\n" not in str(e.value)
+
+
+def test_other_settings_in_same_out_dir_are_refused(bench):
+    bench("method=sdedit_0.5", "data.limit=1")
+    with pytest.raises(UserError, match="other settings"):
+        bench("method=sdedit_0.5", "data.limit=1", "method.strength=0.9")
+
+
+# ------------------------------------------------------------------------------- method internals
+
+def test_masactrl_inactive_equals_plain_pair_sampling(tiny_pipe):
+    from editing.fpe import replacement_edit
+    from sdattn.sampling import initial_latents
+
+    z = initial_latents(tiny_pipe, [3])
+    plain = replacement_edit(tiny_pipe, "a red car", "a blue car", z, {}, 2, 7.5, progress=False)
+    hooks = {x: (lambda lay, st: M.MutualSelfAttention(lay, st, 99)) for x in M.masactrl_layers(tiny_pipe, 10)}
+    assert [x.index for x in hooks] == [11, 12, 13, 14, 15, 16]
+    same = replacement_edit(tiny_pipe, "a red car", "a blue car", z, hooks, 2, 7.5, progress=False)
+    torch.testing.assert_close(same, plain)
+    hooks = {x: (lambda lay, st: M.MutualSelfAttention(lay, st, 0)) for x in M.masactrl_layers(tiny_pipe, 10)}
+    edited = replacement_edit(tiny_pipe, "a red car", "a blue car", z, hooks, 2, 7.5, progress=False)
+    torch.testing.assert_close(edited[0], plain[0])  # the source branch is untouched
+    assert not torch.allclose(edited[1], plain[1])
+
+
+def test_p2p_modes_and_refinement_mapping(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    src, tgt = M.refinement_mapping(tok, "a red car", "a photo of a red car")
+    assert list(zip(src, tgt))[:4] == [(0, 0), (1, 4), (2, 5), (3, 6)]  # start, a, red, car
+    cfg = {"num_inference_steps": 2}
+    assert M.p2p_hooks(tiny_pipe, "a red car", "a blue car", cfg)[1] == "replace"
+    assert M.p2p_hooks(tiny_pipe, "a red car", "a photo of a red car", cfg)[1] == "refine"
+
+
+def test_sdedit_start():
+    assert M.sdedit_start(50, 0.5) == 25 and M.sdedit_start(50, 0.75) == 13 and M.sdedit_start(2, 1.0) == 0
+    with pytest.raises(UserError):
+        M.sdedit_start(50, 0.0)
+    assert M.method_key("sdedit_0.75") == "sdedit"
+
+
+def test_generated_pair_source_matches_plain_sampling(tiny_pipe):
+    from sdattn.sampling import sample
+
+    ex = EditExample("x", "a red car", "a blue car")
+    ref = sample(tiny_pipe, ["a red car"], seeds=[5], num_inference_steps=2, progress=False).images
+    for name in ("fpe", "masactrl", "sdedit"):
+        src, _ = M.METHODS[name](tiny_pipe, ex, 5, {"num_inference_steps": 2, "strength": 0.5})
+        torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_real_image_pairs_every_method(bench, tmp_path):
+    Image.new("RGB", (36, 32), (200, 30, 30)).save(tmp_path / "car.png")
+    data = tmp_path / "real.json"
+    data.write_text(json.dumps([{"image_name": "car.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"}]))
+    for m in ("fpe", "p2p", "masactrl"):
+        extra = ["method.null_text.inner_steps=2"] if m == "p2p" else []
+        res = bench(f"method={m}", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}", *extra)
+        rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+        assert [r["status"] for r in rows] == ["ok"] and rows[0]["image_path"].endswith("car.png")
+    src = Image.open(f"{res['out_dir']}/images/car_real_edit/00000_source.png")
+    assert src.size == (32, 32)  # the input image (cropped to the model size) is the source
+
+
+def test_not_implemented_configs_select_to_one_line_error(bench):
+    with pytest.raises(UserError, match="not implemented.*implemented: fpe"):
+        bench("method=diffedit")
