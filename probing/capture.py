@@ -57,6 +57,21 @@ class _Accumulator:
         return {k: v / self.counts[k] for k, v in self.sums.items()}
 
 
+def token_maps(attn, query, key, rows: slice, weights: torch.Tensor, layer: LayerId,
+               size: tuple[int, int]) -> torch.Tensor:
+    """Cross-attention maps of words, mean over heads and each word's tokens, resized to ``size``.
+
+    query (B', H, N, d), key (B', H, L, d), ``rows`` of the batch to use, weights (B, T, L) → (B, T, *size).
+    """
+    probs = torch.softmax(query[rows].float() @ key[rows].float().transpose(-1, -2) * attn.scale, -1)
+    maps = torch.einsum("bnl,btl->btn", probs.mean(1), weights.to(probs.device))  # (B, T, N)
+    b, t, _ = maps.shape
+    maps = maps.reshape(b * t, 1, layer.height, layer.width)
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return maps.reshape(b, t, *size)
+
+
 class CrossMapCapture(AttentionHook):
     """Records token cross-attention maps of the conditional branch; output unchanged (SDPA)."""
 
@@ -68,13 +83,9 @@ class CrossMapCapture(AttentionHook):
     def attend(self, attn, query, key, value, mask):
         out = super().attend(attn, query, key, value, mask)
         if self.state.step in self.steps:
-            rows = self.state.layout.cond_rows
-            probs = torch.softmax(query[rows].float() @ key[rows].float().transpose(-1, -2) * attn.scale, -1)
-            maps = torch.einsum("bnl,btl->btn", probs.mean(1), self.weights.to(probs.device))  # (B, T, N)
-            b, t, _ = maps.shape
-            maps = maps.reshape(b * t, 1, self.layer.height, self.layer.width)
-            maps = F.interpolate(maps, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
-            self.acc.add(self.layer.label, maps.reshape(b, t, -1))
+            maps = token_maps(attn, query, key, self.state.layout.cond_rows, self.weights, self.layer,
+                              (self.grid, self.grid))
+            self.acc.add(self.layer.label, maps.flatten(2))
         return out
 
 

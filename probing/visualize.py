@@ -14,14 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, HookSet, StepState
 from sdattn.layers import LayerId, LayerSelector
 from sdattn.sampling import sample
 
-from .capture import _Accumulator, parse_steps, token_weights
+from .capture import _Accumulator, parse_steps, token_maps, token_weights
 from .prompts import word_token_positions
 
 
@@ -48,14 +47,8 @@ class CrossWordCapture(AttentionHook):
     def attend(self, attn, query, key, value, mask):
         out = super().attend(attn, query, key, value, mask)
         if self.state.step in self.steps:
-            rows = self.state.layout.cond_rows
-            probs = torch.softmax(query[rows].float() @ key[rows].float().transpose(-1, -2) * attn.scale, -1)
-            maps = torch.einsum("bnl,btl->btn", probs.mean(1), self.weights.to(probs.device))  # (B, T, N)
-            b, t, _ = maps.shape
-            maps = maps.reshape(b * t, 1, self.layer.height, self.layer.width)
-            if tuple(maps.shape[-2:]) != self.size:
-                maps = F.interpolate(maps, size=self.size, mode="bilinear", align_corners=False)
-            self.acc.add(self.layer.label, maps.reshape(b, t, *self.size))
+            maps = token_maps(attn, query, key, self.state.layout.cond_rows, self.weights, self.layer, self.size)
+            self.acc.add(self.layer.label, maps)
         return out
 
 
