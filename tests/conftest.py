@@ -25,7 +25,7 @@ def tiny_pipe():
 
 @pytest.fixture
 def compose_cfg(tmp_path):
-    """compose_cfg(*overrides) → a resolved run config writing under tmp_path."""
+    """compose_cfg(*overrides) → a run config on the tiny model (unless overridden) writing under tmp_path."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -34,7 +34,7 @@ def compose_cfg(tmp_path):
     def _compose(*overrides: str):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose("run", overrides=[f"paths.output_dir={tmp_path / 'out'}",
+            cfg = compose("run", overrides=["model=tiny", f"paths.output_dir={tmp_path / 'out'}",
                                             f"paths.cache_dir={tmp_path / 'cache'}", "progress=false",
                                             *overrides])
         return cfg

@@ -62,6 +62,6 @@ def _cli(*args):
                      "' is not available offline"),
 ])
 def test_cli_bad_input_is_one_line(args, message, tmp_path):
-    r = _cli(*args, f"hydra.run.dir={tmp_path}", "logger=none", "probe.n_per_class=2")
+    r = _cli("model=tiny", *args, f"hydra.run.dir={tmp_path}", "logger=none", "probe.n_per_class=2")
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
