@@ -1,0 +1,156 @@
+"""Toy world: renderer, grammar, shipped model, training loop, evaluator's checker."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from toyworld.evaluate import classify_image, ddim_sample, validate_checker  # noqa: E402
+from toyworld.world import REPO_ROOT, check_prompt, load_world  # noqa: E402
+
+MODEL = REPO_ROOT / "models" / "toy"
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_world()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(str(MODEL), local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+# --------------------------------------------------------------------------- renderer / grammar
+def test_render_is_deterministic(world):
+    a, b = world.render_random(seed=7), world.render_random(seed=7)
+    assert np.array_equal(a.image, b.image) and a.prompt == b.prompt and np.array_equal(a.mask, b.mask)
+    c = world.render_random(seed=8)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_ground_truth_matches_pixels(world):
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        r = world.render_random(rng=rng)
+        assert r.image.shape == (world.image_size, world.image_size, 3) and r.image.dtype == np.uint8
+        assert r.mask.dtype == bool and 0 < r.mask.sum() < r.mask.size
+        fg = r.image[r.mask].astype(float).mean(0)
+        bg = r.image[~r.mask].astype(float).mean(0)
+        assert np.abs(fg - world.colors[r.color]).max() < 20
+        assert np.abs(bg - world.backgrounds[r.background]["rgb"]).max() < 20
+        words = r.prompt.split()
+        assert words[1] == r.color and words[2] == r.shape
+        assert words[0] == ("an" if r.color[0] in "aeiou" else "a")
+        phrase = world.backgrounds[r.background]["phrase"]
+        assert r.prompt.endswith(phrase) if phrase else len(words) == 3
+        # the object stays inside the image (the checker reads the background from the border)
+        assert not r.mask[[0, -1], :].any() and not r.mask[:, [0, -1]].any()
+
+
+def test_grammar_from_yaml(world):
+    assert len(world.colors) >= 8 and len(world.shapes) >= 6
+    for c in ["red", "green", "blue", "yellow", "orange", "purple", "white", "pink"]:
+        assert c in world.colors
+    for s in ["circle", "square", "triangle", "diamond", "star", "cross", "car"]:
+        assert s in world.shapes
+    assert world.make_prompt("orange", "star", "park") == "an orange star in the park"
+    assert world.make_prompt("red", "car", "street") == "a red car on the street"
+    assert world.make_prompt("blue", "circle") == "a blue circle"
+    assert world.parse_prompt("a white car on the street") == {"color": "white", "shape": "car",
+                                                               "background": "street"}
+
+
+def test_unknown_word_lists_vocabulary(world):
+    with pytest.raises(ValueError) as e:
+        check_prompt("a red dog")
+    msg = str(e.value)
+    assert "dog" in msg and all(w in msg for w in world.vocabulary())
+    assert check_prompt("An orange star in the park") == ["an", "orange", "star", "in", "the", "park"]
+
+
+# --------------------------------------------------------------------------- evaluator's checker
+def test_checker_is_exact_on_renders(world):
+    m = validate_checker(n=140, seed=3, world=world)
+    assert m["color_accuracy"] >= 0.99 and m["shape_accuracy"] >= 0.99 and m["mask_iou"] > 0.95
+
+
+def test_classify_image_input_forms(world):
+    r = world.render("purple", "star", "park", seed=1)
+    t = torch.from_numpy(r.image).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+    for img in (r.image, t, t * 2 - 1):
+        c, s, m = classify_image(img, world)
+        assert (c, s) == ("purple", "star") and m.shape == r.mask.shape
+
+
+def test_checker_finds_nothing_on_blank(world):
+    blank = np.full((64, 64, 3), 200, np.uint8)
+    c, s, m = classify_image(blank, world)
+    assert c is None and s is None
+
+
+# --------------------------------------------------------------------------- shipped model
+def test_shipped_model_layout(world):
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    assert not list(MODEL.rglob("*.bin")) and list(MODEL.rglob("*.safetensors"))
+    meta = json.loads((MODEL / "toy_model.json").read_text())
+    assert meta["image_size"] == world.image_size and meta["guidance_scale"] > 1
+
+
+def test_shipped_model_loads_offline(pipe, world):
+    from diffusers import DDIMScheduler
+
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == world.image_size
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.safety_checker is None
+    assert pipe.tokenizer.model_max_length == 16
+    for w in world.vocabulary():  # every vocabulary word is one token
+        assert len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1
+    names = [n for n, _ in pipe.unet.attn_processors.items()]
+    assert sum(".attn1." in n for n in names) >= 3 and sum(".attn2." in n for n in names) >= 3
+    out = pipe("a red circle", num_inference_steps=4, guidance_scale=2.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, world.image_size, world.image_size, 3)
+
+
+def test_red_prompts_give_red_objects(pipe, world):
+    """A loose smoke check: a random (untrained) model fails it."""
+    shapes = ["circle", "square", "star", "car"]
+    _, imgs = ddim_sample(pipe, [f"a red {s}" for s in shapes], seeds=[0, 1, 2, 3], num_inference_steps=25,
+                          guidance_scale=2.0)
+    red = np.array(world.colors["red"], float)
+    hits = 0
+    for im in imgs:
+        c, _, m = classify_image(im, world)
+        if m.sum() >= 20 and np.linalg.norm(im[m].astype(float).mean(0) - red) < 90:
+            hits += 1
+    assert hits >= 3
+
+
+# --------------------------------------------------------------------------- training loop
+def test_training_runs_both_stages(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from toyworld.train import train
+
+    cfg = {"output_dir": str(tmp_path / "model"), "work_dir": str(tmp_path / "work"), "logger": "csv",
+           "budget_minutes": 2, "export_every_minutes": 0,
+           "vae": {"channels": [16, 16, 16], "batch": 4, "steps": 2, "scale_batches": 1},
+           "unet": {"channels": [32, 32, 32], "batch": 4, "steps": 2, "warmup": 1}}
+    summary = train(cfg)
+    assert summary["vae_steps"] == 2 and summary["unet_steps"] == 2
+    p = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True)
+    assert p.unet.config.sample_size * p.vae_scale_factor == 64
+    assert abs(p.vae.config.scaling_factor - summary["scaling_factor"]) < 1e-6
+    assert Path(tmp_path / "work" / "checkpoints").exists()

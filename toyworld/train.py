@@ -1,0 +1,411 @@
+"""Train the toy latent-diffusion model: stage 1 AutoencoderKL, stage 2 UNet + text encoder.
+
+Lightning does the loop (progress bar, checkpoints, W&B offline / CSV logging, wall-clock budget).
+The result is a diffusers ``StableDiffusionPipeline`` folder (default ``models/toy``).
+
+    python -m toyworld.train                              # defaults (see DEFAULTS)
+    python -m toyworld.train budget_minutes=75 output_dir=models/toy
+    python -m toyworld.train --config configs/experiment/train_toy.yaml
+
+or from Python: ``toyworld.train.train(cfg)`` with a dict/DictConfig of the ``toy:`` keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from toyworld.model import (  # noqa: E402
+    MAX_LENGTH, assemble_pipeline, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
+    build_vae, save_pipeline,
+)
+from toyworld.world import REPO_ROOT, load_world  # noqa: E402
+
+DEFAULTS: dict = {
+    "grammar": "datasets/toy_world.yaml",
+    "image_size": 64,
+    "seed": 0,
+    "threads": 1,
+    "output_dir": "models/toy",
+    "work_dir": "outputs/train_toy",
+    "budget_minutes": 75.0,  # wall clock for both stages together
+    "logger": "wandb",  # wandb (offline) | csv | none
+    "progress_every": 25,
+    "export_every_minutes": 8.0,  # intermediate pipeline exports (EMA weights) under work_dir
+    "guidance_scale": 2.0,  # recorded as the model's recommended default
+    "num_inference_steps": 25,
+    "vae": {"channels": [16, 32, 32], "latent_channels": 4, "mid_attention": False, "crop": 32, "batch": 32,
+            "steps": 20000, "lr": 1.5e-3, "kl_weight": 1e-6, "budget_fraction": 0.22, "scale_batches": 32},
+    "unet": {"channels": [32, 64, 64], "cross_attention_dim": 64, "heads": 4, "batch": 16,
+             "steps": 100000, "lr": 8e-4, "warmup": 200, "weight_decay": 1e-2, "cfg_dropout": 0.1,
+             "min_snr_gamma": 5.0, "ema_decay": 0.998, "offset_noise": 0.3},
+    "text": {"hidden": 64, "layers": 2, "heads": 4},
+    "init_pipeline": None,  # continue stage 2 from an exported pipeline (skips stage 1, keeps its VAE)
+}
+
+
+def _resolve(path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def make_config(cfg: dict | DictConfig | None = None) -> DictConfig:
+    base = OmegaConf.create(DEFAULTS)
+    if cfg is not None:
+        base = OmegaConf.merge(base, OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg)
+    return base
+
+
+# --------------------------------------------------------------------------- data
+class RenderStream(torch.utils.data.IterableDataset):
+    """Endless seeded stream of rendered batches: (images in [-1, 1], prompts)."""
+
+    def __init__(self, world, batch: int, seed: int):
+        self.world, self.batch, self.seed = world, batch, seed
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            imgs, prompts = self.world.render_batch(rng, self.batch)
+            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            yield x, prompts
+
+
+def _loader(world, batch, seed):
+    return torch.utils.data.DataLoader(RenderStream(world, batch, seed), batch_size=None, num_workers=0)
+
+
+class _Progress:
+    """Training progress in [0, 1]: the larger of the step and the wall-clock fractions."""
+
+    def __init__(self, max_steps: int, max_seconds: float):
+        self.max_steps, self.max_seconds, self.t0 = max_steps, max_seconds, None
+
+    def __call__(self, step: int) -> float:
+        if self.t0 is None:
+            self.t0 = time.time()
+        return min(1.0, max(step / self.max_steps, (time.time() - self.t0) / max(self.max_seconds, 1.0)))
+
+
+def _cosine_lr(base: float, step: int, progress: float, warmup: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------- stage 1: VAE
+class VAEModule(L.LightningModule):
+    def __init__(self, vae, lr: float, kl_weight: float, progress: _Progress, warmup: int = 100,
+                 crop: int = 0, seed: int = 0):
+        super().__init__()
+        self.vae, self.lr, self.kl_weight, self.progress, self.warmup = vae, lr, kl_weight, progress, warmup
+        self.crop, self.rng = crop, np.random.default_rng(seed + 7)
+
+    def _random_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Random crops (the VAE is fully convolutional): cheaper steps, same local statistics."""
+        c, n = self.crop, x.shape[-1]
+        if not c or c >= n:
+            return x
+        off = self.rng.integers(0, n - c + 1, size=(x.shape[0], 2))
+        return torch.stack([xi[:, a:a + c, b:b + c] for xi, (a, b) in zip(x, off)])
+
+    def training_step(self, batch, _):
+        x, _prompts = batch
+        x = self._random_crop(x)
+        lr = _cosine_lr(self.lr, self.global_step, self.progress(self.global_step), self.warmup)
+        for g in self.optimizers().optimizer.param_groups:
+            g["lr"] = lr
+        post = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(post.sample()).sample
+        l1 = (rec - x).abs().mean()
+        l2 = F.mse_loss(rec, x)
+        kl = post.kl().mean() / post.mean[0].numel()  # per latent element
+        loss = l1 + l2 + self.kl_weight * kl
+        self.log_dict({"vae/loss": loss, "vae/l1": l1, "vae/mse": l2, "vae/kl": kl, "vae/lr": lr},
+                      prog_bar=True, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.vae.parameters(), lr=self.lr, weight_decay=0.0)
+
+
+# --------------------------------------------------------------------------- stage 2: UNet
+class PromptEncoder:
+    """Tokenise prompts padded to max length (as the SD pipeline does), with a cache."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def ids(self, prompts: list[str]) -> torch.Tensor:
+        out = []
+        for p in prompts:
+            if p not in self.cache:
+                self.cache[p] = self.tokenizer(p, padding="max_length", max_length=MAX_LENGTH,
+                                               truncation=True, return_tensors="pt").input_ids[0]
+            out.append(self.cache[p])
+        return torch.stack(out)
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(self, unet, text_encoder, vae, tokenizer, scaling_factor: float, ucfg, progress: _Progress,
+                 seed: int):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        self.vae = vae.eval().requires_grad_(False)
+        self.prompts = PromptEncoder(tokenizer)
+        self.scaling_factor = scaling_factor
+        self.ucfg, self.progress = ucfg, progress
+        self.scheduler = build_scheduler()
+        ac = self.scheduler.alphas_cumprod.float()
+        self.register_buffer("alphas_cumprod", ac, persistent=False)
+        self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def training_step(self, batch, _):
+        x, prompts = batch
+        step = self.global_step
+        lr = _cosine_lr(self.ucfg.lr, step, self.progress(step), self.ucfg.warmup)
+        for g in self.optimizers().optimizer.param_groups:
+            g["lr"] = lr
+        with torch.no_grad():
+            z0 = self.vae.encode(x).latent_dist.sample(generator=self.gen) * self.scaling_factor
+        drop = torch.rand(len(prompts), generator=self.gen) < self.ucfg.cfg_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        ids = self.prompts.ids(prompts)
+        b = z0.shape[0]
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=self.gen)
+        noise = torch.randn(z0.shape, generator=self.gen)
+        if self.ucfg.get("offset_noise", 0.0):
+            # offset noise: a per-image, per-channel constant in the noise, so that the spatial mean
+            # of a very noisy latent stops leaking the image's flat background / object colour
+            # (otherwise samples follow the starting noise's mean instead of the prompt).
+            noise = noise + float(self.ucfg.offset_noise) * torch.randn((b, z0.shape[1], 1, 1), generator=self.gen)
+        a = self.alphas_cumprod[t].view(b, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        cond = self.text_encoder(ids)[0]
+        pred = self.unet(zt, t, cond).sample
+        snr = a.view(b) / (1 - a.view(b))
+        w = torch.clamp(snr, max=self.ucfg.min_snr_gamma) / snr  # min-SNR-gamma, epsilon target
+        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (w * per).mean()
+        self.log_dict({"unet/loss": loss, "unet/mse": per.mean(), "unet/lr": lr}, prog_bar=True, on_step=True)
+        return loss
+
+    def on_train_batch_end(self, *args):
+        s = self.global_step
+        d = min(self.ucfg.ema_decay, (1 + s) / (10 + s))
+        with torch.no_grad():
+            for ema, live in ((self.ema_unet, self.unet), (self.ema_text, self.text_encoder)):
+                ep, lp = list(ema.parameters()), list(live.parameters())
+                torch._foreach_mul_(ep, d)
+                torch._foreach_add_(ep, lp, alpha=1 - d)
+
+    def configure_optimizers(self):
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        return torch.optim.AdamW(params, lr=self.ucfg.lr, weight_decay=self.ucfg.weight_decay)
+
+
+class ExportCallback(Callback):
+    """Every few minutes (and at the end) write the EMA pipeline to work_dir/pipelines/step_N."""
+
+    def __init__(self, export_fn, every_minutes: float):
+        self.export_fn, self.every, self.last = export_fn, every_minutes * 60, time.time()
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.every > 0 and time.time() - self.last >= self.every:
+            self.export_fn(trainer.global_step)
+            self.last = time.time()
+
+
+# --------------------------------------------------------------------------- driver
+def _logger(cfg, work: Path, stage: str):
+    if cfg.logger == "wandb":
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            os.environ.setdefault("WANDB_SILENT", "true")
+            return WandbLogger(project="sdattn-toy", name=f"toy-{stage}", save_dir=str(work), offline=True)
+        except Exception as e:  # pragma: no cover - fallback when wandb is unusable
+            print(f"[toyworld] wandb logger unavailable ({e}); using CSV", file=sys.stderr)
+    if cfg.logger in ("wandb", "csv"):
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(str(work), name=f"csv-{stage}")
+    return False
+
+
+def _finish_logger(trainer) -> None:
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if isinstance(trainer.logger, WandbLogger):
+            import wandb
+
+            wandb.finish()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _trainer(cfg, work: Path, stage: str, max_steps: int, seconds: float, callbacks: list):
+    ckpt = ModelCheckpoint(dirpath=str(work / "checkpoints" / stage), save_last=True,
+                           every_n_train_steps=500, save_top_k=-1)
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, max_time={"seconds": max(1, int(seconds))},
+        logger=_logger(cfg, work, stage), enable_progress_bar=True,
+        callbacks=[ckpt, TQDMProgressBar(refresh_rate=int(cfg.progress_every)), *callbacks],
+        log_every_n_steps=cfg.progress_every, num_sanity_val_steps=0, enable_model_summary=True,
+        deterministic=False,
+    )
+
+
+@torch.no_grad()
+def latent_std(vae, world, batches: int, batch: int, seed: int) -> tuple[float, list[float]]:
+    rng = np.random.default_rng(seed + 12345)
+    g = torch.Generator().manual_seed(seed)
+    zs = []
+    for _ in range(batches):
+        imgs, _ = world.render_batch(rng, batch)
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        zs.append(vae.encode(x).latent_dist.sample(generator=g))
+    z = torch.cat(zs)
+    return float(z.std()), z.mean(dim=(0, 2, 3)).tolist()
+
+
+def train(cfg: dict | DictConfig | None = None) -> dict:
+    """Train both stages and write the pipeline to ``cfg.output_dir``; returns a summary dict."""
+    cfg = make_config(cfg)
+    torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    t_start = time.time()
+    world = load_world(_resolve(cfg.grammar))
+    if world.image_size != cfg.image_size:
+        raise ValueError(f"image_size {cfg.image_size} != grammar image_size {world.image_size}")
+    work = _resolve(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = _resolve(cfg.output_dir)
+    budget = float(cfg.budget_minutes) * 60
+
+    factor = 2 ** (len(cfg.vae.channels) - 1)
+    latent_size = cfg.image_size // factor
+    if cfg.get("init_pipeline"):
+        return _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size)
+    tokenizer = build_tokenizer(world)
+    vae = build_vae(cfg.image_size, list(cfg.vae.channels), cfg.vae.latent_channels, bool(cfg.vae.mid_attention))
+
+    # ---- stage 1: VAE
+    vae_seconds = budget * float(cfg.vae.budget_fraction)
+    vae_mod = VAEModule(vae, cfg.vae.lr, cfg.vae.kl_weight, _Progress(cfg.vae.steps, vae_seconds),
+                        crop=int(cfg.vae.crop), seed=int(cfg.seed))
+    tr = _trainer(cfg, work, "vae", int(cfg.vae.steps), vae_seconds, [])
+    tr.fit(vae_mod, _loader(world, int(cfg.vae.batch), int(cfg.seed)))
+    vae_steps = int(tr.global_step)
+    _finish_logger(tr)
+    vae.eval().requires_grad_(False)
+    std, means = latent_std(vae, world, int(cfg.vae.scale_batches), 32, int(cfg.seed))
+    scaling = 1.0 / std
+    vae.register_to_config(scaling_factor=scaling)
+    with torch.no_grad():
+        rng = np.random.default_rng(cfg.seed + 999)
+        imgs, _ = world.render_batch(rng, 64)
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        vae_rec_err = float(((rec - x).abs() * 127.5).mean())  # mean abs error in 0..255 units
+    print(f"[toyworld] VAE: {vae_steps} steps, latent std {std:.4f} (scaling_factor {scaling:.4f}), "
+          f"channel means {[round(m, 3) for m in means]}, recon MAE {vae_rec_err:.2f}/255", flush=True)
+    t_vae = time.time() - t_start
+
+    # ---- stage 2: UNet + text encoder in latent space
+    text_encoder = build_text_encoder(tokenizer, cfg.text.hidden, cfg.text.layers, cfg.text.heads)
+    unet = build_unet(latent_size, list(cfg.unet.channels), cfg.unet.cross_attention_dim, cfg.unet.heads,
+                      cfg.vae.latent_channels)
+    info = {"vae_steps": vae_steps, "vae_recon_mae_255": vae_rec_err}
+    return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
+                   tokenizer, scaling, info, {"vae_minutes": round(t_vae / 60, 2)})
+
+
+def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size) -> dict:
+    """Stage 2 only, initialised from an exported pipeline (its VAE, tokenizer, EMA UNet/text)."""
+    from toyworld.model import load_pipeline
+
+    src = _resolve(cfg.init_pipeline)
+    pipe = load_pipeline(src)
+    prev = json.loads((src / "toy_model.json").read_text()) if (src / "toy_model.json").exists() else {}
+    vae = pipe.vae.eval().requires_grad_(False)
+    info = {"init_pipeline": str(cfg.init_pipeline), "init_unet_steps": prev.get("unet_steps"),
+            "vae_steps": prev.get("vae_steps"), "vae_recon_mae_255": prev.get("vae_recon_mae_255"),
+            "previous_config": prev.get("config")}
+    unet, text_encoder = pipe.unet.train(), pipe.text_encoder.train()
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(True)
+    return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
+                   pipe.tokenizer, float(vae.config.scaling_factor), info, {})
+
+
+def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder, tokenizer,
+            scaling, extra_info, extra_summary) -> dict:
+    unet_seconds = max(1.0, budget - (time.time() - t_start) - 30)
+    dm = DiffusionModule(unet, text_encoder, vae, tokenizer, scaling, cfg.unet,
+                         _Progress(int(cfg.unet.steps), unet_seconds), int(cfg.seed))
+
+    info = {
+        "image_size": int(cfg.image_size), "latent_size": latent_size, "vae_scale_factor": factor,
+        "scaling_factor": scaling, "guidance_scale": float(cfg.guidance_scale),
+        "num_inference_steps": int(cfg.num_inference_steps), "vocabulary": world.vocabulary(),
+        "colors": list(world.colors), "shapes": list(world.shapes), "backgrounds": list(world.backgrounds),
+        **extra_info, "config": OmegaConf.to_container(cfg),
+    }
+
+    def export(step: int, dest: Path | None = None) -> Path:
+        dest = dest or work / "pipelines" / f"step_{step:06d}"
+        pipe = assemble_pipeline(vae, dm.ema_unet, dm.ema_text, tokenizer)
+        save_pipeline(pipe, dest)
+        meta = dict(info, unet_steps=int(step), train_minutes=round((time.time() - t_start) / 60, 2))
+        (dest / "toy_model.json").write_text(json.dumps(meta, indent=2))
+        print(f"[toyworld] exported pipeline at step {step} -> {dest}", flush=True)
+        return dest
+
+    tr = _trainer(cfg, work, "unet", int(cfg.unet.steps), unet_seconds,
+                  [ExportCallback(export, float(cfg.export_every_minutes))])
+    tr.fit(dm, _loader(world, int(cfg.unet.batch), int(cfg.seed) + 1))
+    unet_steps = int(tr.global_step)
+    _finish_logger(tr)
+    export(unet_steps)
+    final = export(unet_steps, out_dir)
+    total = time.time() - t_start
+    summary = {"output_dir": str(final), "vae_steps": extra_info.get("vae_steps"), "unet_steps": unet_steps,
+               **extra_summary, "total_minutes": round(total / 60, 2), "scaling_factor": scaling,
+               "vae_recon_mae_255": extra_info.get("vae_recon_mae_255")}
+    (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[toyworld] done: {summary}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = OmegaConf.create({})
+    if argv[:1] == ["--config"]:
+        loaded = OmegaConf.load(argv[1])
+        cfg = loaded.get("toy", loaded)
+        argv = argv[2:]
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(argv))
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
