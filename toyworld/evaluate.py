@@ -66,7 +66,7 @@ def _normalise_mask(mask: np.ndarray) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=(NORM, NORM), mode="area")[0, 0].numpy()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _templates(shapes: tuple[str, ...]) -> dict[str, np.ndarray]:
     out = {}
     for s in shapes:
@@ -227,7 +227,7 @@ def eval_prompts(world: World, per_combo: int = 2) -> list[tuple[str, str, str]]
     """Every colour x shape, ``per_combo`` times, backgrounds cycling."""
     bgs = list(world.backgrounds)
     items, k = [], 0
-    for rep in range(per_combo):
+    for _rep in range(per_combo):
         for c in world.colors:
             for s in world.shapes:
                 items.append((c, s, bgs[k % len(bgs)]))

@@ -31,8 +31,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from toyworld.model import (  # noqa: E402
-    MAX_LENGTH, assemble_pipeline, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
-    build_vae, save_pipeline,
+    MAX_LENGTH,
+    assemble_pipeline,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    save_pipeline,
 )
 from toyworld.world import REPO_ROOT, load_world  # noqa: E402
 

@@ -63,7 +63,7 @@ def _shape_coverage(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"no geometry for shape {shape!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shape_template(shape: str) -> np.ndarray:
     """High-resolution 0/1 coverage of ``shape`` over the box [-1, 1]^2."""
     t = (np.arange(_TEMPLATE_RES) + 0.5) / _TEMPLATE_RES * 2 - 1
