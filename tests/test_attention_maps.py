@@ -139,5 +139,5 @@ def test_bench_capture_cli():
     r = subprocess.run([sys.executable, "-m", "experiments.bench", "capture", "--prompts", "2", "--steps", "2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "capture benchmark: model tiny" in r.stdout
+    assert "capture benchmark: model toy" in r.stdout  # the default model
     assert [line.split()[0] for line in r.stdout.splitlines()[-3:]] == ["plain", "cross", "self"]
