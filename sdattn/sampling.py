@@ -9,6 +9,7 @@ with shape (1, C, h, w), float32, so a sample never depends on its batch neighbo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,9 +58,16 @@ def latent_size(pipe, height: int | None = None, width: int | None = None) -> tu
 
 
 def check_prompts(tokenizer, prompts: Sequence[str]) -> None:
-    """Raise a one-line error for a prompt longer than the text encoder allows."""
+    """Raise a one-line error for a prompt longer than the text encoder allows, or with words
+    outside a closed vocabulary (tokenizers saved with ``closed_vocabulary``, e.g. the toy model's)."""
     limit = tokenizer.model_max_length
+    vocab = tokenizer.init_kwargs.get("closed_vocabulary")
     for p in prompts:
+        if vocab:
+            unknown = [w for w in re.findall(r"[^\W\d_]+|\S", p.lower()) if w not in vocab]
+            if unknown:
+                raise UserError(f"prompt {p!r} has words outside this model's vocabulary: {unknown}; "
+                                f"vocabulary: {', '.join(vocab)}")
         n = len(tokenizer(p, truncation=False).input_ids)
         if n > limit:
             raise UserError(f"prompt {p!r} has {n} tokens; the text encoder allows {limit} "

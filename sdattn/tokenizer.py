@@ -76,13 +76,19 @@ def write_clip_vocab(words: list[str], out_dir: str | Path) -> Path:
     return out
 
 
-def build_word_tokenizer(words: list[str], model_max_length: int) -> CLIPTokenizer:
-    """A CLIP tokenizer (pad = end-of-text, as SD) where every word of ``words`` is one token."""
+def build_word_tokenizer(words: list[str], model_max_length: int, closed: bool = False) -> CLIPTokenizer:
+    """A CLIP tokenizer (pad = end-of-text, as SD) where every word of ``words`` is one token.
+
+    ``closed=True`` records ``words`` as the model's whole vocabulary (``closed_vocabulary`` in
+    ``tokenizer_config.json``): prompts with other words are then rejected by the sampler instead
+    of being split into letters the model never saw.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_vocab(words, tmp)
         (Path(tmp) / "tokenizer_config.json").write_text(
             json.dumps({"model_max_length": model_max_length, "pad_token": EOS, "bos_token": BOS,
-                        "eos_token": EOS, "unk_token": EOS, "tokenizer_class": "CLIPTokenizer"})
+                        "eos_token": EOS, "unk_token": EOS, "tokenizer_class": "CLIPTokenizer",
+                        **({"closed_vocabulary": sorted(set(words))} if closed else {})})
         )
         tok = CLIPTokenizer.from_pretrained(tmp)
     bad = [w for w in words if len(tok(w, add_special_tokens=False).input_ids) != 1]

@@ -216,3 +216,11 @@ def test_bench_edit_variants(compose_cfg, tiny_pipe):
     assert [x.split()[0] for x in table[1:]] == ["plain", "fpe", "invert+sample", "fpe_real"]
     assert table[3].split()[2] == "1.00"  # invert+sample is its own baseline
     assert bench.build_parser().parse_args(["edit"]).func is bench.cmd_edit
+
+
+def test_toy_model_rejects_words_outside_its_vocabulary(compose_cfg):
+    from experiments.run import dispatch
+
+    cfg = compose_cfg("model=toy", "edit=fpe", "edit.source_prompt=a photo of a white car", "edit.num_inference_steps=2")
+    with pytest.raises(UserError, match=r"outside this model's vocabulary: \['photo', 'of'\]; vocabulary: a, an, black"):
+        dispatch(cfg)

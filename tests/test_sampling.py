@@ -47,3 +47,17 @@ def test_guidance_and_steps_go_through_the_ddim_scheduler(tiny_pipe):
 def test_needs_one_seed_per_prompt(tiny_pipe):
     with pytest.raises(UserError, match="one seed per prompt"):
         sample(tiny_pipe, ["a", "b"], seeds=[1], num_inference_steps=1)
+
+
+def test_closed_vocabulary_rejects_unknown_words(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from sdattn.sampling import check_prompts
+    from sdattn.tokenizer import build_word_tokenizer
+
+    build_word_tokenizer(["a", "red", "car"], 8, closed=True).save_pretrained(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    check_prompts(tok, ["a red car", ""])
+    with pytest.raises(UserError, match=r"words outside this model's vocabulary: \['photo'\]; vocabulary: a, car, red"):
+        check_prompts(tok, ["a photo car"])
+    check_prompts(build_word_tokenizer(["a", "red"], 8), ["a zebra"])  # open vocabulary: letters are fine

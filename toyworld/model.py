@@ -15,7 +15,7 @@ MAX_LENGTH = 16  # tokenizer / text encoder context
 
 
 def build_tokenizer(world: World):
-    return build_word_tokenizer(world.vocabulary(), model_max_length=MAX_LENGTH)
+    return build_word_tokenizer(world.vocabulary(), model_max_length=MAX_LENGTH, closed=True)
 
 
 def build_vae(image_size: int, channels=(16, 32, 32), latent_channels: int = 4,
