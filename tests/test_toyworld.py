@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from toyworld.evaluate import classify_image, ddim_sample, validate_checker  # noqa: E402
+from toyworld.evaluate import classify_image, sample_images, validate_checker  # noqa: E402
 from toyworld.world import REPO_ROOT, check_prompt, load_world  # noqa: E402
 
 MODEL = REPO_ROOT / "models" / "toy"
@@ -127,8 +127,8 @@ def test_shipped_model_loads_offline(pipe, world):
 def test_red_prompts_give_red_objects(pipe, world):
     """A loose smoke check: a random (untrained) model fails it."""
     shapes = ["circle", "square", "star", "car"]
-    _, imgs = ddim_sample(pipe, [f"a red {s}" for s in shapes], seeds=[0, 1, 2, 3], num_inference_steps=25,
-                          guidance_scale=2.0)
+    imgs = sample_images(pipe, [f"a red {s}" for s in shapes], seeds=[0, 1, 2, 3], num_inference_steps=25,
+                         guidance_scale=2.0)
     red = np.array(world.colors["red"], float)
     hits = 0
     for im in imgs:

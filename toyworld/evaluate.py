@@ -163,63 +163,13 @@ def validate_checker(n: int = 350, seed: int = 123, world: World | None = None) 
 
 
 # --------------------------------------------------------------------------- sampling
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids.to(pipe.device))[0]
+def sample_images(pipe, prompts, seeds, num_inference_steps=25, guidance_scale=2.0) -> np.ndarray:
+    """uint8 images (B, H, W, 3) for prompts/seeds through the project's sampler."""
+    from sdattn.sampling import sample
 
-
-@torch.no_grad()
-def ddim_sample(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int = 25,
-                guidance_scale: float = 2.0) -> tuple[torch.Tensor, np.ndarray]:
-    """Plain DDIM with classifier-free guidance; one generator per seed. Returns (latents, uint8 imgs)."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(num_inference_steps)
-    unet, vae = pipe.unet, pipe.vae
-    c = unet.config.in_channels
-    s = unet.config.sample_size
-    lat = torch.stack([torch.randn((c, s, s), generator=torch.Generator().manual_seed(int(sd))) for sd in seeds])
-    lat = lat * sched.init_noise_sigma
-    cond = encode_prompts(pipe, prompts)
-    unc = encode_prompts(pipe, [""] * len(prompts))
-    emb = torch.cat([unc, cond])
-    for t in sched.timesteps:
-        inp = sched.scale_model_input(torch.cat([lat, lat]), t)
-        e_u, e_c = unet(inp, t, emb).sample.chunk(2)
-        eps = e_u + guidance_scale * (e_c - e_u)
-        lat = sched.step(eps, t, lat).prev_sample
-    img = vae.decode(lat / vae.config.scaling_factor).sample
-    img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return lat, img
-
-
-def _sdattn_sampler():
-    try:
-        from sdattn import sampling  # type: ignore
-
-        return getattr(sampling, "sample", None)
-    except Exception:
-        return None
-
-
-def sample_images(pipe, prompts, seeds, num_inference_steps=25, guidance_scale=2.0, sampler="auto"):
-    """uint8 images for prompts/seeds: the project sampler (sdattn.sampling.sample) when present."""
-    fn = _sdattn_sampler() if sampler in ("auto", "sdattn") else None
-    if fn is not None:
-        kw = dict(seeds=list(seeds), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        try:
-            out = fn(pipe, list(prompts), progress=False, **kw)
-        except TypeError:
-            out = fn(pipe, list(prompts), **kw)
-        images = out.get("images") if isinstance(out, dict) else getattr(out, "images", None)
-        if images is None and isinstance(out, (tuple, list)):
-            images = out[1]
-        return np.stack([to_uint8(im) for im in images])
-    if sampler == "sdattn":
-        raise RuntimeError("sdattn.sampling.sample is not available")
-    return ddim_sample(pipe, prompts, seeds, num_inference_steps, guidance_scale)[1]
+    out = sample(pipe, list(prompts), list(seeds), num_inference_steps=num_inference_steps,
+                 guidance_scale=guidance_scale, progress=False)
+    return np.stack([to_uint8(im) for im in out.images])
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -250,7 +200,7 @@ def _save_grid(images: np.ndarray, path: Path, cols: int = 14) -> None:
 
 def evaluate(model_dir: str | Path = "models/toy", out_dir: str | Path | None = None, per_combo: int = 2,
              num_inference_steps: int = 25, guidance_scale: float | None = None, seed: int = 0,
-             batch: int = 35, sampler: str = "auto", threads: int | None = None, grammar=None,
+             batch: int = 35, threads: int | None = None, grammar=None,
              validate: bool = True) -> dict:
     """Sample per_combo x |colours| x |shapes| prompts and score them; writes metrics.json."""
     from toyworld.model import load_pipeline
@@ -275,7 +225,7 @@ def evaluate(model_dir: str | Path = "models/toy", out_dir: str | Path | None = 
     images = []
     for i in range(0, len(items), batch):
         images.append(sample_images(pipe, prompts[i:i + batch], seeds[i:i + batch], num_inference_steps,
-                                    guidance_scale, sampler))
+                                    guidance_scale))
     images = np.concatenate(images)
     t_sample = time.time() - t0
     rows = []
@@ -330,9 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sampler", default="auto", choices=["auto", "own", "sdattn"])
     a = ap.parse_args(argv)
-    m = evaluate(a.model, a.out, a.per_combo, a.steps, a.guidance, a.seed, threads=a.threads, sampler=a.sampler)
+    m = evaluate(a.model, a.out, a.per_combo, a.steps, a.guidance, a.seed, threads=a.threads)
     print(json.dumps({k: v for k, v in m.items() if k != "per_class"}, indent=2))
     print(json.dumps(m["per_class"], indent=2))
     return m

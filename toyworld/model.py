@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -83,12 +82,13 @@ def save_pipeline(pipe: StableDiffusionPipeline, out_dir: str | Path) -> Path:
     return out
 
 
-def load_pipeline(path: str | Path = "models/toy", dtype=torch.float32) -> StableDiffusionPipeline:
-    """Load the shipped toy pipeline offline."""
+def load_pipeline(path: str | Path = "models/toy") -> StableDiffusionPipeline:
+    """Load the shipped toy pipeline offline (a relative path is tried from the repo root too),
+    through the project's one loader, ``sdattn.models.load_pipeline``."""
+    from sdattn.models import load_pipeline as load_sd_pipeline
     from toyworld.world import REPO_ROOT
 
     p = Path(path)
     if not p.is_absolute() and not p.exists():
         p = REPO_ROOT / p
-    return StableDiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
+    return load_sd_pipeline(path=str(p))

@@ -21,6 +21,5 @@ def run(cfg) -> dict:
         guidance_scale=ev.guidance_scale,
         seed=int(ev.seed),
         batch=int(ev.batch),
-        sampler=str(ev.sampler),
         threads=ev.threads,
     )
