@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler
 from editing.fpe import SOURCE, TARGET, AnchorSource, fpe_generated, fpe_real, model_layers, replacement_edit
 from editing.inversion import ddim_invert, null_text_inversion
 from editing.replace import AttentionReplace, select_layers, step_range
+from evaluation.method_utils import FromStep, cfg_get, sdedit_start, steps_guidance
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, StepState
 from sdattn.layers import LayerId, LayerSelector
@@ -29,39 +30,20 @@ from sdattn.sampling import check_prompts, decode, denoise, encode_image, encode
 Images = tuple[torch.Tensor, torch.Tensor]
 
 
-def _get(cfg, key, default=None):
-    """``cfg[key]`` for a DictConfig / dict / None, as a plain Python object."""
-    if cfg is None:
-        return default
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_object(value)
-    except ImportError:  # pragma: no cover
-        pass
-    return default if value is None else value
-
-
-def _steps_guidance(cfg) -> tuple[int, float]:
-    return int(_get(cfg, "num_inference_steps", 50)), float(_get(cfg, "guidance_scale", 7.5))
-
-
 # --------------------------------------------------------------------------------------------- FPE
 
 def edit_fpe(pipe, example, seed, cfg, image=None) -> Images:
     """Free-Prompt-Editing: self-attention maps of the target ← source on ``layers`` for ``self_replace_steps``."""
-    steps, guidance = _steps_guidance(cfg)
-    common = dict(layers=_get(cfg, "layers", "paper"), self_replace_steps=_get(cfg, "self_replace_steps", 0.8),
+    steps, guidance = steps_guidance(cfg)
+    common = dict(layers=cfg_get(cfg, "layers", "paper"), self_replace_steps=cfg_get(cfg, "self_replace_steps", 0.8),
                   num_inference_steps=steps, guidance_scale=guidance, progress=False)
     if image is None:
         r = fpe_generated(pipe, example.source_prompt, example.target_prompt, seed, **common)
         return r.images["source"], r.images["edited"]
     # Alg. 2 inverts with an empty prompt and uses it for the source branch (paper); "dataset" uses the pair's.
-    src = example.source_prompt if _get(cfg, "real_source_prompt", "empty") == "dataset" else ""
-    r = fpe_real(pipe, image, example.target_prompt, src, _get(cfg, "inversion", "ddim"),
-                 null_text=_get(cfg, "null_text"), **common)
+    src = example.source_prompt if cfg_get(cfg, "real_source_prompt", "empty") == "dataset" else ""
+    r = fpe_real(pipe, image, example.target_prompt, src, cfg_get(cfg, "inversion", "ddim"),
+                 null_text=cfg_get(cfg, "null_text"), **common)
     return image, r.images["edited"]
 
 
@@ -109,31 +91,31 @@ class CrossRefine(AttentionHook):
 
 def p2p_hooks(pipe, source_prompt: str, target_prompt: str, cfg) -> tuple[dict, str]:
     """{layer: factory} for P2P: cross maps (replace or refine) + self maps; and the mode used."""
-    steps, _ = _steps_guidance(cfg)
+    steps, _ = steps_guidance(cfg)
     layers = model_layers(pipe)
-    cross = step_range(_get(cfg, "cross_replace_steps", 0.8), steps)
-    self_steps = step_range(_get(cfg, "self_replace_steps", 0.4), steps)
+    cross = step_range(cfg_get(cfg, "cross_replace_steps", 0.8), steps)
+    self_steps = step_range(cfg_get(cfg, "self_replace_steps", 0.4), steps)
     pair = [(SOURCE, TARGET)]
     tok = pipe.tokenizer
     same_len = len(tok(source_prompt).input_ids) == len(tok(target_prompt).input_ids)
     mode = "replace" if same_len else "refine"
-    if mode == "refine" and not _get(cfg, "refine", True):
+    if mode == "refine" and not cfg_get(cfg, "refine", True):
         raise UserError(f"p2p refine is off (method.refine=false) and {source_prompt!r} → {target_prompt!r} "
                         "differ in token count")
     hooks: dict = {}
-    for layer in select_layers(layers, _get(cfg, "cross_layers", "all"), "cross"):
+    for layer in select_layers(layers, cfg_get(cfg, "cross_layers", "all"), "cross"):
         if mode == "replace":
             hooks[layer] = lambda lay, st: AttentionReplace(lay, st, pair, cross)
         else:
             s, t = refinement_mapping(tok, source_prompt, target_prompt)
             hooks[layer] = lambda lay, st, s=s, t=t: CrossRefine(lay, st, cross, s, t)
-    for layer in select_layers(layers, _get(cfg, "self_layers", "official"), "self"):
+    for layer in select_layers(layers, cfg_get(cfg, "self_layers", "official"), "self"):
         hooks[layer] = lambda lay, st: AttentionReplace(lay, st, pair, self_steps)
     return hooks, mode
 
 
 def edit_p2p(pipe, example, seed, cfg, image=None) -> Images:
-    steps, guidance = _steps_guidance(cfg)
+    steps, guidance = steps_guidance(cfg)
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])
     hooks, _ = p2p_hooks(pipe, src, tgt, cfg)
@@ -142,7 +124,7 @@ def edit_p2p(pipe, example, seed, cfg, image=None) -> Images:
         images = decode(pipe, out)
         return images[:1], images[1:]
     traj = ddim_invert(pipe, encode_image(pipe, image), src, steps, progress=False)
-    uncond = null_text_inversion(pipe, traj, src, guidance, progress=False, **(_get(cfg, "null_text") or {}))
+    uncond = null_text_inversion(pipe, traj, src, guidance, progress=False, **(cfg_get(cfg, "null_text") or {}))
     out = replacement_edit(pipe, src, tgt, traj[-1], hooks, steps, guidance, uncond=uncond, progress=False)
     return image, decode(pipe, out[1:])
 
@@ -182,17 +164,17 @@ def masactrl_layers(pipe, start_layer: int) -> list[LayerId]:
 
 
 def edit_masactrl(pipe, example, seed, cfg, image=None) -> Images:
-    steps, guidance = _steps_guidance(cfg)
-    start_step = int(_get(cfg, "start_step", 4))
+    steps, guidance = steps_guidance(cfg)
+    start_step = int(cfg_get(cfg, "start_step", 4))
     hooks = {x: (lambda lay, st: MutualSelfAttention(lay, st, start_step))
-             for x in masactrl_layers(pipe, int(_get(cfg, "start_layer", 10)))}
+             for x in masactrl_layers(pipe, int(cfg_get(cfg, "start_layer", 10)))}
     src, tgt = example.source_prompt, example.target_prompt
     if image is None:
         out = replacement_edit(pipe, src, tgt, initial_latents(pipe, [seed]), hooks, steps, guidance, progress=False)
         images = decode(pipe, out)
         return images[:1], images[1:]
     # Official real-image editing: invert with an empty prompt, source branch follows the inversion trajectory.
-    inv_prompt = src if _get(cfg, "real_source_prompt", "empty") == "dataset" else ""
+    inv_prompt = src if cfg_get(cfg, "real_source_prompt", "empty") == "dataset" else ""
     traj = ddim_invert(pipe, encode_image(pipe, image), inv_prompt, steps, progress=False)
     out = replacement_edit(pipe, inv_prompt, tgt, traj[-1], hooks, steps, guidance,
                            callbacks=[AnchorSource(traj)], progress=False)
@@ -201,28 +183,11 @@ def edit_masactrl(pipe, example, seed, cfg, image=None) -> Images:
 
 # ------------------------------------------------------------------------------------------ SDEdit
 
-class _FromStep(DDIMScheduler):
-    """DDIM with the model's settings whose timesteps start at index ``t_start`` (img2img)."""
-
-    t_start: int = 0
-
-    def set_timesteps(self, num_inference_steps, device=None):
-        super().set_timesteps(num_inference_steps, device)
-        self.timesteps = self.timesteps[self.t_start:]
-
-
-def sdedit_start(num_steps: int, strength: float) -> int:
-    """diffusers img2img: ``init = min(int(N·strength), N)``, start index ``N − init``."""
-    if not 0.0 < strength <= 1.0:
-        raise UserError(f"method.strength {strength} is outside (0, 1]")
-    return num_steps - min(int(num_steps * strength), num_steps)
-
-
 def edit_sdedit(pipe, example, seed, cfg, image=None) -> Images:
     """SDEdit: the source latent noised to the strength's timestep (``add_noise`` with the seed's
     generator), then denoised with the target prompt over the remaining DDIM steps."""
-    steps, guidance = _steps_guidance(cfg)
-    strength = float(_get(cfg, "strength", 0.5))
+    steps, guidance = steps_guidance(cfg)
+    strength = float(cfg_get(cfg, "strength", 0.5))
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])
     uncond = encode_prompts(pipe, [""]) if guidance > 1 else None
@@ -232,7 +197,7 @@ def edit_sdedit(pipe, example, seed, cfg, image=None) -> Images:
         source = decode(pipe, z0)
     else:
         z0, source = encode_image(pipe, image), image
-    scheduler = _FromStep.from_config(pipe.scheduler.config)
+    scheduler = FromStep.from_config(pipe.scheduler.config)
     scheduler.t_start = sdedit_start(steps, strength)
     full = DDIMScheduler.from_config(pipe.scheduler.config)
     full.set_timesteps(steps)
