@@ -45,11 +45,12 @@ def image_size(pipe, height: int | None = None, width: int | None = None) -> tup
 
 @torch.no_grad()
 def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_steps: int = 50,
-                progress: bool = True) -> list[torch.Tensor]:
+                progress: bool = True, until: int | None = None) -> list[torch.Tensor]:
     """DDIM inversion (no guidance) with diffusers' ``DDIMInverseScheduler``.
 
     latents (B, C, h, w) → trajectory [z_0, z_1, ..., z_T] (T = num_inference_steps), where
     z_T pairs with the sampler's first step and z_{T-i-1} is what the sampler's step i should reach.
+    ``until``: run only the first ``until`` inversion steps → [z_0, ..., z_until] (a prefix of the full one).
     """
     unet = pipe.unet
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
@@ -57,7 +58,7 @@ def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_ste
     context = encode_prompts(pipe, [prompt] * latents.shape[0]).to(unet.device, unet.dtype)
     z = latents.to(unet.device, torch.float32)
     traj = [z]
-    for t in tqdm(inverse.timesteps, desc="DDIM inversion", disable=not progress, leave=False):
+    for t in tqdm(inverse.timesteps[:until], desc="DDIM inversion", disable=not progress, leave=False):
         noise = unet(z.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
         z = inverse.step(noise, t, z).prev_sample
         traj.append(z)

@@ -1,0 +1,162 @@
+"""Plug-and-Play and DiffEdit on the tiny (and toy) model."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from editing.fpe import SOURCE, TARGET, replacement_edit
+from editing.inversion import ddim_invert
+from evaluation.datasets import EditExample
+from evaluation.diffedit import diffedit_inpaint, diffedit_mask, edit_diffedit
+from evaluation.pnp import FeatureInject, QKInject, edit_pnp, pnp_feature_module, pnp_layers
+from sdattn.errors import UserError
+from sdattn.hooks import BatchLayout, StepState
+from sdattn.sampling import decode, encode_image, initial_latents
+
+EX = EditExample(id="0", source_prompt="a black car", target_prompt="a red car")
+STEPS = dict(num_inference_steps=4, guidance_scale=7.5)
+
+
+def _cfg(**kw):
+    return OmegaConf.create({**STEPS, **kw})
+
+
+def _processor_classes(pipe):
+    return {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+
+
+def _forward_hooks(pipe):
+    return [n for n, m in pipe.unet.named_modules() if m._forward_hooks]
+
+
+def _check_pair(src, edited, like=None):
+    for x in (src, edited):
+        assert x.shape == (like.shape if like is not None else src.shape) and x.shape[:2] == (1, 3)
+        assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+
+
+@pytest.mark.parametrize("edit", [edit_pnp, edit_diffedit])
+def test_end_to_end_generated_and_real_and_hooks_removed(tiny_pipe, edit):
+    before = _processor_classes(tiny_pipe)
+    src, edited = edit(tiny_pipe, EX, 0, _cfg())
+    _check_pair(src, edited)
+    image = torch.rand(src.shape, generator=torch.Generator().manual_seed(0))
+    out_src, out_edit = edit(tiny_pipe, EX, 0, _cfg(), image=image)
+    assert out_src is image
+    _check_pair(out_src, out_edit, like=image)
+    assert _processor_classes(tiny_pipe) == before and _forward_hooks(tiny_pipe) == []
+
+
+def test_pnp_presets_derive_from_the_model(tiny_pipe, toy_pipe):
+    assert [x.index for x in pnp_layers(tiny_pipe)] == list(range(9, 17))  # official SD 1.5 layers
+    assert [x.index for x in pnp_layers(tiny_pipe, "10-12")] == [10, 11, 12] and pnp_layers(tiny_pipe, "none") == []
+    toy = pnp_layers(toy_pipe)  # up.1 has 2 attentions, up.2 has 2: drop up.1's first
+    assert [x.index for x in toy] == [5, 6, 7] and toy[0].name.startswith("up_blocks.1.attentions.1.")
+    assert pnp_feature_module(tiny_pipe)[0] == pnp_feature_module(toy_pipe)[0] == "up_blocks.1.resnets.1"
+    name, module = pnp_feature_module(tiny_pipe, "up_blocks.2.resnets.0")
+    assert module is tiny_pipe.unet.up_blocks[2].resnets[0].conv2
+
+
+def test_pnp_without_injection_equals_plain_pair_and_injection_changes_target(tiny_pipe):
+    plain = replacement_edit(tiny_pipe, EX.source_prompt, EX.target_prompt, initial_latents(tiny_pipe, [5]), {},
+                             progress=False, **STEPS)
+    src, edited = edit_pnp(tiny_pipe, EX, 5, _cfg(feature_steps=0, attn_layers="none"))
+    images = decode(tiny_pipe, plain)  # one batch, as edit_pnp decodes it
+    assert torch.equal(src, images[:1]) and torch.equal(edited, images[1:])
+    for kw in (dict(feature_steps=1.0, attn_layers="none"), dict(feature_steps=0, attn_steps=1.0), {}):
+        src2, edited2 = edit_pnp(tiny_pipe, EX, 5, _cfg(**kw))
+        assert torch.equal(src2, src)  # the source branch is never changed
+        assert (edited2 - edited).abs().max() > 1e-3, kw
+
+
+def test_qk_hook_gives_both_target_rows_the_source_map():
+    state = StepState(step=0, layout=BatchLayout(n=2, cfg=True))
+    hook = QKInject(None, state, steps={0})
+    attn = SimpleNamespace(scale=0.5)
+    q, k, v = (torch.randn(4, 2, 6, 3) for _ in range(3))
+    out = hook.attend(attn, q, k, v, None)
+    plain = F.scaled_dot_product_attention(q, k, v, scale=0.5)
+    s = state.layout.cond_row(SOURCE)
+    for t in (state.layout.cond_row(TARGET), state.layout.uncond_row(TARGET)):
+        want = F.scaled_dot_product_attention(q[s], k[s], v[t], scale=0.5)
+        assert torch.allclose(out[t], want, atol=1e-6) and not torch.allclose(out[t], plain[t], atol=1e-3)
+    for r in (s, state.layout.uncond_row(SOURCE)):
+        assert torch.allclose(out[r], plain[r], atol=1e-6)
+    state.step = 1  # inactive step: plain attention
+    assert torch.allclose(hook.attend(attn, q, k, v, None), plain, atol=1e-6)
+
+
+def test_feature_hook_replaces_both_target_rows_with_source_cond_row():
+    module = torch.nn.Identity()
+    feat = FeatureInject(module, steps={1})
+    x = torch.randn(4, 3, 2, 2)  # [uncond src, uncond tgt, cond src, cond tgt]
+    lay = BatchLayout(n=2, cfg=True)
+    with feat.installed():
+        feat.on_step_begin(0, 999, 2, lay)
+        assert torch.equal(module(x), x)  # inactive step: untouched
+        feat.on_step_begin(1, 500, 2, lay)
+        y = module(x)
+        src = lay.cond_row(SOURCE)
+        for row in (lay.cond_row(TARGET), lay.uncond_row(TARGET)):
+            assert torch.equal(y[row], x[src])
+        assert torch.equal(y[lay.uncond_row(SOURCE)], x[lay.uncond_row(SOURCE)]) and torch.equal(y[src], x[src])
+        feat.on_step_begin(1, 500, 2, BatchLayout(n=2, cfg=False))  # no guidance: the cond target row only
+        x2 = torch.randn(2, 3, 2, 2)
+        assert torch.equal(module(x2)[TARGET], x2[SOURCE])
+    assert not module._forward_hooks and torch.equal(module(x), x)
+
+
+def test_pnp_bad_config_names_the_value(tiny_pipe):
+    before = _processor_classes(tiny_pipe)
+    with pytest.raises(UserError, match=r"'nope'.*up_blocks\.1\.resnets\.1"):
+        edit_pnp(tiny_pipe, EX, 0, _cfg(feature_block="nope"))
+    with pytest.raises(UserError, match="1.5"):
+        edit_pnp(tiny_pipe, EX, 0, _cfg(attn_steps=1.5))
+    with pytest.raises(UserError, match="out of range"):
+        edit_pnp(tiny_pipe, EX, 0, _cfg(attn_layers="9-40"))
+    assert _processor_classes(tiny_pipe) == before and _forward_hooks(tiny_pipe) == []
+
+
+def test_ddim_invert_until_is_a_prefix(tiny_pipe):
+    z0 = initial_latents(tiny_pipe, [1])
+    full = ddim_invert(tiny_pipe, z0, "a red car", 4, progress=False)
+    part = ddim_invert(tiny_pipe, z0, "a red car", 4, progress=False, until=3)
+    assert len(full) == 5 and len(part) == 4
+    assert all(torch.equal(a, b) for a, b in zip(part, full))
+
+
+def test_diffedit_mask_is_binary_and_empty_for_identical_prompts(tiny_pipe):
+    z0 = initial_latents(tiny_pipe, [2])
+    mask = diffedit_mask(tiny_pipe, z0, "a black car", "a red car", seed=0, num_maps_per_mask=3, **STEPS)
+    assert mask.shape == (1, 1, *z0.shape[-2:])
+    assert set(mask.unique().tolist()) <= {0.0, 1.0} and 0 < mask.sum() < mask.numel()
+    same = diffedit_mask(tiny_pipe, z0, "a red car", "a red car", seed=0, num_maps_per_mask=3, **STEPS)
+    assert same.shape == mask.shape and not same.any()
+
+
+def test_diffedit_empty_mask_returns_the_inverted_source(tiny_pipe):
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    z0 = encode_image(tiny_pipe, image)
+    mask = torch.zeros(1, 1, *z0.shape[-2:])
+    out = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS)
+    assert torch.equal(out, z0)
+    full = diffedit_inpaint(tiny_pipe, z0, torch.ones_like(mask), EX.source_prompt, EX.target_prompt, **STEPS)
+    assert (full - z0).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("key,value", [("inpaint_strength", 1.5), ("mask_encode_strength", 0.0),
+                                       ("num_maps_per_mask", 0), ("mask_thresholding_ratio", -1.0)])
+def test_diffedit_bad_config_names_the_value(tiny_pipe, key, value):
+    with pytest.raises(UserError, match=rf"method\.{key} {value}"):
+        edit_diffedit(tiny_pipe, EX, 0, _cfg(**{key: value}))
+
+
+@pytest.mark.parametrize("edit", [edit_pnp, edit_diffedit])
+def test_toy_model_runs(toy_pipe, edit):
+    ex = EditExample(id="0", source_prompt=EX.source_prompt, target_prompt=EX.target_prompt)
+    src, edited = edit(toy_pipe, ex, 0, _cfg(num_maps_per_mask=2))
+    _check_pair(src, edited)
+    assert _forward_hooks(toy_pipe) == []
