@@ -1,0 +1,291 @@
+"""pix2pix-zero (Parmar et al., SIGGRAPH 2023) on the shared hook layer and sampler.
+
+diffusers' ``StableDiffusionPix2PixZeroPipeline`` is deprecated (``diffusers.pipelines.deprecated``),
+so the method is written here on :class:`~sdattn.hooks.HookSet` hooks and our DDIM maths:
+
+1. Edit direction Δ = mean text embedding (full (L, D) token embeddings) of target sentences − mean of
+   source sentences. The paper generates ~1000 sentences per word with a language model; we have no
+   sentence generator, so by default (``direction: prompts``) the "sentences" are the pair's own two
+   prompts and Δ = E(target) − E(source). ``direction: sentences`` takes ``source_sentences`` /
+   ``target_sentences``: lists of sentences, a ``.txt`` file (one per line) or a ``.pt`` file holding a
+   precomputed mean embedding (the official ``assets/embeddings_sd_1.4/*.pt``).
+2. Reference pass: DDIM with CFG and the source embedding c from z_T, recording the cross-attention
+   maps (conditional row, every head, every cross layer, every step).
+3. Edit pass from the same z_T with c_edit = c + Δ: at each step, x_t ← x_t − λ·∇ Σ_layers ‖M_edit − M_ref‖²
+   (maps of a conditional-only UNet call on x_t with c_edit; per layer the squared error is summed over
+   queries and keys and averaged over heads, as in the official code; λ = ``cross_attention_guidance_amount``),
+   then a normal CFG DDIM step with c_edit.
+
+The two passes run in lock-step (reference step i, then edit step i), so only one step's maps are
+held. The official code (and diffusers) batches the gradient call as [uncond, cond] and keeps the
+unconditional copy of x_t, i.e. in effect steers with the unconditional row's maps; we follow the
+paper (conditional maps). Real images: z_T from DDIM inversion of ``encode_image(image)`` with the
+source prompt, with the paper's noise regularisation (auto-correlation + KL on the predicted noise,
+diffusers' ``invert`` defaults; ``noise_regularization.num_reg_steps: 0`` turns it off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDIMInverseScheduler
+
+from editing.fpe import model_layers
+from evaluation.method_utils import cfg_get, steps_guidance
+from sdattn.errors import UserError
+from sdattn.hooks import AttentionHook, BatchLayout, HookSet, StepState
+from sdattn.layers import LayerId
+from sdattn.sampling import ddim_scheduler, decode, encode_image, encode_prompts, initial_latents
+
+Images = tuple[torch.Tensor, torch.Tensor]
+DIRECTIONS = ("prompts", "sentences")
+NOISE_REGULARIZATION = dict(lambda_auto_corr=20.0, lambda_kl=20.0, num_reg_steps=5, num_auto_corr_rolls=5)
+
+
+# ------------------------------------------------------------------------------------ edit direction
+
+def mean_embedding(pipe, sentences, batch_size: int = 16) -> torch.Tensor:
+    """Mean text embedding (1, L, D) of ``sentences``: a list of strings, a ``.txt`` file (one per
+    line) or a ``.pt`` file holding a mean embedding ((1, L, D) or (L, D))."""
+    if isinstance(sentences, (str, Path)):
+        path = Path(sentences).expanduser()
+        if not path.is_file():
+            raise UserError(f"sentence file {str(path)!r} does not exist: give a list of sentences, a .txt file "
+                            "(one per line) or a .pt mean embedding")
+        if path.suffix == ".pt":
+            emb = torch.load(path, map_location="cpu", weights_only=True)
+            emb = emb[None] if torch.is_tensor(emb) and emb.ndim == 2 else emb
+            want = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+            if not torch.is_tensor(emb) or emb.ndim != 3 or emb.shape[0] != 1 or tuple(emb.shape[1:]) != want:
+                got = tuple(emb.shape) if torch.is_tensor(emb) else type(emb).__name__
+                raise UserError(f"embedding file {str(path)!r} holds {got}; allowed: a (1, {want[0]}, {want[1]}) "
+                                f"or ({want[0]}, {want[1]}) tensor for this text encoder")
+            return emb.float()
+        sentences = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    sentences = list(sentences or [])
+    if not sentences or not all(isinstance(s, str) for s in sentences):
+        raise UserError(f"sentences {sentences!r} must be a non-empty list of strings (or a .txt / .pt file)")
+    total = None
+    for i in range(0, len(sentences), batch_size):
+        part = encode_prompts(pipe, sentences[i:i + batch_size]).float().sum(0, keepdim=True)  # (1, L, D)
+        total = part if total is None else total + part
+    return (total / len(sentences)).cpu()
+
+
+def edit_direction(pipe, source_prompt: str, target_prompt: str, cfg=None) -> torch.Tensor:
+    """Δ (1, L, D) = mean embedding of target sentences − mean embedding of source sentences."""
+    mode = str(cfg_get(cfg, "direction", "prompts"))
+    src, tgt = cfg_get(cfg, "source_sentences"), cfg_get(cfg, "target_sentences")
+    if mode not in DIRECTIONS:
+        raise UserError(f"method.direction {mode!r} is not one of {', '.join(DIRECTIONS)}")
+    if mode == "prompts":
+        if src is not None or tgt is not None:
+            raise UserError("method.source_sentences/target_sentences are set but method.direction is 'prompts': "
+                            "set method.direction=sentences to use them")
+        src, tgt = [source_prompt], [target_prompt]
+    elif src is None or tgt is None:
+        raise UserError("method.direction=sentences needs both method.source_sentences and method.target_sentences "
+                        "(lists, .txt files or .pt mean embeddings)")
+    return mean_embedding(pipe, tgt) - mean_embedding(pipe, src)
+
+
+# ---------------------------------------------------------------------------- cross-attention guidance
+
+@dataclass
+class MapStore:
+    """Shared by the cross-layer hooks. ``mode``: "record" stores the reference maps, "loss" adds
+    ‖M − M_ref‖² to ``loss``, "off" leaves the call alone."""
+
+    mode: str = "off"
+    ref: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name → (H, N, L) maps
+    loss: torch.Tensor | float = 0.0
+
+
+class CrossMapGuidance(AttentionHook):
+    """A cross layer's conditional-row map softmax(QKᵀ/√d) (H, N, L): recorded or compared; output unchanged."""
+
+    def __init__(self, layer: LayerId, state: StepState, store: MapStore):
+        super().__init__(layer, state)
+        self.store = store
+
+    def attend(self, attn, query, key, value, mask):
+        out = super().attend(attn, query, key, value, mask)
+        if self.store.mode == "off":
+            return out
+        row = self.state.layout.cond_row(0)
+        probs = torch.softmax(query[row].float() @ key[row].float().transpose(-1, -2) * attn.scale, -1)  # (H, N, L)
+        if self.store.mode == "record":
+            self.store.ref[self.layer.name] = probs.detach()
+        else:
+            ref = self.store.ref[self.layer.name]
+            self.store.loss = self.store.loss + ((probs - ref) ** 2).sum((-2, -1)).mean()
+        return out
+
+
+def guidance_hooks(pipe, store: MapStore) -> HookSet:
+    """Hooks on every cross layer sharing ``store``."""
+    cross = [x for x in model_layers(pipe) if x.kind == "cross"]
+    return HookSet(pipe.unet, cross, lambda lay, st: CrossMapGuidance(lay, st, store))
+
+
+def cfg_step(unet, scheduler, hooks: HookSet, step: int, timestep, num_steps: int, latents: torch.Tensor,
+             cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    """One DDIM step with classifier-free guidance (the maths of ``sampling.denoise``). latents (1, C, h, w)."""
+    cfg = uncond is not None
+    hooks.on_step_begin(step, int(timestep), num_steps, BatchLayout(n=1, cfg=cfg))
+    context = torch.cat([uncond, cond]) if cfg else cond
+    model_in = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, timestep)
+    noise = unet(model_in.to(unet.dtype), timestep, encoder_hidden_states=context).sample.float()
+    if cfg:
+        noise_u, noise_c = noise.chunk(2)
+        noise = noise_u + guidance_scale * (noise_c - noise_u)
+    return scheduler.step(noise, timestep, latents).prev_sample
+
+
+def guidance_step(unet, scheduler, hooks: HookSet, store: MapStore, step: int, timestep, num_steps: int,
+                  latents: torch.Tensor, cond: torch.Tensor, amount: float) -> tuple[torch.Tensor, float]:
+    """x_t ← x_t − amount·∇ₓ Σ_layers ‖M(x_t, cond) − M_ref‖² against ``store.ref``. Returns (latents, loss)."""
+    hooks.on_step_begin(step, int(timestep), num_steps, BatchLayout(n=1, cfg=False))
+    store.mode, store.loss = "loss", 0.0
+    try:
+        with torch.enable_grad():
+            x = latents.detach().clone().requires_grad_(True)  # (1, C, h, w)
+            unet(scheduler.scale_model_input(x, timestep).to(unet.dtype), timestep, encoder_hidden_states=cond)
+            loss = store.loss
+            (grad,) = torch.autograd.grad(loss, x)
+    finally:
+        store.mode = "off"
+    return (x - amount * grad.float()).detach(), float(loss)
+
+
+@torch.no_grad()
+def pix2pix_zero_sample(pipe, latents: torch.Tensor, cond: torch.Tensor, edit_cond: torch.Tensor,
+                        uncond: torch.Tensor | None, num_inference_steps: int, guidance_scale: float,
+                        amount: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Reference and edit passes from z_T ``latents`` (1, C, h, w). ``cond``/``edit_cond``/``uncond``: (1, L, D).
+
+    Returns (reference z_0, edited z_0, guidance loss per step)."""
+    if amount < 0:
+        raise UserError(f"method.cross_attention_guidance_amount {amount} is negative; allowed: ≥ 0 (0 = no guidance)")
+    unet = pipe.unet
+    ref_sched, edit_sched = ddim_scheduler(pipe), ddim_scheduler(pipe)
+    ref_sched.set_timesteps(num_inference_steps)
+    edit_sched.set_timesteps(num_inference_steps)
+    cond, edit_cond = cond.to(unet.device, unet.dtype), edit_cond.to(unet.device, unet.dtype)
+    uncond = None if uncond is None else uncond.to(unet.device, unet.dtype)
+    z_ref = latents.to(unet.device, torch.float32) * ref_sched.init_noise_sigma
+    z = z_ref.clone()
+    store, losses = MapStore(), []
+    timesteps = ref_sched.timesteps
+    with guidance_hooks(pipe, store) as hooks:
+        for i, t in enumerate(timesteps):
+            store.mode = "record" if amount > 0 else "off"
+            z_ref = cfg_step(unet, ref_sched, hooks, i, t, len(timesteps), z_ref, cond, uncond, guidance_scale)
+            store.mode = "off"
+            if amount > 0:
+                z, loss = guidance_step(unet, edit_sched, hooks, store, i, t, len(timesteps), z, edit_cond, amount)
+                losses.append(loss)
+            z = cfg_step(unet, edit_sched, hooks, i, t, len(timesteps), z, edit_cond, uncond, guidance_scale)
+            store.ref.clear()
+    return z_ref, z, losses
+
+
+# ------------------------------------------------------------------------------- real-image inversion
+
+def auto_corr_loss(noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """pix2pix-zero's auto-correlation loss (diffusers ``auto_corr_loss``): random-shift correlations of
+    each channel over a pyramid down to 8 px. noise (B, C, h, w) → scalar."""
+    loss = noise.new_zeros(())
+    for i in range(noise.shape[0]):
+        for j in range(noise.shape[1]):
+            x = noise[i:i + 1, j:j + 1]
+            while True:
+                roll = int(torch.randint(max(x.shape[2] // 2, 1), (1,), generator=generator))
+                loss = loss + (x * torch.roll(x, shifts=roll, dims=2)).mean() ** 2
+                loss = loss + (x * torch.roll(x, shifts=roll, dims=3)).mean() ** 2
+                if x.shape[2] <= 8:
+                    break
+                x = torch.nn.functional.avg_pool2d(x, kernel_size=2)
+    return loss
+
+
+def kl_loss(noise: torch.Tensor) -> torch.Tensor:
+    """KL of the noise's empirical mean/variance to N(0, 1) (diffusers ``kl_divergence``)."""
+    mean, var = noise.mean(), noise.var()
+    return var + mean ** 2 - 1 - torch.log(var + 1e-7)
+
+
+def regularize_noise(noise: torch.Tensor, generator: torch.Generator, lambda_auto_corr: float, lambda_kl: float,
+                     num_reg_steps: int, num_auto_corr_rolls: int) -> torch.Tensor:
+    """Gradient steps pulling a predicted ε (B, C, h, w) towards i.i.d. N(0, 1) (diffusers ``invert``)."""
+    noise = noise.detach().float()
+    with torch.enable_grad():
+        for _ in range(num_reg_steps):
+            if lambda_auto_corr > 0:
+                for _ in range(num_auto_corr_rolls):
+                    var = noise.clone().requires_grad_(True)
+                    (grad,) = torch.autograd.grad(auto_corr_loss(var, generator), var)
+                    noise = noise - lambda_auto_corr * grad / num_auto_corr_rolls
+            if lambda_kl > 0:
+                var = noise.clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(kl_loss(var), var)
+                noise = noise - lambda_kl * grad
+            noise = noise.detach()
+    return noise
+
+
+@torch.no_grad()
+def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, seed: int = 0,
+                          lambda_auto_corr: float = 20.0, lambda_kl: float = 20.0, num_reg_steps: int = 5,
+                          num_auto_corr_rolls: int = 5) -> torch.Tensor:
+    """DDIM inversion (no guidance, ``DDIMInverseScheduler``) with pix2pix-zero's noise regularisation.
+    latents z_0 (B, C, h, w) → z_T. ``num_reg_steps=0`` is plain ``editing.inversion.ddim_invert``."""
+    unet = pipe.unet
+    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    if num_reg_steps > 0 and inverse.config.prediction_type != "epsilon":
+        raise UserError(f"pix2pix-zero noise regularisation needs an epsilon-prediction model, this one predicts "
+                        f"{inverse.config.prediction_type!r}: set method.noise_regularization.num_reg_steps=0")
+    inverse.set_timesteps(num_inference_steps)
+    generator = torch.Generator().manual_seed(int(seed))
+    context = encode_prompts(pipe, [prompt] * latents.shape[0]).to(unet.device, unet.dtype)
+    z = latents.to(unet.device, torch.float32)
+    for t in inverse.timesteps:
+        noise = unet(z.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        if num_reg_steps > 0:
+            noise = regularize_noise(noise, generator, lambda_auto_corr, lambda_kl, num_reg_steps,
+                                     num_auto_corr_rolls)
+        z = inverse.step(noise, t, z).prev_sample
+    return z
+
+
+# ---------------------------------------------------------------------------------------- the method
+
+def noise_regularization(cfg) -> dict:
+    """The ``noise_regularization`` node with diffusers' defaults filled in."""
+    given = cfg_get(cfg, "noise_regularization") or {}
+    unknown = sorted(set(given) - set(NOISE_REGULARIZATION))
+    if unknown:
+        raise UserError(f"method.noise_regularization has unknown key {unknown[0]!r}; "
+                        f"allowed: {', '.join(NOISE_REGULARIZATION)}")
+    out = {**NOISE_REGULARIZATION, **given}
+    return {k: type(NOISE_REGULARIZATION[k])(v) for k, v in out.items()}
+
+
+def edit_pix2pix_zero(pipe, example, seed, cfg, image=None) -> Images:
+    """pix2pix-zero: edit direction Δ added to the source embedding, x_t steered so the edited
+    cross-attention maps follow the reference pass's."""
+    steps, guidance = steps_guidance(cfg)
+    amount = float(cfg_get(cfg, "cross_attention_guidance_amount", 0.1))
+    src, tgt = example.source_prompt, example.target_prompt
+    cond = encode_prompts(pipe, [src])  # (1, L, D)
+    direction = edit_direction(pipe, src, tgt, cfg).to(cond)  # (1, L, D)
+    uncond = encode_prompts(pipe, [""]) if guidance > 1 else None
+    if image is None:
+        z_T = initial_latents(pipe, [seed])
+    else:
+        z_T = regularized_inversion(pipe, encode_image(pipe, image), src, steps, seed=seed, **noise_regularization(cfg))
+    z_src, z_edit, _ = pix2pix_zero_sample(pipe, z_T, cond, cond + direction, uncond, steps, guidance, amount)
+    return (decode(pipe, z_src) if image is None else image), decode(pipe, z_edit)
+

@@ -1,0 +1,185 @@
+"""pix2pix-zero and InstructPix2Pix on the tiny model (few DDIM steps)."""
+
+import pytest
+import torch
+
+from editing.inversion import ddim_invert
+from evaluation.datasets import EditExample
+from evaluation.instructpix2pix import InstructPix2Pix, changed_words, load_ip2p, make_instruction
+from evaluation.pix2pix_zero import (
+    MapStore,
+    cfg_step,
+    edit_direction,
+    edit_pix2pix_zero,
+    guidance_hooks,
+    guidance_step,
+    mean_embedding,
+    regularized_inversion,
+)
+from sdattn.errors import ModelLoadError, UserError
+from sdattn.sampling import ddim_scheduler, encode_prompts, initial_latents, sample
+
+STEPS = 4
+EX = EditExample(id="0", source_prompt="a black car", target_prompt="a red car")
+
+
+def _check(img, like=None):
+    assert img.shape[:2] == (1, 3) and torch.isfinite(img).all()
+    assert img.min() >= 0 and img.max() <= 1
+    if like is not None:
+        assert img.shape == like.shape
+
+
+def _processors(pipe):
+    return {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+
+
+@pytest.fixture
+def real_image(tiny_pipe):
+    from sdattn.sampling import default_size
+
+    h, w = default_size(tiny_pipe)
+    return torch.rand((1, 3, h, w), generator=torch.Generator().manual_seed(3))
+
+
+# -------------------------------------------------------------------------------------- pix2pix-zero
+
+def test_p2pzero_generated_and_real(tiny_pipe, real_image):
+    before = _processors(tiny_pipe)
+    cfg = {"num_inference_steps": STEPS, "noise_regularization": {"num_reg_steps": 1, "num_auto_corr_rolls": 1}}
+    src, edited = edit_pix2pix_zero(tiny_pipe, EX, 5, cfg)
+    _check(src), _check(edited, src)
+    ref = sample(tiny_pipe, ["a black car"], seeds=[5], num_inference_steps=STEPS, progress=False).images
+    torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)  # source = plain generation
+    assert (edited - src).abs().max() > 1e-4
+    src, edited = edit_pix2pix_zero(tiny_pipe, EX, 5, cfg, image=real_image)
+    assert src is real_image
+    _check(edited, real_image)
+    assert _processors(tiny_pipe) == before
+
+
+def test_p2pzero_zero_direction_reproduces_source(tiny_pipe):
+    same = EditExample(id="1", source_prompt="a black car", target_prompt="a black car")
+    ref = sample(tiny_pipe, ["a black car"], seeds=[2], num_inference_steps=STEPS, progress=False).images
+    src, edited = edit_pix2pix_zero(tiny_pipe, same, 2, {"num_inference_steps": STEPS,
+                                                         "cross_attention_guidance_amount": 0.0})
+    torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(edited, ref, atol=1e-5, rtol=1e-5)
+    # with guidance on, equal maps give (numerically) zero gradient: still the source
+    _, edited = edit_pix2pix_zero(tiny_pipe, same, 2, {"num_inference_steps": STEPS})
+    torch.testing.assert_close(edited, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cross_attention_guidance_moves_latents(tiny_pipe):
+    unet, sched = tiny_pipe.unet, ddim_scheduler(tiny_pipe)
+    sched.set_timesteps(STEPS)
+    t = sched.timesteps[0]
+    z = initial_latents(tiny_pipe, [0])
+    src, tgt = encode_prompts(tiny_pipe, ["a black car"]), encode_prompts(tiny_pipe, ["a red car"])
+    store = MapStore()
+    with torch.no_grad(), guidance_hooks(tiny_pipe, store) as hooks:
+        store.mode = "record"
+        cfg_step(unet, sched, hooks, 0, t, STEPS, z, src, None, 1.0)  # reference maps of the source
+        store.mode = "off"
+        n_layers = len(store.ref)
+        same, loss0 = guidance_step(unet, sched, hooks, store, 0, t, STEPS, z, src, 0.1)
+        moved, loss1 = guidance_step(unet, sched, hooks, store, 0, t, STEPS, z, tgt, 0.1)
+    assert n_layers == 16 and store.mode == "off"
+    assert loss0 < 1e-8 and (same - z).abs().max() < 1e-6
+    assert loss1 > 0 and (moved - z).abs().max() > 0
+    assert all(p.grad is None for p in unet.parameters())  # the shared model's weights get no .grad
+
+
+def test_direction_is_mean_difference(tiny_pipe, tmp_path):
+    srcs, tgts = ["a black car", "a photo of a black car"], ["a red car", "a red car in a park", "the red car"]
+    cfg = {"direction": "sentences", "source_sentences": srcs, "target_sentences": tgts}
+    d = edit_direction(tiny_pipe, "x", "y", cfg)
+    want = encode_prompts(tiny_pipe, tgts).mean(0, keepdim=True) - encode_prompts(tiny_pipe, srcs).mean(0, keepdim=True)
+    assert d.shape == want.shape == (1, 77, 32)
+    torch.testing.assert_close(d, want, atol=1e-5, rtol=1e-5)
+    d = edit_direction(tiny_pipe, "a black car", "a red car", None)  # direction: prompts
+    want = encode_prompts(tiny_pipe, ["a red car"]) - encode_prompts(tiny_pipe, ["a black car"])
+    torch.testing.assert_close(d, want, atol=1e-5, rtol=1e-5)
+    (tmp_path / "t.txt").write_text("\n".join(tgts) + "\n")
+    torch.save(want[0], tmp_path / "e.pt")
+    torch.testing.assert_close(mean_embedding(tiny_pipe, str(tmp_path / "t.txt")),
+                               encode_prompts(tiny_pipe, tgts).mean(0, keepdim=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean_embedding(tiny_pipe, str(tmp_path / "e.pt")), want)
+    for bad in ({"direction": "words"}, {"direction": "sentences", "source_sentences": srcs},
+                {"source_sentences": srcs, "target_sentences": tgts}):
+        with pytest.raises(UserError):
+            edit_direction(tiny_pipe, "a black car", "a red car", bad)
+    with pytest.raises(UserError, match="negative"):
+        edit_pix2pix_zero(tiny_pipe, EX, 0, {"num_inference_steps": 1, "cross_attention_guidance_amount": -1})
+
+
+def test_regularized_inversion_without_regularization_is_ddim(tiny_pipe, real_image):
+    from sdattn.sampling import encode_image
+
+    z0 = encode_image(tiny_pipe, real_image)
+    plain = ddim_invert(tiny_pipe, z0, "a black car", STEPS, progress=False)[-1]
+    torch.testing.assert_close(regularized_inversion(tiny_pipe, z0, "a black car", STEPS, num_reg_steps=0), plain)
+    reg = regularized_inversion(tiny_pipe, z0, "a black car", STEPS, num_reg_steps=1, num_auto_corr_rolls=1)
+    assert torch.isfinite(reg).all() and (reg - plain).abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------- InstructPix2Pix
+
+def test_instruction_template():
+    assert changed_words("a black car", "a red car") == ("black", "red")
+    assert make_instruction("a black car", "a red car") == "replace black with red"
+    assert make_instruction("a black car", "a red car", "make the {old} car {new} ({source} → {target})") == \
+        "make the black car red (a black car → a red car)"
+    assert make_instruction("a car", "a red car") == "turn it into a red car"  # insertion: fallback
+    for bad in ("make it {colour}", "make it {}", "make it {0}", "unbalanced {old"):
+        with pytest.raises(UserError) as e:
+            make_instruction("a black car", "a red car", bad)
+        assert "\n" not in str(e.value)
+
+
+def test_ip2p_tiny_generated_and_real(tiny_pipe, real_image):
+    before = _processors(tiny_pipe)
+    method = InstructPix2Pix()
+    cfg = {"model": "tiny", "num_inference_steps": STEPS}
+    src, edited = method(tiny_pipe, EX, 5, cfg)
+    _check(src), _check(edited, src)
+    ref = sample(tiny_pipe, ["a black car"], seeds=[5], num_inference_steps=STEPS, progress=False).images
+    torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)  # source from the base pipe
+    ip2p = method.pipe
+    assert ip2p.unet.config.in_channels == 8 and type(ip2p.scheduler).__name__ == "DDIMScheduler"
+    again = method(tiny_pipe, EX, 5, cfg)[1]
+    assert method.pipe is ip2p  # loaded once, kept on the instance
+    torch.testing.assert_close(again, edited)  # seeded
+    src, edited = method(tiny_pipe, EX, 5, cfg, image=real_image)
+    assert src is real_image
+    _check(edited, real_image)
+    assert _processors(tiny_pipe) == before
+
+
+def test_ip2p_resizes_to_its_own_size(tiny_pipe, real_image):
+    import torch.nn.functional as F
+
+    method = InstructPix2Pix()
+    small = F.interpolate(real_image, scale_factor=0.5)
+    src, edited = method(tiny_pipe, EX, 1, {"model": "tiny", "num_inference_steps": 2}, image=small)
+    _check(edited, small)
+
+
+def test_ip2p_loads_a_local_folder(tiny_pipe, tmp_path):
+    from evaluation.instructpix2pix import build_tiny_ip2p
+
+    build_tiny_ip2p(tiny_pipe).save_pretrained(tmp_path / "ip2p")
+    cfg = {"num_inference_steps": 2}
+    from_folder = InstructPix2Pix()(tiny_pipe, EX, 1, {**cfg, "model": str(tmp_path / "ip2p")})[1]
+    torch.testing.assert_close(from_folder, InstructPix2Pix()(tiny_pipe, EX, 1, {**cfg, "model": "tiny"})[1])
+
+
+def test_ip2p_load_errors(tmp_path, tiny_pipe):
+    for model in (str(tmp_path / "missing"), "nobody/no-such-instruct-pix2pix"):
+        with pytest.raises(ModelLoadError) as e:
+            load_ip2p(model)
+        assert "\n" not in str(e.value) and model in str(e.value)
+    with pytest.raises(ModelLoadError, match="huggingface-cli download"):
+        InstructPix2Pix()(tiny_pipe, EX, 0, {"model": "nobody/no-such-instruct-pix2pix", "num_inference_steps": 1})
+    with pytest.raises(UserError, match="unknown field"):
+        InstructPix2Pix()(tiny_pipe, EX, 0, {"model": "tiny", "instruction": "{bogus}", "num_inference_steps": 1})
