@@ -5,15 +5,18 @@ both (1, 3, H, W) in [0, 1]. Generated pairs (``image is None``): source and tar
 same seeded initial latent. Real pairs: ``image`` (1, 3, H, W) in [0, 1] at the model size; the
 returned source image is the input image itself.
 
-Implemented: ``fpe`` (Liu et al., Alg. 1/2), ``p2p`` (Prompt-to-Prompt replace/refine; null-text
-inversion for real images), ``masactrl`` (mutual self-attention), ``sdedit`` (noise-and-denoise at a
-strength). Every map replacement is the SDPA identity softmax(Q_a K_bᵀ/√d)·V_c = SDPA(q_a, k_b, v_c).
+Here: ``fpe`` (Liu et al., Alg. 1/2), ``p2p`` (Prompt-to-Prompt replace/refine; null-text inversion for
+real images), ``masactrl`` (mutual self-attention), ``sdedit`` (noise-and-denoise at a strength). In
+their own modules: ``pnp`` (evaluation/pnp.py), ``diffedit`` (evaluation/diffedit.py), ``pix2pix_zero``
+(evaluation/pix2pix_zero.py) — diffusers' DiffEdit and pix2pix-zero pipelines are deprecated, so both run
+on our layer — and ``instructpix2pix`` (evaluation/instructpix2pix.py: diffusers' maintained pipeline with
+its own model). Every map replacement is the SDPA identity softmax(Q_a K_bᵀ/√d)·V_c = SDPA(q_a, k_b, v_c).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler
@@ -21,7 +24,11 @@ from diffusers import DDIMScheduler
 from editing.fpe import SOURCE, TARGET, AnchorSource, fpe_generated, fpe_real, model_layers, replacement_edit
 from editing.inversion import ddim_invert, null_text_inversion
 from editing.replace import AttentionReplace, select_layers, step_range
+from evaluation.diffedit import edit_diffedit
+from evaluation.instructpix2pix import InstructPix2Pix
 from evaluation.method_utils import FromStep, cfg_get, sdedit_start, steps_guidance
+from evaluation.pix2pix_zero import edit_pix2pix_zero
+from evaluation.pnp import edit_pnp
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, StepState
 from sdattn.layers import LayerId, LayerSelector
@@ -216,21 +223,12 @@ METHODS: dict[str, Callable] = {
     "fpe": edit_fpe,
     "p2p": edit_p2p,
     "masactrl": edit_masactrl,
+    "pnp": edit_pnp,
     "sdedit": edit_sdedit,
+    "diffedit": edit_diffedit,
+    "pix2pix_zero": edit_pix2pix_zero,
+    "instructpix2pix": InstructPix2Pix,  # a class: each get_method() call makes an instance that holds its model
 }
-
-NOT_IMPLEMENTED: Mapping[str, str] = {
-    "pnp": "Plug-and-Play needs DDIM-inverted feature/self-attention injection per image (50+ stored steps); "
-           "not built yet",
-    "diffedit": "diffusers ships StableDiffusionDiffEditPipeline, but it is a separate sampling path (mask "
-                "from noise-prediction differences); not wired to the shared hooks yet",
-    "pix2pix_zero": "needs edit directions from many generated sentences (a text generator or downloaded "
-                    "direction embeddings) and cross-attention guidance with gradients; not built",
-    "instructpix2pix": "a different model (timbrooks/instruct-pix2pix weights; diffusers ships "
-                       "StableDiffusionInstructPix2PixPipeline), not a tuning-free editor of the shared SD "
-                       "model; its weights cannot be downloaded here",
-}
-
 
 def method_key(name: str) -> str:
     """Config name → registry key: ``sdedit_0.5`` / ``sdedit_0.75`` → ``sdedit``."""
@@ -238,9 +236,11 @@ def method_key(name: str) -> str:
 
 
 def get_method(name: str) -> Callable:
+    """The edit callable of config name ``name`` (a fresh instance for methods that hold a model)."""
     key = method_key(name)
-    if key in METHODS:
-        return METHODS[key]
-    why = f" ({NOT_IMPLEMENTED[key]})" if key in NOT_IMPLEMENTED else ""
-    raise UserError(f"method {name!r} is not implemented{why}; implemented: {', '.join(METHODS)} "
-                    "(configs: fpe, p2p, masactrl, sdedit_0.5, sdedit_0.75)")
+    if key not in METHODS:
+        raise UserError(f"method {name!r} is not implemented; implemented: {', '.join(METHODS)} "
+                        "(configs: fpe, p2p, masactrl, pnp, sdedit_0.5, sdedit_0.75, diffedit, pix2pix_zero, "
+                        "instructpix2pix)")
+    method = METHODS[key]
+    return method() if isinstance(method, type) else method

@@ -8,7 +8,7 @@ from sdattn.errors import ModelLoadError
 
 from .conftest import ROOT
 
-GROUPS = ["model", "probe", "edit", "trainer", "logger", "experiment", "data"]
+GROUPS = ["model", "probe", "edit", "trainer", "logger", "experiment", "data", "method"]
 
 
 def _options(group):
