@@ -24,7 +24,8 @@ CONFIG_DIR = str(PROJECT_ROOT / "configs")
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
-TASKS = ("probe", "edit", "attention_maps", "ablation", "train_toy", "eval_toy", "eval_toy_edit", "benchmark")
+TASKS = ("probe", "edit", "attention_maps", "ablation", "train_toy", "eval_toy", "eval_toy_edit", "train_toy_clip",
+         "benchmark")
 
 
 def task_name(cfg: DictConfig) -> str:
