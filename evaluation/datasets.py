@@ -11,6 +11,7 @@ Supported sources (``load_dataset`` names):
 - ``pnp_ti2i``: a Plug-and-Play TI2I YAML (``init_img``, ``target_prompts`` list, optional
   ``source_prompt``, ``seed``, ``scale``, ``ddim_steps``), one example per target prompt. The file may
   also hold a list of such mappings.
+- ``toy_edit``, ``toy_fake_edit``, ``toy_real_edit``: generated toy-world pairs (:mod:`evaluation.toy_edit`).
 - ``pie_bench``: PIE-Bench ``mapping_file.json`` (id → ``image_path``, ``original_prompt``,
   ``editing_prompt`` with ``[brackets]`` around edited words, ``editing_type_id``, ``mask`` as RLE).
   Images are looked up under ``<root>/annotation_images/<image_path>`` (the released layout), falling
@@ -41,7 +42,7 @@ FPE_FILES = {
     "imagenet_real_edit": "ImageNet_real_edit.json",
 }
 FPE_REAL = {"car_real_edit", "imagenet_real_edit"}
-DATASET_NAMES = (*FPE_FILES, "pnp_ti2i", "pie_bench")
+DATASET_NAMES = (*FPE_FILES, "pnp_ti2i", "pie_bench", "toy_edit", "toy_fake_edit", "toy_real_edit")
 SOURCE_KEYS = ("soure_prompt", "source_prompt")  # the official files use the misspelling
 
 # The 28 colours of the official Car_fake_edit.json, in the file's order.
@@ -297,16 +298,22 @@ def example_mask(example: EditExample, official_border: bool = False) -> np.ndar
 # ------------------------------------------------------------------------------------ entry point
 
 def load_dataset(name: str, root: str | None = None, limit: int | None = None,
-                 path: str | None = None) -> LoadedDataset:
+                 path: str | None = None, **options) -> LoadedDataset:
     """Load benchmark ``name`` (see :data:`DATASET_NAMES`).
 
     - FPE names: ``path`` = the official JSON file (required); ``root`` = image folder (required for the
       ``*_real_edit`` sets).
     - ``pnp_ti2i``: ``path`` = the YAML (or ``root`` if it names a .yaml file); ``root`` = image folder.
     - ``pie_bench``: ``root`` = folder with ``mapping_file.json`` (``path`` may name the mapping file).
+    - ``toy_edit`` / ``toy_fake_edit`` / ``toy_real_edit``: generated (:mod:`evaluation.toy_edit`);
+      ``root`` = where real sources are rendered; ``path`` = toy grammar; options ``pairs_per_kind``, ``seed``.
     """
     if name not in DATASET_NAMES:
         raise UserError(f"data.name {name!r} is not one of {', '.join(DATASET_NAMES)}")
+    if name.startswith("toy_"):
+        from .toy_edit import load_toy_edit
+
+        return load_toy_edit(name, root=root, limit=limit, path=path, **options)
     if name in FPE_FILES:
         if path is None:
             raise UserError(f"data.path is required for {name}: give the FPE file {FPE_FILES[name]} "
@@ -324,4 +331,5 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
 def load_from_config(data_cfg) -> LoadedDataset:
     """``load_dataset`` from a ``data`` config node (keys name, path, root, limit)."""
     get = data_cfg.get if hasattr(data_cfg, "get") else (lambda k, d=None: getattr(data_cfg, k, d))
-    return load_dataset(get("name"), root=get("root"), limit=get("limit"), path=get("path"))
+    options = {k: get(k) for k in ("pairs_per_kind", "seed") if get(k) is not None}
+    return load_dataset(get("name"), root=get("root"), limit=get("limit"), path=get("path"), **options)

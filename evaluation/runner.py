@@ -31,13 +31,19 @@ from sdattn.errors import UserError
 from .metrics import DEFAULT_CLIP_MODEL, ClipMetrics, psnr, ssim
 
 TINY_CLIP = "tiny-random"
-COLUMNS = {  # metric key → paper header (Table 4); PSNR / SSIM are our additions
+TOY_CLIP = "toy"  # the toy world's CLIP shipped in models/toy_clip (toyworld/clip.py)
+TOY_CLIP_PATH = Path(__file__).resolve().parents[1] / "models" / "toy_clip"
+COLUMNS = {  # metric key → paper header (Table 4); the columns after Time are our additions
     "clip_score": "CLIP score ↑",
     "clip_directional": "CLIP dir. sim. ↑",
     "time_s": "Time (s) ↓",
     "psnr": "PSNR ↑",
     "ssim": "SSIM ↑",
+    "structure": "Structure dist. ↓",
+    "toy_edit_ok": "Edit correct ↑",
+    "toy_mask_iou": "Mask IoU ↑",
 }
+OPTIONAL = ("structure", "toy_edit_ok", "toy_mask_iou")  # columns shown only when some row has them
 REL_FPE = "Time rel. FPE"
 TABLE5_METRICS = ("clip_score", "clip_directional")
 
@@ -70,9 +76,13 @@ def tiny_clip(words: Sequence[str] | None = None, seed: int = 0) -> ClipMetrics:
 
 
 def load_clip(name: str | None, device=None) -> ClipMetrics:
-    """``metrics.clip``: a hub id / folder (ModelLoadError when unavailable) or ``tiny-random``."""
+    """``metrics.clip``: a hub id / folder (ModelLoadError when unavailable), ``toy`` (the shipped
+    toy-world CLIP) or ``tiny-random``."""
     name = name or DEFAULT_CLIP_MODEL
-    clip = tiny_clip() if name == TINY_CLIP else ClipMetrics.from_pretrained(name)
+    if name == TINY_CLIP:
+        clip = tiny_clip()
+    else:
+        clip = ClipMetrics.from_pretrained(str(TOY_CLIP_PATH) if name == TOY_CLIP else name)
     return clip if device is None else ClipMetrics(clip.model, clip.tokenizer, device=device)
 
 
@@ -157,12 +167,17 @@ def run_pairs(
     seed: int = 0,
     load_image: Callable | None = None,
     progress: bool = False,
+    structure: Callable | None = None,
+    on_record: Callable | None = None,
 ) -> RunSummary:
     """Edit every available pair of ``dataset`` (a LoadedDataset) not yet in ``out_dir/pairs.jsonl``.
 
     Seeds: the example's own seed, else ``seed`` + the pair's position in the dataset. Time per pair
     is measured warm (one uncounted warm-up edit of the first pair to edit; model and CLIP loading
     excluded; ``torch.cuda.synchronize()`` on CUDA) and covers the whole edit (inversion included).
+    ``structure``: optional (source, edited) → (B,) structure distance (DINO self-similarity).
+    Toy-world pairs (``extra["target"]``) are also checked by the toy world's pixel classifier.
+    ``on_record(record, source, edited)`` is called after each scored pair (e.g. an image panel).
     """
     from tqdm.auto import tqdm
 
@@ -231,11 +246,31 @@ def run_pairs(
             "psnr": _finite(float(psnr(edited, src)[0])), "ssim": float(ssim(edited, src)[0]),
             "time_s": float(dt),
         }
+        if structure is not None:
+            rec["structure"] = float(structure(src, edited)[0])
+        if "target" in ex.extra:
+            rec.update(toy_scores(ex, src, edited))
         _save_png(edited, out / "images" / f"{ex.id}.png")
         _save_png(src, out / "images" / f"{ex.id}_source.png")
         _fsync_append(pairs_path, json.dumps(rec))
         summary.edited.append(ex.id)
+        if on_record is not None:
+            on_record(rec, src, edited)
     return summary
+
+
+def toy_scores(example, source: torch.Tensor, edited: torch.Tensor) -> dict:
+    """Toy-world check of an edit by the renderer's pixel classifier (toyworld/evaluate.py):
+    ``toy_edit_ok`` = 1 when the edited image shows the target's colour and shape, and
+    ``toy_mask_iou`` = IoU of the object masks of source and edited (layout kept)."""
+    from toyworld.evaluate import classify_image
+
+    color, shape, mask_e = classify_image(edited[0])
+    _, _, mask_s = classify_image(source[0])
+    target = example.extra["target"]
+    union = (mask_s | mask_e).sum()
+    return {"toy_edit_ok": float(color == target["color"] and shape == target["shape"]),
+            "toy_mask_iou": float((mask_s & mask_e).sum() / union) if union else 0.0}
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -265,10 +300,12 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return "–" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-DIGITS = {"clip_score": 2, "clip_directional": 3, "time_s": 2, "psnr": 2, "ssim": 3}
+DIGITS = {"clip_score": 2, "clip_directional": 3, "time_s": 2, "psnr": 2, "ssim": 3, "structure": 4,
+          "toy_edit_ok": 2, "toy_mask_iou": 2}
 
 
-ROW_ORDER = ("fpe", "p2p", "masactrl", "sdedit_0.5", "sdedit_0.75")
+ROW_ORDER = ("fpe", "p2p", "masactrl", "pnp", "sdedit_0.5", "sdedit_0.75", "diffedit", "pix2pix_zero",
+             "instructpix2pix")
 
 
 def _order(methods) -> list[str]:
@@ -281,9 +318,11 @@ def table4(rows_by_method: dict[str, list[dict]]) -> pd.DataFrame:
     relative to FPE when FPE rows exist). Cells "mean ± std" over pairs."""
     fpe_time = _mean_std([r["time_s"] for r in rows_by_method["fpe"]])[0] if "fpe" in rows_by_method else None
     data = {}
+    present = [k for k in COLUMNS if k not in OPTIONAL
+               or any(r.get(k) is not None for rows in rows_by_method.values() for r in rows)]
     for m in _order(rows_by_method):
         rows = rows_by_method[m]
-        cells = {COLUMNS[k]: _fmt(*_mean_std([r.get(k) for r in rows]), DIGITS[k]) for k in COLUMNS}
+        cells = {COLUMNS[k]: _fmt(*_mean_std([r.get(k) for r in rows]), DIGITS[k]) for k in present}
         if fpe_time:
             cells[REL_FPE] = f"{_mean_std([r['time_s'] for r in rows])[0] / fpe_time:.2f}×"
         cells["Pairs"] = str(len(rows))

@@ -16,13 +16,53 @@ from evaluation.datasets import load_from_config
 from evaluation.methods import get_method
 from evaluation.metrics import DEFAULT_CLIP_MODEL
 from evaluation.runner import load_clip, run_pairs, write_tables
-from experiments.common import load_model
+from evaluation.structure import load_structure
+from experiments.common import load_model, make_logger
 from sdattn.errors import UserError
 
 
 def _node(cfg: DictConfig, key: str) -> dict:
     value = cfg.get(key)
     return OmegaConf.to_container(value, resolve=True) if value is not None else {}
+
+
+class SamplePanel:
+    """Keeps the first ``n`` edited pairs of this run for the logger's sample-image panel."""
+
+    COLUMNS = ["id", "source", "edited", "source_prompt", "target_prompt", "clip_score", "clip_directional"]
+
+    def __init__(self, n: int):
+        self.n, self.rows = n, []
+
+    def __call__(self, record: dict, source, edited) -> None:
+        if len(self.rows) < self.n:
+            self.rows.append((record, source[0].detach().cpu(), edited[0].detach().cpu()))
+
+
+def _log(logger, panel: SamplePanel, tables: dict, data: str, method: str) -> None:
+    """Table 4 of this dataset (and Table 5) as logger tables; the sample images as an image table
+    (W&B: a panel of source | edited with prompts and scores). Loggers without tables get the means."""
+    import numpy as np
+
+    t4 = tables["table4"].get(data)
+    if hasattr(logger, "log_table"):
+        if t4 is not None:
+            logger.log_table(key=f"table4/{data}", dataframe=t4[0].reset_index(names="method"))
+        if tables["table5"] is not None:
+            logger.log_table(key="table5", dataframe=tables["table5"][0].reset_index(names="method"))
+        if panel.rows:
+            import wandb
+
+            to_img = lambda x: wandb.Image((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))  # noqa: E731
+            data_rows = [[r["id"], to_img(s), to_img(e), r["source_prompt"], r["target_prompt"], r["clip_score"],
+                          r["clip_directional"]] for r, s, e in panel.rows]
+            logger.log_table(key=f"samples/{data}/{method}", columns=SamplePanel.COLUMNS, data=data_rows)
+    elif panel.rows:
+        means = {k: float(np.mean([r[k] for r, _, _ in panel.rows])) for k in ("clip_score", "clip_directional")}
+        logger.log_metrics({f"{data}/{method}/{k}": v for k, v in means.items()})
+    logger.finalize("success")
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+        logger.experiment.finish()
 
 
 def run(cfg: DictConfig) -> dict:
@@ -39,14 +79,21 @@ def run(cfg: DictConfig) -> dict:
     root = Path(bench.get("root") or Path(cfg.paths.log_dir) / "benchmark")
     out_dir = Path(bench.get("out_dir") or root / str(cfg.data.name) / name)
 
+    structure_name = _node(cfg, "metrics").get("structure")
     clip = load_clip(clip_name, device=cfg.device)  # ModelLoadError (one line) when unavailable
+    structure = load_structure(structure_name, device=cfg.device)  # None when not configured
     pipe = load_model(cfg)
-    meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "model": str(cfg.model.name),
+    logger = make_logger(cfg)
+    panel = SamplePanel(int(bench.get("panel_images", 8))) if logger is not None else None
+    meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "structure": structure_name,
+            "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
             "method_cfg": OmegaConf.to_container(method_cfg, resolve=True)}
     summary = run_pairs(pipe, dataset, name, edit, method_cfg, out_dir, clip, meta, seed=int(cfg.seed),
-                        progress=bool(cfg.progress))
+                        progress=bool(cfg.progress), structure=structure, on_record=panel)
     tables = write_tables(root, clip_name, str(cfg.model.name))
+    if logger is not None:
+        _log(logger, panel, tables, str(cfg.data.name), name)
     print(dataset.summary())
     print(summary.line(name))
     shown = tables["table4"].get(str(cfg.data.name))
