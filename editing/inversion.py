@@ -100,8 +100,8 @@ def null_text_inversion(
             noise = noise_u + guidance_scale * (noise_c - noise_u)
             prev = scheduler.step(noise, t, z).prev_sample
             loss = torch.nn.functional.mse_loss(prev, target)
-            opt.zero_grad()
-            loss.backward()
+            # gradient for the embedding only: the shared UNet's weights get no .grad (nor its cost)
+            (uncond.grad,) = torch.autograd.grad(loss, [uncond])
             opt.step()
             if loss.item() < early_stop:
                 break

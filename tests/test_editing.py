@@ -225,3 +225,15 @@ def test_toy_model_rejects_words_outside_its_vocabulary(compose_cfg):
                       "edit.num_inference_steps=2")
     with pytest.raises(UserError, match=r"outside this model's vocabulary: \['photo', 'of'\]; vocabulary: a, an, "):
         dispatch(cfg)
+
+
+def test_null_text_inversion_leaves_no_gradients_on_the_model(tiny_pipe):
+    from editing.inversion import ddim_invert, null_text_inversion
+    from sdattn.sampling import initial_latents
+
+    tiny_pipe.unet.zero_grad(set_to_none=True)
+    traj = ddim_invert(tiny_pipe, initial_latents(tiny_pipe, [0]), "a red car", 2, progress=False)
+    out = null_text_inversion(tiny_pipe, traj, "a red car", 7.5, inner_steps=2, progress=False)
+    assert len(out) == 2 and all(not u.requires_grad for u in out)
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+    assert all(p.grad is None for p in tiny_pipe.text_encoder.parameters())

@@ -196,7 +196,10 @@ def test_data_configs_compose(compose_cfg):
     for option in DATASET_NAMES:
         cfg = compose_cfg(f"data={option}")
         data = OmegaConf.to_container(cfg, resolve=True)["data"]
-        assert data == {"name": option, "path": None, "root": None, "limit": None}
+        if option.startswith("toy_"):  # generated: rendered sources go to the cache, 12 pairs per kind
+            assert data["root"].endswith("toy_edit") and data["pairs_per_kind"] == 12 and data["limit"] is None
+        else:
+            assert data == {"name": option, "path": None, "root": None, "limit": None}
 
 
 # ------------------------------------------------------------------------------------- metrics

@@ -72,6 +72,7 @@ def test_p2pzero_zero_direction_reproduces_source(tiny_pipe):
 
 def test_cross_attention_guidance_moves_latents(tiny_pipe):
     unet, sched = tiny_pipe.unet, ddim_scheduler(tiny_pipe)
+    unet.zero_grad(set_to_none=True)  # the session model may carry .grad from other tests' backward passes
     sched.set_timesteps(STEPS)
     t = sched.timesteps[0]
     z = initial_latents(tiny_pipe, [0])
