@@ -37,7 +37,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from evaluation.metrics import preprocess_images  # noqa: E402
 from toyworld.model import MAX_LENGTH, build_tokenizer  # noqa: E402
-from toyworld.world import REPO_ROOT, World, load_world  # noqa: E402
+from toyworld.train import _resolve  # noqa: E402
+from toyworld.train import make_config as train_config  # noqa: E402
+from toyworld.world import World, load_world  # noqa: E402
 
 DEFAULTS: dict = {
     "grammar": "datasets/toy_world.yaml",
@@ -66,16 +68,8 @@ DEFAULTS: dict = {
 }
 
 
-def _resolve(path: str | Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p
-
-
 def make_config(cfg: dict | DictConfig | None = None) -> DictConfig:
-    base = OmegaConf.create(DEFAULTS)
-    if cfg is not None:
-        base = OmegaConf.merge(base, cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg))
-    return base
+    return train_config(cfg, DEFAULTS)
 
 
 def all_specs(world: World) -> list[tuple[str, str, str]]:

@@ -70,8 +70,9 @@ def _resolve(path: str | Path) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-def make_config(cfg: dict | DictConfig | None = None) -> DictConfig:
-    base = OmegaConf.create(DEFAULTS)
+def make_config(cfg: dict | DictConfig | None = None, defaults: dict | None = None) -> DictConfig:
+    """``defaults`` (this module's DEFAULTS unless given) merged with ``cfg``."""
+    base = OmegaConf.create(DEFAULTS if defaults is None else defaults)
     if cfg is not None:
         base = OmegaConf.merge(base, OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg)
     return base
