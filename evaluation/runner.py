@@ -150,7 +150,7 @@ class RunSummary:
                 why.append(f"{self.missing} missing images (first: {self.missing_first})")
             if self.errors:
                 first = next(iter(self.errors.items()))
-                why.append(f"{len(self.errors)} method errors (first: {first[0]}: {first[1]})")
+                why.append(f"{len(self.errors)} errors (first: {first[0]}: {first[1]})")
             parts.append(f"{skipped} skipped: " + "; ".join(why))
         return "; ".join(parts)
 
@@ -361,9 +361,9 @@ def write_tables(root: str | Path, clip_name: str, model_name: str = "") -> dict
     for ds, by_method in collected.items():
         t = table4(by_method)
         cap = caption(f"Table 4 — {ds}{model}: mean ± std over pairs, time = s/image (warm)", clip_name)
-        result["table4"][ds] = (t, write_table(t, root / ds, "table4", cap), cap)
+        result["table4"][ds] = (t, write_table(t, root / ds, "table4", cap, index_label="method"), cap)
     if collected:
         t = table5(collected)
         cap = caption(f"Table 5 — methods × datasets{model}: mean ± std over pairs", clip_name)
-        result["table5"] = (t, write_table(t, root, "table5", cap), cap)
+        result["table5"] = (t, write_table(t, root, "table5", cap, index_label="method"), cap)
     return result

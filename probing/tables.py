@@ -55,12 +55,13 @@ def _atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_table(table: pd.DataFrame, out_dir: str | Path, stem: str, caption: str = "") -> dict[str, Path]:
-    """Write ``stem.csv``, ``stem.md`` and ``stem.tex``; returns the paths."""
+def write_table(table: pd.DataFrame, out_dir: str | Path, stem: str, caption: str = "",
+                index_label: str = "class") -> dict[str, Path]:
+    """Write ``stem.csv``, ``stem.md`` and ``stem.tex`` (rows named ``index_label``); returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {ext: out / f"{stem}.{ext}" for ext in ("csv", "md", "tex")}
-    _atomic(paths["csv"], table.to_csv(index_label="class"))
+    _atomic(paths["csv"], table.to_csv(index_label=index_label))
     _atomic(paths["md"], (f"**{caption}**\n\n" if caption else "") + table.to_markdown() + "\n")
     latex = table.to_latex(caption=caption or None, label=f"tab:{stem}")
     _atomic(paths["tex"], latex)

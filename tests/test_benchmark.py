@@ -105,11 +105,23 @@ def test_missing_image_is_skipped_and_reported(bench, tmp_path, capsys):
     assert "1 skipped: 1 missing images" in out and "gone.png" in out
 
 
+def test_unreadable_image_is_skipped_and_reported(bench, tmp_path, capsys):
+    Image.new("RGB", (40, 36), (200, 30, 30)).save(tmp_path / "car.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    data = tmp_path / "real.json"
+    data.write_text(json.dumps([{"image_name": "broken.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"},
+                                {"image_name": "car.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"}]))
+    res = bench("method=sdedit_0.5", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}")
+    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    assert [r["status"] for r in rows] == ["error", "ok"] and "cannot be read" in rows[0]["error"]
+    assert "1 errors (first: car_real_edit/00000: image" in capsys.readouterr().out
+
+
 def test_method_error_is_skipped_and_reported(bench, capsys):
     res = bench("method=p2p", "method.refine=false", "data.limit=2")
     rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
     assert [r["status"] for r in rows] == ["ok", "error"] and "p2p refine" in rows[1]["error"]
-    assert "1 skipped: 1 method errors" in capsys.readouterr().out
+    assert "1 skipped: 1 errors" in capsys.readouterr().out
 
 
 def test_clip_load_failure_is_one_line(bench, tmp_path):
