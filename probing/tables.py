@@ -55,6 +55,15 @@ def _atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}"}
+
+
+def _latex_escape(text: str) -> str:
+    """Escape LaTeX's special characters in plain text (cells are escaped by pandas, captions are not)."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
 def write_table(table: pd.DataFrame, out_dir: str | Path, stem: str, caption: str = "",
                 index_label: str = "class") -> dict[str, Path]:
     """Write ``stem.csv``, ``stem.md`` and ``stem.tex`` (rows named ``index_label``); returns the paths."""
@@ -63,6 +72,6 @@ def write_table(table: pd.DataFrame, out_dir: str | Path, stem: str, caption: st
     paths = {ext: out / f"{stem}.{ext}" for ext in ("csv", "md", "tex")}
     _atomic(paths["csv"], table.to_csv(index_label=index_label))
     _atomic(paths["md"], (f"**{caption}**\n\n" if caption else "") + table.to_markdown() + "\n")
-    latex = table.to_latex(caption=caption or None, label=f"tab:{stem}")
+    latex = table.to_latex(caption=_latex_escape(caption) or None, label=f"tab:{stem}", escape=True)
     _atomic(paths["tex"], latex)
     return paths

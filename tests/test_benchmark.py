@@ -53,6 +53,9 @@ def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
     assert "tiny-random" in cap and "meaningless" in cap
     md = files["md"].read_text()
     assert "CLIP: tiny-random" in md and files["tex"].is_file() and files["csv"].is_file()
+    tex = files["tex"].read_text()
+    assert r"sdedit\_0.5 &" in tex and r"pix2pix\_zero &" in tex  # names with "_" compile in LaTeX
+    assert r"\caption{Table 4 — car\_fake\_edit, model tiny" in tex
     t5 = res["tables"]["table5"][0]
     assert list(t5.index) == ALL
     assert list(t5.columns) == ["car_fake_edit CLIP score ↑", "car_fake_edit CLIP dir. sim. ↑"]
