@@ -163,3 +163,37 @@ def test_load_structure():
     assert isinstance(load_structure("tiny-random"), StructureDistance)
     with pytest.raises(ModelLoadError):
         load_structure("definitely/not-a-model")
+
+
+def test_checkpoint_with_the_original_dino_weight_names_loads(tmp_path):
+    """facebook/dino-vitb8 stores transformers-4 names (encoder.layer.N.attention.attention.key, a pooler);
+    a folder written that way must load to the same keys (transformers 5 renames them on load)."""
+    import re
+
+    from safetensors.torch import save_file
+
+    from evaluation.structure import StructureDistance
+
+    ref = tiny_dino()
+    ref.model.save_pretrained(tmp_path)  # config.json (+ weights, replaced below)
+    legacy = {
+        r"^layers\.(\d+)\.attention\.q_proj": r"encoder.layer.\1.attention.attention.query",
+        r"^layers\.(\d+)\.attention\.k_proj": r"encoder.layer.\1.attention.attention.key",
+        r"^layers\.(\d+)\.attention\.v_proj": r"encoder.layer.\1.attention.attention.value",
+        r"^layers\.(\d+)\.attention\.o_proj": r"encoder.layer.\1.attention.output.dense",
+        r"^layers\.(\d+)\.mlp\.fc1": r"encoder.layer.\1.intermediate.dense",
+        r"^layers\.(\d+)\.mlp\.fc2": r"encoder.layer.\1.output.dense",
+        r"^layers\.(\d+)\.": r"encoder.layer.\1.",
+    }
+    state = {}
+    for name, value in ref.model.state_dict().items():
+        for pattern, repl in legacy.items():
+            name = re.sub(pattern, repl, name)
+        state[name] = value.contiguous()
+    assert "encoder.layer.0.attention.attention.key.weight" in state
+    hidden = ref.model.config.hidden_size
+    state["pooler.dense.weight"], state["pooler.dense.bias"] = torch.zeros(hidden, hidden), torch.zeros(hidden)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = StructureDistance.from_pretrained(str(tmp_path))
+    x = torch.rand(2, 3, 40, 40)
+    assert torch.allclose(loaded.keys(x), ref.keys(x))
