@@ -179,3 +179,9 @@ def test_table5_sweeps_methods_and_toy_datasets(compose_cfg):
         assert callable(get_method(m))
     assert cfg.metrics.clip == "toy" and cfg.data.name == "toy_fake_edit"
     GlobalHydra.instance().clear()
+
+
+def test_benchmark_clip_follows_the_model(compose_cfg):
+    assert compose_cfg("experiment=table4", "model=toy").metrics.clip == "toy"
+    assert compose_cfg("experiment=table4", "model=sd15").metrics.clip == "openai/clip-vit-large-patch14"
+    assert compose_cfg("experiment=table5", "model=tiny", "metrics.clip=/my/clip").metrics.clip == "/my/clip"
