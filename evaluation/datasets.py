@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from sdattn.errors import UserError
+from sdattn.errors import UserError, first_line
 
 FPE_FILES = {
     "car_fake_edit": "Car_fake_edit.json",
@@ -201,7 +201,7 @@ def load_pnp_ti2i(path: str | Path, root: str | Path | None = None,
     try:
         doc = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise UserError(f"data.path {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise UserError(f"data.path {str(p)!r} is not valid YAML: {first_line(e)}") from e
     entries = doc if isinstance(doc, list) else [doc]
     base = Path(root) if root is not None else p.parent
     examples: list[EditExample] = []

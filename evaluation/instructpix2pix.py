@@ -27,7 +27,6 @@ image resized back, so source and edited have the same shape.
 from __future__ import annotations
 
 import difflib
-import os
 import string
 from pathlib import Path
 
@@ -36,8 +35,9 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
 
 from evaluation.method_utils import cfg_get, steps_guidance
-from sdattn.errors import ModelLoadError, UserError
-from sdattn.models import _dtype
+from sdattn.errors import ModelLoadError, UserError, first_line
+from sdattn.hub import hub_offline
+from sdattn.models import parse_dtype
 from sdattn.sampling import decode, default_size, denoise, encode_prompts, initial_latents
 
 Images = tuple[torch.Tensor, torch.Tensor]
@@ -112,10 +112,6 @@ def build_tiny_ip2p(base, seed: int = 0) -> StableDiffusionInstructPix2PixPipeli
     )
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def _looks_like_path(model: str) -> bool:
     """Hub ids are ``owner/name``; anything starting with / . ~ or with more parts is a path."""
     return model.startswith(("/", ".", "~")) or model.count("/") > 1
@@ -123,7 +119,7 @@ def _looks_like_path(model: str) -> bool:
 
 def load_ip2p(model: str, dtype: str | torch.dtype = "float32") -> StableDiffusionInstructPix2PixPipeline:
     """An ip2p pipeline from a hub id or a local diffusers folder; one-line :class:`ModelLoadError` on failure."""
-    torch_dtype = _dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     path = Path(model).expanduser()
     local = path.exists() or _looks_like_path(model)
     if local and not path.exists():
@@ -134,12 +130,12 @@ def load_ip2p(model: str, dtype: str | torch.dtype = "float32") -> StableDiffusi
                              f"with save_pretrained, or give a hub id such as {DEFAULT_MODEL}")
     try:
         return StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            str(path) if local else model, local_files_only=local or _offline(), dtype=torch_dtype,
+            str(path) if local else model, local_files_only=local or hub_offline(), dtype=torch_dtype,
             safety_checker=None, requires_safety_checker=False,
         )
     except Exception as e:  # noqa: BLE001 - one line for the user, whatever diffusers raised
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        where = "" if local else f"{' offline (HF_HUB_OFFLINE=1)' if _offline() else ''}: download it once with " \
+        why = first_line(e)
+        where = "" if local else f"{' offline (HF_HUB_OFFLINE=1)' if hub_offline() else ''}: download it once with " \
                                  f"`huggingface-cli download {model}` or give method.model=<local diffusers folder>"
         raise ModelLoadError(f"InstructPix2Pix model {model!r} could not be loaded{where} ({why})") from e
 

@@ -18,14 +18,13 @@ cache or given as a local folder.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sdattn.errors import ModelLoadError, UserError
+from sdattn.errors import UserError
+from sdattn.hub import load_pretrained
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -114,18 +113,12 @@ class ClipMetrics:
         """Load model + tokenizer from a hub id (cache only when offline) or a local folder."""
         from transformers import CLIPModel, CLIPTokenizer
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        local = Path(str(name_or_path)).exists()
-        try:
-            model = CLIPModel.from_pretrained(name_or_path, local_files_only=offline or local)
-            tokenizer = CLIPTokenizer.from_pretrained(name_or_path, local_files_only=offline or local)
-        except (OSError, ValueError) as e:
-            where = " offline (HF_HUB_OFFLINE=1)" if offline else ""
-            raise ModelLoadError(
-                f"CLIP model {str(name_or_path)!r} is not available{where}: download it once with "
-                f"`huggingface-cli download {name_or_path}` or give a local folder with the CLIPModel "
-                f"weights and tokenizer files ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-            ) from e
+        def load(local_only: bool):
+            return (CLIPModel.from_pretrained(name_or_path, local_files_only=local_only),
+                    CLIPTokenizer.from_pretrained(name_or_path, local_files_only=local_only))
+
+        model, tokenizer = load_pretrained(load, name_or_path, "CLIP model",
+                                           "the CLIPModel weights and tokenizer files")
         return cls(model, tokenizer, device=device)
 
     @torch.no_grad()

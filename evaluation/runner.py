@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sdattn.errors import UserError
+from sdattn.errors import UserError, first_line
 
 from .metrics import DEFAULT_CLIP_MODEL, ClipMetrics, psnr, ssim
 
@@ -233,7 +233,7 @@ def run_pairs(
                 warm = True
             s, src, edited, dt = one(ex)
         except UserError as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             summary.errors[ex.id] = msg
             _fsync_append(pairs_path, json.dumps({"id": ex.id, "status": "error", "error": msg}))
             continue

@@ -27,14 +27,12 @@ PIE-Bench's ``dino_vitb8``). Offline it must be in the Hugging Face cache or giv
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from evaluation.metrics import _check_images
-from sdattn.errors import ModelLoadError, UserError
+from sdattn.errors import UserError
+from sdattn.hub import load_pretrained
 
 DEFAULT_DINO_MODEL = "facebook/dino-vitb8"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -112,19 +110,10 @@ class StructureDistance:
         """Load a DINO ViT from a hub id (cache only when offline) or a local folder."""
         from transformers import ViTModel
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        local = Path(str(name_or_path)).exists()
-        try:
-            model = ViTModel.from_pretrained(name_or_path, add_pooling_layer=False,
-                                             local_files_only=offline or local)
-        except (OSError, ValueError) as e:
-            where = " offline (HF_HUB_OFFLINE=1)" if offline else ""
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(
-                f"DINO ViT model {str(name_or_path)!r} is not available{where}: download it once with "
-                f"`huggingface-cli download {name_or_path}` or give a local folder with the ViTModel "
-                f"weights and config ({detail})"
-            ) from e
+        model = load_pretrained(
+            lambda local_only: ViTModel.from_pretrained(name_or_path, add_pooling_layer=False,
+                                                        local_files_only=local_only),
+            name_or_path, "DINO ViT model", "the ViTModel weights and config")
         return cls(model, device=device)
 
     @property

@@ -7,3 +7,9 @@ class UserError(ValueError):
 
 class ModelLoadError(UserError):
     """A model id or path that cannot be loaded here."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of ``error``'s message, or its type name when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -3,14 +3,14 @@ the seeded random ``tiny`` pipeline the tests use."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
+from .hub import hub_offline
 from .tokenizer import build_word_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt")
@@ -22,7 +22,7 @@ SD_SCHEDULER = dict(
 )
 
 
-def _dtype(name: str | torch.dtype) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     allowed = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,10 +111,6 @@ def build_tiny_pipeline(
     )
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def load_pipeline(
     id: str | None = None,
     path: str | None = None,
@@ -128,7 +124,7 @@ def load_pipeline(
     (default: the hub's SD-1.5 configs, which must then be cached). Raises :class:`ModelLoadError`
     with one line saying how to provide the weights.
     """
-    torch_dtype = _dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     common = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
     if path:
         p = Path(path).expanduser()
@@ -147,24 +143,24 @@ def load_pipeline(
                 raise ModelLoadError(f"model.path {str(p)!r} has suffix {p.suffix!r}; "
                                      f"allowed: {', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder")
             return StableDiffusionPipeline.from_single_file(
-                str(p), config=config, local_files_only=_offline(), torch_dtype=torch_dtype,
+                str(p), config=config, local_files_only=hub_offline(), torch_dtype=torch_dtype,
             )
         except ModelLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - one line for the user, whatever diffusers raised
             hint = " (single files need model.config=<local diffusers folder>)" if p.is_file() else ""
-            raise ModelLoadError(f"could not load model.path {str(p)!r}{hint}: {str(e).splitlines()[0]}") from e
+            raise ModelLoadError(f"could not load model.path {str(p)!r}{hint}: {first_line(e)}") from e
     if not id:
         raise ModelLoadError("no model given: set model.id=<hub id> or model.path=<folder or .safetensors>")
     errors = []
     for candidate in [id, *alt_ids]:
         try:
-            return StableDiffusionPipeline.from_pretrained(candidate, local_files_only=_offline(), **common)
+            return StableDiffusionPipeline.from_pretrained(candidate, local_files_only=hub_offline(), **common)
         except Exception as e:  # noqa: BLE001
-            errors.append(f"{candidate}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            errors.append(f"{candidate}: {first_line(e)}")
     tried = " or ".join(repr(c) for c in [id, *alt_ids])
     raise ModelLoadError(
-        f"model {tried} is not available{' offline (HF_HUB_OFFLINE=1)' if _offline() else ''}: download it "
+        f"model {tried} is not available{' offline (HF_HUB_OFFLINE=1)' if hub_offline() else ''}: download it "
         f"once with `huggingface-cli download {id}` (then HF_HUB_OFFLINE=1 finds it in the cache), or pass "
         f"model.path=<diffusers folder or .safetensors file>"
     )
