@@ -37,7 +37,7 @@ from evaluation.method_utils import cfg_get, steps_guidance
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, BatchLayout, HookSet, StepState
 from sdattn.layers import LayerId
-from sdattn.sampling import ddim_scheduler, decode, encode_image, encode_prompts, initial_latents
+from sdattn.sampling import ddim_scheduler, decode, encode_image, encode_prompts, guided_noise, initial_latents
 
 Images = tuple[torch.Tensor, torch.Tensor]
 DIRECTIONS = ("prompts", "sentences")
@@ -132,15 +132,10 @@ def guidance_hooks(pipe, store: MapStore) -> HookSet:
 
 def cfg_step(unet, scheduler, hooks: HookSet, step: int, timestep, num_steps: int, latents: torch.Tensor,
              cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-    """One DDIM step with classifier-free guidance (the maths of ``sampling.denoise``). latents (1, C, h, w)."""
-    cfg = uncond is not None
-    hooks.on_step_begin(step, int(timestep), num_steps, BatchLayout(n=1, cfg=cfg))
-    context = torch.cat([uncond, cond]) if cfg else cond
-    model_in = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, timestep)
-    noise = unet(model_in.to(unet.dtype), timestep, encoder_hidden_states=context).sample.float()
-    if cfg:
-        noise_u, noise_c = noise.chunk(2)
-        noise = noise_u + guidance_scale * (noise_c - noise_u)
+    """One DDIM step with classifier-free guidance (``sampling.guided_noise``), hooks told the step first.
+    latents (1, C, h, w)."""
+    hooks.on_step_begin(step, int(timestep), num_steps, BatchLayout(n=1, cfg=uncond is not None))
+    noise = guided_noise(unet, scheduler, latents, timestep, cond, uncond, guidance_scale)
     return scheduler.step(noise, timestep, latents).prev_sample
 
 

@@ -115,6 +115,21 @@ def encode_image(pipe, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def guided_noise(unet, scheduler, latents: torch.Tensor, timestep, cond: torch.Tensor, uncond: torch.Tensor | None,
+                 guidance_scale: float) -> torch.Tensor:
+    """The noise prediction of one sampling step: one UNet call on rows ``[uncond × n, cond × n]`` and
+    classifier-free guidance, or on ``cond`` alone when ``uncond`` is None. latents (n, C, h, w),
+    cond (n, L, D), uncond (1 or n, L, D) → (n, C, h, w) float32."""
+    cfg = uncond is not None
+    context = torch.cat([uncond.expand(cond.shape[0], -1, -1), cond]) if cfg else cond
+    model_in = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, timestep)
+    noise = unet(model_in.to(unet.dtype), timestep, encoder_hidden_states=context).sample.float()
+    if cfg:
+        noise_u, noise_c = noise.chunk(2)
+        noise = noise_u + guidance_scale * (noise_c - noise_u)
+    return noise
+
+
 def denoise(
     pipe,
     latents: torch.Tensor,
@@ -143,18 +158,9 @@ def denoise(
     for i, t in enumerate(tqdm(timesteps, desc="DDIM", disable=not progress, leave=False)):
         for cb in callbacks:
             cb.on_step_begin(i, int(t), len(timesteps), layout)
-        if cfg:
-            u = (uncond[i] if per_step else uncond).to(unet.device, unet.dtype)
-            context = torch.cat([u.expand(cond.shape[0], -1, -1), cond])
-        else:
-            context = cond
-        model_in = torch.cat([latents, latents]) if cfg else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        noise = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
-        if cfg:
-            noise_u, noise_c = noise.chunk(2)
-            noise = noise_u + guidance_scale * (noise_c - noise_u)
-        latents = scheduler.step(noise, t, latents).prev_sample
+        u = (uncond[i] if per_step else uncond).to(unet.device, unet.dtype) if cfg else None
+        latents = scheduler.step(guided_noise(unet, scheduler, latents, t, cond, u, guidance_scale), t,
+                                 latents).prev_sample
         for cb in callbacks:
             replaced = cb.on_step_end(i, int(t), latents)
             if replaced is not None:
