@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from editing.inversion import ddim_invert
-from evaluation.method_utils import FromStep, cfg_get, steps_guidance
+from evaluation.method_utils import FromStep, cfg_get, steps_guidance, strength_steps
 from sdattn.errors import UserError
 from sdattn.sampling import (
     check_prompts,
@@ -39,20 +39,13 @@ from sdattn.sampling import (
 Images = tuple[torch.Tensor, torch.Tensor]
 
 
-def _strength_steps(name: str, strength: float, num_steps: int) -> int:
-    """diffusers ``get_timesteps``: ``min(int(N·strength), N)`` steps at the end of the schedule."""
-    if not 0.0 < strength <= 1.0:
-        raise UserError(f"method.{name} {strength} is outside (0, 1]")
-    return min(int(num_steps * strength), num_steps)
-
-
 def _check_mask_args(num_steps: int, mask_encode_strength, num_maps_per_mask, mask_thresholding_ratio) -> int:
     """Validate the mask settings; → number of noising steps of ``mask_encode_strength``."""
     if isinstance(num_maps_per_mask, bool) or not isinstance(num_maps_per_mask, int) or num_maps_per_mask <= 0:
         raise UserError(f"method.num_maps_per_mask {num_maps_per_mask!r} must be a positive integer")
     if not mask_thresholding_ratio > 0:
         raise UserError(f"method.mask_thresholding_ratio {mask_thresholding_ratio} must be positive")
-    k = _strength_steps("mask_encode_strength", mask_encode_strength, num_steps)
+    k = strength_steps("mask_encode_strength", mask_encode_strength, num_steps)
     if k == 0:
         raise UserError(f"method.mask_encode_strength {mask_encode_strength} gives no noising step at "
                         f"{num_steps} steps; allowed: ≥ 1/{num_steps}")
@@ -111,7 +104,7 @@ def diffedit_inpaint(pipe, z0: torch.Tensor, mask: torch.Tensor, source_prompt: 
                      inpaint_strength: float = 0.8) -> torch.Tensor:
     """Invert ``z0`` (1, C, h, w) with the source prompt up to ``inpaint_strength``, denoise with the
     target prompt keeping the inverted latents outside ``mask`` (1, 1, h, w) → final latents (1, C, h, w)."""
-    k = _strength_steps("inpaint_strength", inpaint_strength, num_inference_steps)
+    k = strength_steps("inpaint_strength", inpaint_strength, num_inference_steps)
     if k == 0:
         return z0.clone()
     traj = ddim_invert(pipe, z0, source_prompt, num_inference_steps, progress=False, until=k)
@@ -130,7 +123,7 @@ def edit_diffedit(pipe, example, seed, cfg, image=None) -> Images:
                    mask_thresholding_ratio=float(cfg_get(cfg, "mask_thresholding_ratio", 3.0)))
     strength = float(cfg_get(cfg, "inpaint_strength", 0.8))
     _check_mask_args(steps, **mask_kw)  # fail before any sampling
-    _strength_steps("inpaint_strength", strength, steps)
+    strength_steps("inpaint_strength", strength, steps)
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])
     if image is None:

@@ -37,8 +37,14 @@ class FromStep(DDIMScheduler):
         self.timesteps = self.timesteps[self.t_start:]
 
 
+def strength_steps(name: str, strength: float, num_steps: int) -> int:
+    """diffusers ``get_timesteps``: ``min(int(N·strength), N)`` steps at the end of the schedule;
+    ``method.<name>`` outside (0, 1] is a UserError."""
+    if not 0.0 < strength <= 1.0:
+        raise UserError(f"method.{name} {strength} is outside (0, 1]")
+    return min(int(num_steps * strength), num_steps)
+
+
 def sdedit_start(num_steps: int, strength: float) -> int:
     """diffusers img2img: ``init = min(int(N·strength), N)``, start index ``N − init``."""
-    if not 0.0 < strength <= 1.0:
-        raise UserError(f"method.strength {strength} is outside (0, 1]")
-    return num_steps - min(int(num_steps * strength), num_steps)
+    return num_steps - strength_steps("strength", strength, num_steps)
