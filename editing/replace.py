@@ -54,24 +54,50 @@ def select_layers(layers: Sequence[LayerId], spec, kind: str = "self") -> list[L
     return LayerSelector(kinds=kind, indices=spec).select(layers)
 
 
-class AttentionReplace(AttentionHook):
+class RowInjection(AttentionHook):
+    """On active steps, some of q / k / v (``tensors``) of destination rows are taken from source rows,
+    then one batched SDPA: the shared mechanism of FPE, P2P's map replacement, PnP and MasaCtrl.
+
+    Subclasses give :meth:`active` (default: ``state.step in steps``) and :meth:`rows` → [(from, to)]
+    batch rows for the current :class:`~sdattn.hooks.BatchLayout`.
+    """
+
+    tensors: tuple[str, ...] = ("query", "key")
+
+    def __init__(self, layer: LayerId, state: StepState, steps: set[int] | None = None):
+        super().__init__(layer, state)
+        self.steps = steps
+
+    def active(self) -> bool:
+        return self.state.step in self.steps
+
+    def rows(self, layout) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def attend(self, attn, query, key, value, mask):
+        if self.active():
+            qkv = {"query": query, "key": key, "value": value}
+            src, dst = zip(*self.rows(self.state.layout))
+            for name in self.tensors:
+                x = qkv[name].clone()
+                x[list(dst)] = qkv[name][list(src)]
+                qkv[name] = x
+            query, key, value = qkv["query"], qkv["key"], qkv["value"]
+        return super().attend(attn, query, key, value, mask)
+
+
+class AttentionReplace(RowInjection):
     """In the conditional branch, target rows attend with the source row's map (active steps only).
 
     ``pairs``: (source prompt index, target prompt index) in the batch.
     """
 
     def __init__(self, layer: LayerId, state: StepState, pairs: Sequence[tuple[int, int]], steps: set[int]):
-        super().__init__(layer, state)
-        self.pairs, self.steps = list(pairs), steps
+        super().__init__(layer, state, steps)
+        self.pairs = list(pairs)
 
-    def attend(self, attn, query, key, value, mask):
-        if self.state.step in self.steps:
-            lay = self.state.layout
-            src = [lay.cond_row(s) for s, _ in self.pairs]
-            tgt = [lay.cond_row(t) for _, t in self.pairs]
-            query, key = query.clone(), key.clone()
-            query[tgt], key[tgt] = query[src], key[src]
-        return super().attend(attn, query, key, value, mask)
+    def rows(self, layout) -> list[tuple[int, int]]:
+        return [(layout.cond_row(s), layout.cond_row(t)) for s, t in self.pairs]
 
 
 class TokenMapEdit(AttentionHook):

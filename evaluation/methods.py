@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler
 
 from editing.fpe import SOURCE, TARGET, AnchorSource, fpe_generated, fpe_real, model_layers, replacement_edit
 from editing.inversion import ddim_invert, null_text_inversion
-from editing.replace import AttentionReplace, select_layers, step_range
+from editing.replace import AttentionReplace, RowInjection, select_layers, step_range
 from evaluation.diffedit import edit_diffedit
 from evaluation.instructpix2pix import InstructPix2Pix
 from evaluation.method_utils import FromStep, cfg_get, sdedit_start, steps_guidance
@@ -138,25 +138,24 @@ def edit_p2p(pipe, example, seed, cfg, image=None) -> Images:
 
 # ---------------------------------------------------------------------------------------- MasaCtrl
 
-class MutualSelfAttention(AttentionHook):
+class MutualSelfAttention(RowInjection):
     """MasaCtrl: from ``start_step`` on, the target rows of both CFG branches query the source's
     keys and values: SDPA(q_tgt, k_src, v_src)."""
+
+    tensors = ("key", "value")
 
     def __init__(self, layer: LayerId, state: StepState, start_step: int):
         super().__init__(layer, state)
         self.start_step = start_step
 
-    def attend(self, attn, query, key, value, mask):
-        if self.state.step is None or self.state.step < self.start_step:
-            return super().attend(attn, query, key, value, mask)
-        lay = self.state.layout
-        rows = [(lay.cond_row(SOURCE), lay.cond_row(TARGET))]
-        if lay.cfg:
-            rows.append((lay.uncond_row(SOURCE), lay.uncond_row(TARGET)))
-        key, value = key.clone(), value.clone()
-        for s, t in rows:
-            key[t], value[t] = key[s], value[s]
-        return super().attend(attn, query, key, value, mask)
+    def active(self) -> bool:
+        return self.state.step is not None and self.state.step >= self.start_step
+
+    def rows(self, layout) -> list[tuple[int, int]]:
+        rows = [(layout.cond_row(SOURCE), layout.cond_row(TARGET))]
+        if layout.cfg:
+            rows.append((layout.uncond_row(SOURCE), layout.uncond_row(TARGET)))
+        return rows
 
 
 def masactrl_layers(pipe, start_layer: int) -> list[LayerId]:

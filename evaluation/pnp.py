@@ -22,10 +22,10 @@ import torch
 
 from editing.fpe import SOURCE, TARGET, AnchorSource, model_layers, replacement_edit
 from editing.inversion import ddim_invert
-from editing.replace import select_layers, step_range
+from editing.replace import RowInjection, select_layers, step_range
 from evaluation.method_utils import cfg_get, steps_guidance
 from sdattn.errors import UserError
-from sdattn.hooks import AttentionHook, BatchLayout, StepState
+from sdattn.hooks import BatchLayout
 from sdattn.layers import LayerId
 from sdattn.sampling import check_prompts, decode, encode_image, initial_latents
 
@@ -39,22 +39,12 @@ def _target_rows(layout: BatchLayout) -> list[int]:
     return [layout.cond_row(TARGET), *([layout.uncond_row(TARGET)] if layout.cfg else [])]
 
 
-class QKInject(AttentionHook):
+class QKInject(RowInjection):
     """PnP self-attention injection: during ``steps`` both target rows attend with the source COND
     row's query and key: SDPA(q_src, k_src, v_tgt)."""
 
-    def __init__(self, layer: LayerId, state: StepState, steps: set[int]):
-        super().__init__(layer, state)
-        self.steps = steps
-
-    def attend(self, attn, query, key, value, mask):
-        if self.state.step in self.steps:
-            lay = self.state.layout
-            src, tgt = lay.cond_row(SOURCE), _target_rows(lay)
-            q, k = query.clone(), key.clone()
-            q[tgt], k[tgt] = query[src], key[src]
-            query, key = q, k
-        return super().attend(attn, query, key, value, mask)
+    def rows(self, layout: BatchLayout) -> list[tuple[int, int]]:
+        return [(layout.cond_row(SOURCE), row) for row in _target_rows(layout)]
 
 
 class FeatureInject:
