@@ -33,7 +33,7 @@ from sdattn.sampling import (
     denoise,
     encode_image,
     encode_prompts,
-    initial_latents,
+    sample,
 )
 
 Images = tuple[torch.Tensor, torch.Tensor]
@@ -127,10 +127,8 @@ def edit_diffedit(pipe, example, seed, cfg, image=None) -> Images:
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])
     if image is None:
-        uncond = encode_prompts(pipe, [""]) if guidance > 1 else None
-        z0 = denoise(pipe, initial_latents(pipe, [seed]), encode_prompts(pipe, [src]), uncond, steps, guidance,
-                     progress=False)
-        source = decode(pipe, z0)
+        generated = sample(pipe, [src], [seed], num_inference_steps=steps, guidance_scale=guidance, progress=False)
+        z0, source = generated.latents, generated.images
     else:
         z0, source = encode_image(pipe, image), image
     mask = diffedit_mask(pipe, z0, src, tgt, seed, steps, guidance, **mask_kw)

@@ -38,7 +38,7 @@ from evaluation.method_utils import cfg_get, steps_guidance
 from sdattn.errors import ModelLoadError, UserError, first_line
 from sdattn.hub import hub_offline
 from sdattn.models import parse_dtype
-from sdattn.sampling import decode, default_size, denoise, encode_prompts, initial_latents
+from sdattn.sampling import default_size, sample
 
 Images = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
@@ -187,10 +187,8 @@ class InstructPix2Pix:
             raise UserError(f"instruction {instruction!r} has {n} tokens; the text encoder allows "
                             f"{tok.model_max_length}")
         if image is None:
-            uncond = encode_prompts(pipe, [""]) if guidance > 1 else None
-            z0 = denoise(pipe, initial_latents(pipe, [seed]), encode_prompts(pipe, [src]), uncond, steps, guidance,
-                         progress=False)
-            source = decode(pipe, z0)  # (1, 3, H, W)
+            source = sample(pipe, [src], [seed], num_inference_steps=steps, guidance_scale=guidance,
+                            progress=False).images  # (1, 3, H, W)
         else:
             source = image
         size = default_size(ip2p)

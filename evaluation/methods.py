@@ -19,7 +19,6 @@ import difflib
 from collections.abc import Callable
 
 import torch
-from diffusers import DDIMScheduler
 
 from editing.fpe import SOURCE, TARGET, AnchorSource, fpe_generated, fpe_real, model_layers, replacement_edit
 from editing.inversion import ddim_invert, null_text_inversion
@@ -32,7 +31,7 @@ from evaluation.pnp import edit_pnp
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, StepState
 from sdattn.layers import LayerId, LayerSelector
-from sdattn.sampling import check_prompts, decode, denoise, encode_image, encode_prompts, initial_latents
+from sdattn.sampling import check_prompts, decode, denoise, encode_image, encode_prompts, initial_latents, sample
 
 Images = tuple[torch.Tensor, torch.Tensor]
 
@@ -198,18 +197,16 @@ def edit_sdedit(pipe, example, seed, cfg, image=None) -> Images:
     check_prompts(pipe.tokenizer, [src, tgt])
     uncond = encode_prompts(pipe, [""]) if guidance > 1 else None
     if image is None:
-        z0 = denoise(pipe, initial_latents(pipe, [seed]), encode_prompts(pipe, [src]), uncond, steps, guidance,
-                     progress=False)
-        source = decode(pipe, z0)
+        generated = sample(pipe, [src], [seed], num_inference_steps=steps, guidance_scale=guidance, progress=False)
+        z0, source = generated.latents, generated.images
     else:
         z0, source = encode_image(pipe, image), image
     scheduler = FromStep.from_config(pipe.scheduler.config)
     scheduler.t_start = sdedit_start(steps, strength)
-    full = DDIMScheduler.from_config(pipe.scheduler.config)
-    full.set_timesteps(steps)
     if scheduler.t_start >= steps:
         return source, source.clone()
-    t = full.timesteps[scheduler.t_start:scheduler.t_start + 1]
+    scheduler.set_timesteps(steps)
+    t = scheduler.timesteps[:1]  # the strength's timestep: the first one left
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(int(seed))).to(z0)
     z_t = scheduler.add_noise(z0, noise, t.to(z0.device))
     out = denoise(pipe, z_t, encode_prompts(pipe, [tgt]), uncond, steps, guidance, progress=False, scheduler=scheduler)
