@@ -49,3 +49,10 @@ def output_dir(cfg: DictConfig) -> Path:
 def make_logger(cfg: DictConfig):
     """The configured Lightning logger, or None (``logger=null``)."""
     return instantiate(cfg.logger) if cfg.get("logger") else None
+
+
+def close_logger(logger) -> None:
+    """Finalize a Lightning logger and end its W&B run (so the next job in a multirun starts its own)."""
+    logger.finalize("success")
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+        logger.experiment.finish()

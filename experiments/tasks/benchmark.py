@@ -17,7 +17,7 @@ from evaluation.methods import get_method
 from evaluation.metrics import DEFAULT_CLIP_MODEL
 from evaluation.runner import load_clip, run_pairs, write_tables
 from evaluation.structure import load_structure
-from experiments.common import load_model, make_logger
+from experiments.common import close_logger, load_model, make_logger
 from sdattn.errors import UserError
 
 
@@ -60,9 +60,7 @@ def _log(logger, panel: SamplePanel, tables: dict, data: str, method: str) -> No
     elif panel.rows:
         means = {k: float(np.mean([r[k] for r, _, _ in panel.rows])) for k in ("clip_score", "clip_directional")}
         logger.log_metrics({f"{data}/{method}/{k}": v for k, v in means.items()})
-    logger.finalize("success")
-    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
-        logger.experiment.finish()
+    close_logger(logger)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from experiments.common import instantiate, load_model, make_logger, model_identity, output_dir
+from experiments.common import close_logger, instantiate, load_model, make_logger, model_identity, output_dir
 from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family, resolve_token
@@ -89,9 +89,7 @@ def run(cfg: DictConfig) -> dict:
         if logger is not None:
             logger.log_table(key=stem, dataframe=table.reset_index(names="class"))
     if logger is not None:
-        logger.finalize("success")
-        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
-            logger.experiment.finish()
+        close_logger(logger)
     print(f"tables written to {out}")
     return {"tables": tables, "files": files, "layers": [x.label for x in layers], "classes": classes,
             "chance": 1 / len(classes), "out_dir": str(out)}
