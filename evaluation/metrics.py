@@ -154,13 +154,20 @@ class ClipMetrics:
     def directional_similarity(self, src_images: torch.Tensor, edited_images: torch.Tensor,
                                src_prompts: Sequence[str], tgt_prompts: Sequence[str]) -> torch.Tensor:
         """cos(E_I(edited) − E_I(src), E_T(tgt) − E_T(src)) → (B,)."""
+        return self.edit_scores(src_images, edited_images, src_prompts, tgt_prompts, "directional_similarity")[1]
+
+    def edit_scores(self, src_images: torch.Tensor, edited_images: torch.Tensor, src_prompts: Sequence[str],
+                    tgt_prompts: Sequence[str], what: str = "edit_scores") -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLIP score of edited vs target prompt, directional similarity) → (B,), (B,), each embedding
+        computed once (a benchmark pair needs both)."""
         src_prompts = [src_prompts] if isinstance(src_prompts, str) else list(src_prompts)
         tgt_prompts = [tgt_prompts] if isinstance(tgt_prompts, str) else list(tgt_prompts)
         n = {src_images.shape[0], edited_images.shape[0], len(src_prompts), len(tgt_prompts)}
         if len(n) != 1:
-            raise UserError(f"directional_similarity needs equal counts, got {src_images.shape[0]} source "
+            raise UserError(f"{what} needs equal counts, got {src_images.shape[0]} source "
                             f"images, {edited_images.shape[0]} edited images, {len(src_prompts)} source "
                             f"and {len(tgt_prompts)} target prompts")
-        return directional_similarity_from_features(
-            self.image_features(src_images), self.image_features(edited_images),
-            self.text_features(src_prompts), self.text_features(tgt_prompts)).cpu()
+        edited, target = self.image_features(edited_images), self.text_features(tgt_prompts)
+        directional = directional_similarity_from_features(
+            self.image_features(src_images), edited, self.text_features(src_prompts), target)
+        return clip_score_from_features(edited, target).cpu(), directional.cpu()

@@ -237,12 +237,11 @@ def run_pairs(
             summary.errors[ex.id] = msg
             _fsync_append(pairs_path, json.dumps({"id": ex.id, "status": "error", "error": msg}))
             continue
+        score, directional = clip.edit_scores(src, edited, [ex.source_prompt], [ex.target_prompt])
         rec = {
             "id": ex.id, "status": "ok", "seed": int(s), "source_prompt": ex.source_prompt,
             "target_prompt": ex.target_prompt, "image_path": ex.image_path,
-            "clip_score": float(clip.clip_score(edited, [ex.target_prompt])[0]),
-            "clip_directional": float(clip.directional_similarity(src, edited, [ex.source_prompt],
-                                                                  [ex.target_prompt])[0]),
+            "clip_score": float(score[0]), "clip_directional": float(directional[0]),
             "psnr": _finite(float(psnr(edited, src)[0])), "ssim": float(ssim(edited, src)[0]),
             "time_s": float(dt),
         }

@@ -336,3 +336,14 @@ def test_psnr_ssim():
     s = ssim(y, x)
     assert s.shape == (2,) and (s < 1).all() and (s > 0).all()
     assert (ssim((x + 0.3 * torch.randn_like(x)).clamp(0, 1), x) < s).all()
+
+
+def test_edit_scores_equal_the_two_metrics(clip):
+    g = torch.Generator().manual_seed(3)
+    src, edited = torch.rand(2, 3, 40, 40, generator=g), torch.rand(2, 3, 40, 40, generator=g)
+    sp, tp = ["a red car", "a photo of a dog"], ["a blue car", "a photo of a cat"]
+    score, directional = clip.edit_scores(src, edited, sp, tp)
+    assert torch.allclose(score, clip.clip_score(edited, tp))
+    assert torch.allclose(directional, clip.directional_similarity(src, edited, sp, tp))
+    with pytest.raises(UserError, match="edit_scores needs equal counts"):
+        clip.edit_scores(src, edited[:1], sp, tp)
