@@ -40,6 +40,10 @@ def _write_png(image: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _spec(color: str, shape: str, background: str) -> dict:
+    return {"color": color, "shape": shape, "background": background}
+
+
 def toy_edit_pairs(world, pairs_per_kind: int, seed: int = 0, images=("fake", "real"),
                    root: str | Path | None = None) -> list:
     """Edit examples: ``pairs_per_kind`` for each (image kind, edit kind), interleaved.
@@ -75,12 +79,11 @@ def toy_edit_pairs(world, pairs_per_kind: int, seed: int = 0, images=("fake", "r
                     image_path = str(Path(root) / f"{ex_id}.png")
                     if not Path(image_path).is_file():
                         _write_png(world.render(color, shape, bg, seed=render_seed).image, Path(image_path))
-                spec = lambda c, s, b: {"color": c, "shape": s, "background": b}  # noqa: E731
                 examples.append(EditExample(
                     id=ex_id, source_prompt=world.make_prompt(color, shape, bg),
                     target_prompt=world.make_prompt(*target), image_path=image_path, seed=seed + i,
-                    extra={"kind": edit, "images": img_kind, "source": spec(color, shape, bg),
-                           "target": spec(*target)}))
+                    extra={"kind": edit, "images": img_kind, "source": _spec(color, shape, bg),
+                           "target": _spec(*target)}))
     return examples
 
 
