@@ -12,7 +12,7 @@ GROUPS = ["model", "probe", "edit", "trainer", "logger", "experiment", "data", "
 
 
 def _options(group):
-    return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])

@@ -11,11 +11,11 @@ from tqdm.auto import tqdm
 from experiments.common import close_logger, instantiate, load_model, make_logger, model_identity, output_dir
 from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
-from probing.prompts import build_prompts, load_family, resolve_token
+from probing.prompts import build_prompts, load_family, resolve_token, word_token_positions
 from probing.store import FeatureStore
 from probing.tables import accuracy_table, formatted, write_table
 from sdattn.layers import LayerSelector, enumerate_layers
-from sdattn.sampling import latent_size
+from sdattn.sampling import check_prompts, latent_size
 
 
 def family_path(cfg: DictConfig) -> Path:
@@ -32,6 +32,10 @@ def collect_features(cfg: DictConfig, pipe, prompts, layers, spec: CaptureSpec, 
         "num_inference_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale,
     })
     todo = [x for x in prompts if x.id in set(store.missing([x.id for x in prompts]))]
+    check_prompts(pipe.tokenizer, [x.prompt for x in todo])  # every prompt and word, before any capture
+    for x in todo:
+        for t in spec.tokens:
+            word_token_positions(pipe.tokenizer, x.prompt, resolve_token(t, x))  # a word not in the prompt
     batches = [todo[i:i + p.batch_size] for i in range(0, len(todo), p.batch_size)]
     for batch in tqdm(batches, desc=f"capture ({len(todo)} of {len(prompts)} images)", disable=not cfg.progress):
         words = [[resolve_token(t, x) for t in spec.tokens] for x in batch]
