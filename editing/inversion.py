@@ -1,41 +1,16 @@
-"""Real images into the model: loading/cropping, DDIM inversion, null-text inversion."""
+"""Real images into the model: DDIM inversion, null-text inversion (reading and fitting: ``editing.images``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDIMInverseScheduler
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from sdattn.errors import UserError
 from sdattn.sampling import ddim_scheduler, default_size, encode_prompts
 
-
-def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
-    """Any image mode → RGB; the shorter side resized to fit (Lanczos), then centre-cropped to
-    ``size`` = (height, width). Smaller images are rejected (no upsampling). → (1, 3, H, W) in [0, 1]."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"image {str(p)!r} does not exist or is not a file")
-    try:
-        img = Image.open(p)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"image {str(p)!r} cannot be read as an image: {e}") from None
-    img = img.convert("RGB")
-    h, w = size
-    if img.height < h or img.width < w:
-        raise UserError(f"image {str(p)!r} is {img.width}x{img.height}; the model needs at least {w}x{h}")
-    scale = max(h / img.height, w / img.width)
-    new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
-    img = img.resize(new, Image.LANCZOS)
-    left, top = (img.width - w) // 2, (img.height - h) // 2
-    img = img.crop((left, top, left + w, top + h))
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+from .images import load_image  # noqa: F401  (re-exported: the runner and tasks load images through here)
 
 
 def image_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:

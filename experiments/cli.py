@@ -63,10 +63,9 @@ def _jobs_overrides(overrides: list[str]) -> list[list[str]]:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.input_line] for o in parsed]
-    keys = [o.key_or_group if o.is_sweep_override() else None for o in parsed]
-    base = [v[0] if k is None else f"{o.get_key_element()}={v[0]}" for o, k, v in zip(parsed, keys, values)]
+    base = [f"{o.get_key_element()}={v[0]}" if o.is_sweep_override() else v[0] for o, v in zip(parsed, values)]
     jobs = [base]
-    for i, (o, k, v) in enumerate(zip(parsed, keys, values)):
+    for i, (o, v) in enumerate(zip(parsed, values)):
         for alt in v[1:]:
             jobs.append(base[:i] + [f"{o.get_key_element()}={alt}"] + base[i + 1:])
     return jobs

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from editing.images import RESIZE_MODES
 from sdattn.errors import UserError
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range for non-negative seeds
@@ -117,6 +118,8 @@ def validate(cfg: DictConfig) -> dict:
     if plain.get("dtype") not in DTYPES:
         raise UserError(f"dtype={plain.get('dtype')!r} is not one of {list(DTYPES)}")
     check_device(str(plain.get("device")))
+    if plain.get("resize") not in RESIZE_MODES:
+        raise UserError(f"resize={plain.get('resize')!r} is not one of {list(RESIZE_MODES)}")
     for key, name, value in _walk(plain):
         if isinstance(value, dict):
             continue

@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> dict:
         if not Path(str(e.image)).is_file():  # fail before loading the model
             raise UserError(f"image {str(e.image)!r} does not exist or is not a file")
         pipe = load_model(cfg)
-        image = load_image(e.image, image_size(pipe))
+        image = load_image(e.image, image_size(pipe), cfg.resize)
         result = fpe_real(pipe, image, e.target_prompt, e.source_prompt, e.inversion,
                           null_text=OmegaConf.to_container(e.null_text), **common)
         names = {"input": "input", "reconstruction": f"reconstruction ({e.inversion})", "edited": e.target_prompt}
