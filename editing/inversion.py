@@ -53,25 +53,31 @@ def null_text_inversion(
     """Null-text inversion (Mokady et al.): per sampling step, optimise the unconditional
     embedding so that guided DDIM with ``prompt`` follows the inversion ``trajectory``.
 
-    Returns one unconditional embedding (1, L, D) per sampling step.
+    Returns one unconditional embedding (1, L, D) per sampling step, in the UNet's dtype. The latents,
+    the scheduler maths, the loss and the optimised embedding stay float32 whatever the UNet's dtype
+    (Adam on a float16 tensor underflows); the UNet sees its own dtype.
     """
     unet = pipe.unet
     steps = len(trajectory) - 1
     scheduler = ddim_scheduler(pipe)
     scheduler.set_timesteps(steps)
+
+    def eps(z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:  # (1, C, h, w) float32
+        return unet(z.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype)).sample.float()
+
     with torch.no_grad():
         cond = encode_prompts(pipe, [prompt]).to(unet.device, unet.dtype)
-        uncond = encode_prompts(pipe, [""]).to(unet.device, unet.dtype)
-    z = trajectory[-1].clone()
+        uncond = encode_prompts(pipe, [""]).to(unet.device, torch.float32)
+    z = trajectory[-1].to(unet.device, torch.float32).clone()
     out = []
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="null-text inversion", disable=not progress, leave=False)):
-        target = trajectory[-i - 2]
+        target = trajectory[-i - 2].to(unet.device, torch.float32)
         with torch.no_grad():
-            noise_c = unet(z, t, encoder_hidden_states=cond).sample
+            noise_c = eps(z, t, cond)
         uncond = uncond.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([uncond], lr=lr)
         for _ in range(inner_steps):
-            noise_u = unet(z, t, encoder_hidden_states=uncond).sample
+            noise_u = eps(z, t, uncond)
             noise = noise_u + guidance_scale * (noise_c - noise_u)
             prev = scheduler.step(noise, t, z).prev_sample
             loss = torch.nn.functional.mse_loss(prev, target)
@@ -81,8 +87,8 @@ def null_text_inversion(
             if loss.item() < early_stop:
                 break
         uncond = uncond.detach()
-        out.append(uncond)
+        out.append(uncond.to(unet.dtype))
         with torch.no_grad():
-            noise_u = unet(z, t, encoder_hidden_states=uncond).sample
+            noise_u = eps(z, t, uncond)
             z = scheduler.step(noise_u + guidance_scale * (noise_c - noise_u), t, z).prev_sample
     return out
