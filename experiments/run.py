@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub unless the user asks
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # e.g. its "float16 cannot run on cpu" (it can, slowly)
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import importlib  # noqa: E402
