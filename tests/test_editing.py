@@ -152,7 +152,7 @@ def test_edit_task_writes_files(compose_cfg, tmp_path):
     assert {"reconstruction.png", "edited.png", "grid.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
     with pytest.raises(UserError, match="edit.image is required"):
         dispatch(compose_cfg("edit=fpe_real"))
-    with pytest.raises(UserError, match=r"step fraction 1.5 is outside \[0, 1\]"):
+    with pytest.raises(UserError, match=r"edit.self_replace_steps=1.5 is outside \[0, 1\]"):
         dispatch(compose_cfg("edit=fpe", "edit.self_replace_steps=1.5", "edit.num_inference_steps=2"))
 
 
