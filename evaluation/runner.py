@@ -160,7 +160,6 @@ def run_pairs(
     dataset,
     method: str,
     edit: Callable,
-    method_cfg,
     out_dir: str | Path,
     clip: ClipMetrics,
     meta: dict,
@@ -170,7 +169,8 @@ def run_pairs(
     structure: Callable | None = None,
     on_record: Callable | None = None,
 ) -> RunSummary:
-    """Edit every available pair of ``dataset`` (a LoadedDataset) not yet in ``out_dir/pairs.jsonl``.
+    """Edit every available pair of ``dataset`` (a LoadedDataset) not yet in ``out_dir/pairs.jsonl`` with
+    ``edit(pipe, example, seed, image) -> (source, edited)`` (a method config instantiated).
 
     Seeds: the example's own seed, else ``seed`` + the pair's position in the dataset. Time per pair
     is measured warm (one uncounted warm-up edit of the first pair to edit; model and CLIP loading
@@ -220,7 +220,7 @@ def run_pairs(
         if cuda:
             torch.cuda.synchronize()
         t0 = _clock()
-        src, edited = edit(pipe, ex, s, method_cfg, image)
+        src, edited = edit(pipe, ex, s, image)
         if cuda:
             torch.cuda.synchronize()
         return s, src, edited, _clock() - t0

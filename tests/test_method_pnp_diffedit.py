@@ -5,13 +5,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from editing.fpe import SOURCE, TARGET, replacement_edit
+from editing.baselines.diffedit import diffedit_inpaint, diffedit_mask
+from editing.baselines.pnp import FeatureInject, QKInject, pnp_feature_module, pnp_layers
 from editing.inversion import ddim_invert
+from editing.two_branch import SOURCE, TARGET, replacement_edit
 from evaluation.datasets import EditExample
-from evaluation.diffedit import diffedit_inpaint, diffedit_mask, edit_diffedit
-from evaluation.pnp import FeatureInject, QKInject, edit_pnp, pnp_feature_module, pnp_layers
 from sdattn.errors import UserError
 from sdattn.hooks import BatchLayout, StepState
 from sdattn.sampling import decode, encode_image, initial_latents
@@ -21,7 +20,7 @@ STEPS = dict(num_inference_steps=4, guidance_scale=7.5)
 
 
 def _cfg(**kw):
-    return OmegaConf.create({**STEPS, **kw})
+    return {**STEPS, **kw}
 
 
 def _processor_classes(pipe):
@@ -38,13 +37,14 @@ def _check_pair(src, edited, like=None):
         assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
 
 
-@pytest.mark.parametrize("edit", [edit_pnp, edit_diffedit])
-def test_end_to_end_generated_and_real_and_hooks_removed(tiny_pipe, edit):
+@pytest.mark.parametrize("name", ["pnp", "diffedit"])
+def test_end_to_end_generated_and_real_and_hooks_removed(tiny_pipe, make_method, name):
     before = _processor_classes(tiny_pipe)
-    src, edited = edit(tiny_pipe, EX, 0, _cfg())
+    edit = make_method(name, **_cfg())
+    src, edited = edit(tiny_pipe, EX, 0)
     _check_pair(src, edited)
     image = torch.rand(src.shape, generator=torch.Generator().manual_seed(0))
-    out_src, out_edit = edit(tiny_pipe, EX, 0, _cfg(), image=image)
+    out_src, out_edit = edit(tiny_pipe, EX, 0, image=image)
     assert out_src is image
     _check_pair(out_src, out_edit, like=image)
     assert _processor_classes(tiny_pipe) == before and _forward_hooks(tiny_pipe) == []
@@ -60,14 +60,14 @@ def test_pnp_presets_derive_from_the_model(tiny_pipe, toy_pipe):
     assert module is tiny_pipe.unet.up_blocks[2].resnets[0].conv2
 
 
-def test_pnp_without_injection_equals_plain_pair_and_injection_changes_target(tiny_pipe):
+def test_pnp_without_injection_equals_plain_pair_and_injection_changes_target(tiny_pipe, make_method):
     plain = replacement_edit(tiny_pipe, EX.source_prompt, EX.target_prompt, initial_latents(tiny_pipe, [5]), {},
                              progress=False, **STEPS)
-    src, edited = edit_pnp(tiny_pipe, EX, 5, _cfg(feature_steps=0, attn_layers="none"))
+    src, edited = make_method("pnp", **_cfg(feature_steps=0, attn_layers="none"))(tiny_pipe, EX, 5)
     images = decode(tiny_pipe, plain)  # one batch, as edit_pnp decodes it
     assert torch.equal(src, images[:1]) and torch.equal(edited, images[1:])
     for kw in (dict(feature_steps=1.0, attn_layers="none"), dict(feature_steps=0, attn_steps=1.0), {}):
-        src2, edited2 = edit_pnp(tiny_pipe, EX, 5, _cfg(**kw))
+        src2, edited2 = make_method("pnp", **_cfg(**kw))(tiny_pipe, EX, 5)
         assert torch.equal(src2, src)  # the source branch is never changed
         assert (edited2 - edited).abs().max() > 1e-3, kw
 
@@ -109,14 +109,14 @@ def test_feature_hook_replaces_both_target_rows_with_source_cond_row():
     assert not module._forward_hooks and torch.equal(module(x), x)
 
 
-def test_pnp_bad_config_names_the_value(tiny_pipe):
+def test_pnp_bad_config_names_the_value(tiny_pipe, make_method):
     before = _processor_classes(tiny_pipe)
     with pytest.raises(UserError, match=r"'nope'.*up_blocks\.1\.resnets\.1"):
-        edit_pnp(tiny_pipe, EX, 0, _cfg(feature_block="nope"))
+        make_method("pnp", **_cfg(feature_block="nope"))(tiny_pipe, EX, 0)
     with pytest.raises(UserError, match="1.5"):
-        edit_pnp(tiny_pipe, EX, 0, _cfg(attn_steps=1.5))
+        make_method("pnp", **_cfg(attn_steps=1.5))(tiny_pipe, EX, 0)
     with pytest.raises(UserError, match="out of range"):
-        edit_pnp(tiny_pipe, EX, 0, _cfg(attn_layers="9-40"))
+        make_method("pnp", **_cfg(attn_layers="9-40"))(tiny_pipe, EX, 0)
     assert _processor_classes(tiny_pipe) == before and _forward_hooks(tiny_pipe) == []
 
 
@@ -149,14 +149,14 @@ def test_diffedit_empty_mask_returns_the_inverted_source(tiny_pipe):
 
 @pytest.mark.parametrize("key,value", [("inpaint_strength", 1.5), ("mask_encode_strength", 0.0),
                                        ("num_maps_per_mask", 0), ("mask_thresholding_ratio", -1.0)])
-def test_diffedit_bad_config_names_the_value(tiny_pipe, key, value):
+def test_diffedit_bad_config_names_the_value(tiny_pipe, make_method, key, value):
     with pytest.raises(UserError, match=rf"method\.{key} {value}"):
-        edit_diffedit(tiny_pipe, EX, 0, _cfg(**{key: value}))
+        make_method("diffedit", **_cfg(**{key: value}))(tiny_pipe, EX, 0)
 
 
-@pytest.mark.parametrize("edit", [edit_pnp, edit_diffedit])
-def test_toy_model_runs(toy_pipe, edit):
+@pytest.mark.parametrize("name,extra", [("pnp", {}), ("diffedit", {"num_maps_per_mask": 2})])
+def test_toy_model_runs(toy_pipe, make_method, name, extra):
     ex = EditExample(id="0", source_prompt=EX.source_prompt, target_prompt=EX.target_prompt)
-    src, edited = edit(toy_pipe, ex, 0, _cfg(num_maps_per_mask=2))
+    src, edited = make_method(name, **_cfg(**extra))(toy_pipe, ex, 0)
     _check_pair(src, edited)
     assert _forward_hooks(toy_pipe) == []

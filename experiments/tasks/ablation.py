@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from editing.fpe import SOURCE, TARGET, model_layers, replacement_edit
+from editing.two_branch import SOURCE, TARGET, model_layers, replacement_edit
 from editing.grid import labelled_grid
 from editing.replace import AttentionReplace, TokenMapEdit, select_layers, step_range
 from experiments.common import load_model, output_dir

@@ -8,22 +8,63 @@ Multirun: ``python -m experiments.run -m experiment=table4 method=fpe,p2p,masact
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.datasets import load_from_config
-from evaluation.methods import get_method
 from evaluation.metrics import DEFAULT_CLIP_MODEL
 from evaluation.runner import load_clip, run_pairs, write_tables
 from evaluation.structure import load_structure
-from experiments.common import close_logger, load_model, make_logger
-from sdattn.errors import UserError
+from experiments.common import close_logger, instantiate, load_model, make_logger
+from sdattn.errors import UserError, first_line
 
 
 def _node(cfg: DictConfig, key: str) -> dict:
     value = cfg.get(key)
     return OmegaConf.to_container(value, resolve=True) if value is not None else {}
+
+
+def method_settings(method_cfg) -> dict:
+    """A method config as plain Python, resolved, without Hydra's ``_target_`` / ``_partial_`` keys:
+    what identifies the method's settings (the record store's meta)."""
+    spec = OmegaConf.to_container(method_cfg, resolve=True) if OmegaConf.is_config(method_cfg) else dict(method_cfg)
+    return {k: v for k, v in spec.items() if not k.startswith("_")}
+
+
+def build_method(method_cfg) -> tuple[str, Callable]:
+    """(name, edit) of a method config (``configs/method/<name>.yaml``): ``_target_`` instantiated with
+    the config's settings; ``edit(pipe, example, seed, image=None) -> (source, edited)``. ``name`` is the
+    label of the rows, not an argument."""
+    spec = OmegaConf.to_container(method_cfg, resolve=True) if OmegaConf.is_config(method_cfg) else dict(method_cfg)
+    name = str(spec.pop("name"))
+    if "_target_" not in spec:
+        raise UserError(f"method {name!r} has no _target_: give the editor's function (with _partial_: true) "
+                        "or class, e.g. _target_: editing.fpe.edit_fpe")
+    try:
+        target = get_object(spec["_target_"])
+    except Exception as e:  # noqa: BLE001 - any import failure is the same one-line error
+        raise UserError(f"method {name!r}: _target_ {spec['_target_']!r} cannot be imported ({first_line(e)})") from None
+    check_settings(name, target, {k: v for k, v in spec.items() if not k.startswith("_")})
+    return name, instantiate(spec, _convert_="all")
+
+
+def check_settings(name: str, target: Callable, settings: dict) -> None:
+    """Every setting is a keyword of ``target`` and every keyword-only one without a default is given
+    (the YAML is the only place the defaults live)."""
+    params = inspect.signature(target).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(settings) - set(params))
+    if unknown:
+        raise UserError(f"method.{unknown[0]} is not a setting of method {name!r}; settings: "
+                        f"{', '.join(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY)}")
+    missing = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and p.default is p.empty and k not in settings]
+    if missing:
+        raise UserError(f"method {name!r} lacks the setting(s) {', '.join(missing)} (configs/method/{name}.yaml)")
 
 
 class SamplePanel:
@@ -65,12 +106,11 @@ def _log(logger, panel: SamplePanel, tables: dict, data: str, method: str) -> No
 
 def run(cfg: DictConfig) -> dict:
     if not cfg.get("method"):
-        raise UserError("method is required for task=benchmark: method=fpe|p2p|masactrl|sdedit_0.5|sdedit_0.75")
+        raise UserError("method is required for task=benchmark: method=<a config of configs/method/>, e.g. method=fpe")
     if not cfg.get("data"):
         raise UserError("data is required for task=benchmark: e.g. data=car_fake_edit data.path=Car_fake_edit.json")
     method_cfg = cfg.method
-    name = str(method_cfg.name)
-    edit = get_method(name)  # unknown / not implemented → one-line error before any loading
+    name, edit = build_method(method_cfg)  # a bad setting or target → one-line error before any loading
     dataset = load_from_config(cfg.data)
     bench = _node(cfg, "benchmark")
     clip_name = str(_node(cfg, "metrics").get("clip") or DEFAULT_CLIP_MODEL)
@@ -86,8 +126,8 @@ def run(cfg: DictConfig) -> dict:
     meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "structure": structure_name,
             "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
-            "method_cfg": OmegaConf.to_container(method_cfg, resolve=True)}
-    summary = run_pairs(pipe, dataset, name, edit, method_cfg, out_dir, clip, meta, seed=int(cfg.seed),
+            "method_cfg": method_settings(method_cfg)}
+    summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed),
                         progress=bool(cfg.progress), structure=structure, on_record=panel)
     tables = write_tables(root, clip_name, str(cfg.model.name))
     if logger is not None:
