@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,24 @@ def test_every_method_config_builds_its_editor(compose_cfg):
     for name in ALL:
         label, edit = build_method(compose_cfg(f"method={name}").method)
         assert label == name and callable(edit)
+
+
+def test_a_new_method_is_one_module_and_one_config(bench, tmp_path, monkeypatch):
+    """A dummy editor (a module on the path + configs/method/dummy.yaml in another config dir) runs
+    through the benchmark task with no registry edit."""
+    (tmp_path / "dummy_editor.py").write_text(
+        "import torch\n\n"
+        "def edit_dummy(pipe, example, seed, image=None, *, gain: float, num_inference_steps: int,\n"
+        "               guidance_scale: float):\n"
+        "    source = torch.full((1, 3, 32, 32), 0.5) if image is None else image\n"
+        "    return source, (source * gain).clamp(0, 1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "conf" / "method" / "dummy.yaml").write_text(
+        "name: dummy\n_target_: dummy_editor.edit_dummy\n_partial_: true\ngain: 0.5\n"
+        "num_inference_steps: ${model.steps}\nguidance_scale: ${model.guidance_scale}\n")
+    res = bench("method=dummy", "data.limit=2", f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
+    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    assert [r["status"] for r in rows] == ["ok", "ok"] and res["out_dir"].endswith("/dummy")
+    assert rows[0]["psnr"] == pytest.approx(10 * math.log10(1 / 0.25 ** 2), abs=1e-3)  # 0.5 → 0.25: the dummy edited
+    assert "dummy" in res["tables"]["table4"]["car_fake_edit"][0].index
