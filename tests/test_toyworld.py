@@ -148,7 +148,10 @@ def test_training_runs_both_stages(tmp_path):
            "budget_minutes": 2, "export_every_minutes": 0,
            "vae": {"channels": [16, 16, 16], "batch": 4, "steps": 2, "scale_batches": 1},
            "unet": {"channels": [32, 32, 32], "batch": 4, "steps": 2, "warmup": 1}}
-    summary = train(cfg)
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "experiment" / "train_toy.yaml")
+    summary = train(OmegaConf.merge(yaml.toy, cfg))
     assert summary["vae_steps"] == 2 and summary["unet_steps"] == 2
     p = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True)
     assert p.unet.config.sample_size * p.vae_scale_factor == 64

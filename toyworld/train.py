@@ -1,13 +1,12 @@
 """Train the toy latent-diffusion model: stage 1 AutoencoderKL, stage 2 UNet + text encoder.
 
 Lightning does the loop (progress bar, checkpoints, W&B offline / CSV logging, wall-clock budget).
-The result is a diffusers ``StableDiffusionPipeline`` folder (default ``models/toy``).
+The result is a diffusers ``StableDiffusionPipeline`` folder (``output_dir``, e.g. ``models/toy``).
 
-    python -m toyworld.train                              # defaults (see DEFAULTS)
-    python -m toyworld.train budget_minutes=75 output_dir=models/toy
-    python -m toyworld.train --config configs/experiment/train_toy.yaml
+    python -m experiments.run experiment=train_toy [toy.budget_minutes=75 toy.output_dir=...]
 
-or from Python: ``toyworld.train.train(cfg)`` with a dict/DictConfig of the ``toy:`` keys.
+or from Python: ``toyworld.train.train(cfg)`` with the ``toy:`` node of configs/experiment/train_toy.yaml,
+the only place the settings and their defaults are written.
 """
 
 from __future__ import annotations
@@ -42,40 +41,10 @@ from toyworld.model import (  # noqa: E402
 )
 from toyworld.world import REPO_ROOT, load_world  # noqa: E402
 
-DEFAULTS: dict = {
-    "grammar": "datasets/toy_world.yaml",
-    "image_size": 64,
-    "seed": 0,
-    "threads": 1,
-    "output_dir": "models/toy",
-    "work_dir": "outputs/train_toy",
-    "budget_minutes": 75.0,  # wall clock for both stages together
-    "logger": "wandb",  # wandb (offline) | csv | none
-    "progress_every": 25,
-    "export_every_minutes": 8.0,  # intermediate pipeline exports (EMA weights) under work_dir
-    "guidance_scale": 2.0,  # recorded as the model's recommended default
-    "num_inference_steps": 25,
-    "vae": {"channels": [16, 32, 32], "latent_channels": 4, "mid_attention": False, "crop": 32, "batch": 32,
-            "steps": 20000, "lr": 1.5e-3, "kl_weight": 1e-6, "budget_fraction": 0.22, "scale_batches": 32},
-    "unet": {"channels": [32, 64, 64], "cross_attention_dim": 64, "heads": 4, "batch": 16,
-             "steps": 100000, "lr": 8e-4, "warmup": 200, "weight_decay": 1e-2, "cfg_dropout": 0.1,
-             "min_snr_gamma": 5.0, "ema_decay": 0.998, "offset_noise": 0.3},
-    "text": {"hidden": 64, "layers": 2, "heads": 4},
-    "init_pipeline": None,  # continue stage 2 from an exported pipeline (skips stage 1, keeps its VAE)
-}
-
-
-def _resolve(path: str | Path) -> Path:
+def resolve_path(path: str | Path) -> Path:
+    """A path of the training configs: relative ones are relative to the repository root."""
     p = Path(path)
     return p if p.is_absolute() else REPO_ROOT / p
-
-
-def make_config(cfg: dict | DictConfig | None = None, defaults: dict | None = None) -> DictConfig:
-    """``defaults`` (this module's DEFAULTS unless given) merged with ``cfg``."""
-    base = OmegaConf.create(DEFAULTS if defaults is None else defaults)
-    if cfg is not None:
-        base = OmegaConf.merge(base, OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg)
-    return base
 
 
 # --------------------------------------------------------------------------- data
@@ -240,7 +209,7 @@ class ExportCallback(Callback):
 
 
 # --------------------------------------------------------------------------- driver
-def _logger(cfg, work: Path, stage: str):
+def training_logger(cfg, work: Path, stage: str):
     if cfg.logger == "wandb":
         try:
             from lightning.pytorch.loggers import WandbLogger
@@ -257,7 +226,7 @@ def _logger(cfg, work: Path, stage: str):
     return False
 
 
-def _finish_logger(trainer) -> None:
+def finish_training_logger(trainer) -> None:
     try:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -274,7 +243,7 @@ def _trainer(cfg, work: Path, stage: str, max_steps: int, seconds: float, callba
                            every_n_train_steps=500, save_top_k=-1)
     return L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, max_time={"seconds": max(1, int(seconds))},
-        logger=_logger(cfg, work, stage), enable_progress_bar=True,
+        logger=training_logger(cfg, work, stage), enable_progress_bar=True,
         callbacks=[ckpt, TQDMProgressBar(refresh_rate=int(cfg.progress_every)), *callbacks],
         log_every_n_steps=cfg.progress_every, num_sanity_val_steps=0, enable_model_summary=True,
         deterministic=False,
@@ -294,18 +263,18 @@ def latent_std(vae, world, batches: int, batch: int, seed: int) -> tuple[float, 
     return float(z.std()), z.mean(dim=(0, 2, 3)).tolist()
 
 
-def train(cfg: dict | DictConfig | None = None) -> dict:
-    """Train both stages and write the pipeline to ``cfg.output_dir``; returns a summary dict."""
-    cfg = make_config(cfg)
+def train(cfg: DictConfig) -> dict:
+    """Train both stages and write the pipeline to ``cfg.output_dir``; returns a summary dict.
+    ``cfg``: the ``toy:`` node of configs/experiment/train_toy.yaml (every key)."""
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     t_start = time.time()
-    world = load_world(_resolve(cfg.grammar))
+    world = load_world(resolve_path(cfg.grammar))
     if world.image_size != cfg.image_size:
         raise ValueError(f"image_size {cfg.image_size} != grammar image_size {world.image_size}")
-    work = _resolve(cfg.work_dir)
+    work = resolve_path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    out_dir = _resolve(cfg.output_dir)
+    out_dir = resolve_path(cfg.output_dir)
     budget = float(cfg.budget_minutes) * 60
 
     factor = 2 ** (len(cfg.vae.channels) - 1)
@@ -322,7 +291,7 @@ def train(cfg: dict | DictConfig | None = None) -> dict:
     tr = _trainer(cfg, work, "vae", int(cfg.vae.steps), vae_seconds, [])
     tr.fit(vae_mod, _loader(world, int(cfg.vae.batch), int(cfg.seed)))
     vae_steps = int(tr.global_step)
-    _finish_logger(tr)
+    finish_training_logger(tr)
     vae.eval().requires_grad_(False)
     std, means = latent_std(vae, world, int(cfg.vae.scale_batches), 32, int(cfg.seed))
     scaling = 1.0 / std
@@ -350,7 +319,7 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     """Stage 2 only, initialised from an exported pipeline (its VAE, tokenizer, EMA UNet/text)."""
     from toyworld.model import load_pipeline
 
-    src = _resolve(cfg.init_pipeline)
+    src = resolve_path(cfg.init_pipeline)
     pipe = load_pipeline(src)
     prev = json.loads((src / "toy_model.json").read_text()) if (src / "toy_model.json").exists() else {}
     vae = pipe.vae.eval().requires_grad_(False)
@@ -391,7 +360,7 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
                   [ExportCallback(export, float(cfg.export_every_minutes))])
     tr.fit(dm, _loader(world, int(cfg.unet.batch), int(cfg.seed) + 1))
     unet_steps = int(tr.global_step)
-    _finish_logger(tr)
+    finish_training_logger(tr)
     export(unet_steps)
     final = export(unet_steps, out_dir)
     total = time.time() - t_start
@@ -401,18 +370,3 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[toyworld] done: {summary}", flush=True)
     return summary
-
-
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = OmegaConf.create({})
-    if argv[:1] == ["--config"]:
-        loaded = OmegaConf.load(argv[1])
-        cfg = loaded.get("toy", loaded)
-        argv = argv[2:]
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(argv))
-    return train(cfg)
-
-
-if __name__ == "__main__":
-    main()

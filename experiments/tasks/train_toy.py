@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
+from omegaconf import DictConfig
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from toyworld.train import train
 
 
-def run(cfg) -> dict:
-    """``cfg.toy`` holds the hyper-parameters (configs/experiment/train_toy.yaml)."""
-    from omegaconf import OmegaConf
-
-    from toyworld.train import train
-
-    toy = cfg.get("toy", None) if hasattr(cfg, "get") else None
-    return train(toy if toy is not None else OmegaConf.create({}))
+def run(cfg: DictConfig) -> dict:
+    """``cfg.toy`` holds the settings (configs/experiment/train_toy.yaml)."""
+    return train(cfg.toy)
