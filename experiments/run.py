@@ -6,20 +6,18 @@ Bad input (:class:`sdattn.errors.UserError`) is printed as one line with exit st
 
 from __future__ import annotations
 
-import os
+from sdattn.env import set_process_defaults
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub unless the user asks
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("WANDB_SILENT", "true")
+set_process_defaults()  # never wait on the hub unless the user asks (HF_HUB_OFFLINE=0)
 
 import importlib  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from sdattn.files import REPO_ROOT as PROJECT_ROOT  # noqa: E402
+
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))

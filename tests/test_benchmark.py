@@ -15,6 +15,8 @@ from editing.baselines.p2p import p2p_hooks, refinement_mapping
 from editing.img2img import sdedit_start
 from evaluation import runner as R
 from evaluation.datasets import EditExample
+from evaluation.records import read_pairs
+from evaluation.tables import REL_FPE
 from experiments.run import dispatch
 from sdattn.errors import UserError
 
@@ -45,7 +47,7 @@ def bench(tmp_path, compose_cfg, tiny_pipe, monkeypatch):
 def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
     for m in ALL:
         res = bench(f"method={m}", "data.limit=2", *FAST.get(m, []))
-        rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+        rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
         assert [r["status"] for r in rows] == ["ok", "ok"], rows  # pair 2: p2p refine (token counts differ)
         for r in rows:
             assert 0 <= r["clip_score"] <= 100 and -1 <= r["clip_directional"] <= 1 and r["time_s"] > 0
@@ -53,8 +55,8 @@ def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
     table, files, cap = res["tables"]["table4"]["car_fake_edit"]
     assert sorted(table.index) == ALL and table.index[0] == "fpe"
     assert list(table.columns) == ["CLIP score ↑", "CLIP dir. sim. ↑", "Time (s) ↓", "PSNR ↑", "SSIM ↑",
-                                   R.REL_FPE, "Pairs"]
-    assert table.loc["fpe", R.REL_FPE] == "1.00×"
+                                   REL_FPE, "Pairs"]
+    assert table.loc["fpe", REL_FPE] == "1.00×"
     assert "tiny-random" in cap and "meaningless" in cap
     md = files["md"].read_text()
     assert "CLIP: tiny-random" in md and files["tex"].is_file() and files["csv"].is_file()
@@ -69,7 +71,7 @@ def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
 
 def test_resume_after_interruption_gives_the_same_table(bench, monkeypatch):
     counter = itertools.count()
-    monkeypatch.setattr(R, "_clock", lambda: float(next(counter)))  # every edit takes "1 s"
+    monkeypatch.setattr(R, "clock", lambda: float(next(counter)))  # every edit takes "1 s"
     calls = []
     real = editing.fpe.edit_fpe
     monkeypatch.setattr(editing.fpe, "edit_fpe",
@@ -88,7 +90,7 @@ def test_resume_after_interruption_gives_the_same_table(bench, monkeypatch):
     assert calls == ["car_fake_edit/00001"] * 2  # warm-up + the missing pair only
     assert res["summary"].resumed == 1 and res["summary"].edited == ["car_fake_edit/00001"]
     assert {k: p.read_text() for k, p in res["tables"]["table4"]["car_fake_edit"][1].items()} == before
-    assert len(R.read_pairs(pairs)) == 2
+    assert len(read_pairs(pairs)) == 2
     calls.clear()
     bench("method=fpe", "data.limit=2")  # nothing left: no edit, not even a warm-up
     assert calls == []
@@ -109,7 +111,7 @@ def test_missing_image_is_skipped_and_reported(bench, tmp_path, capsys):
     data.write_text(json.dumps([{"image_name": "car.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"},
                                 {"image_name": "gone.png", "soure_prompt": "a red car", "edit_prompt": "a cat"}]))
     res = bench("method=sdedit_0.5", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}")
-    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
     assert [r["id"] for r in rows] == ["car_real_edit/00000"]
     assert res["summary"].missing == 1
     out = capsys.readouterr().out
@@ -123,14 +125,14 @@ def test_unreadable_image_is_skipped_and_reported(bench, tmp_path, capsys):
     data.write_text(json.dumps([{"image_name": "broken.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"},
                                 {"image_name": "car.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"}]))
     res = bench("method=sdedit_0.5", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}")
-    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
     assert [r["status"] for r in rows] == ["error", "ok"] and "cannot be read" in rows[0]["error"]
     assert "1 errors (first: car_real_edit/00000: image" in capsys.readouterr().out
 
 
 def test_method_error_is_skipped_and_reported(bench, capsys):
     res = bench("method=p2p", "method.refine=false", "data.limit=2")
-    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
     assert [r["status"] for r in rows] == ["ok", "error"] and "p2p refine" in rows[1]["error"]
     assert "1 skipped: 1 errors" in capsys.readouterr().out
 
@@ -197,7 +199,7 @@ def test_real_image_pairs_every_method(bench, tmp_path):
     for m in ALL:
         extra = ["method.null_text.inner_steps=2"] if m == "p2p" else FAST.get(m, [])
         res = bench(f"method={m}", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}", *extra)
-        rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+        rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
         assert [r["status"] for r in rows] == ["ok"] and rows[0]["image_path"].endswith("car.png")
     src = Image.open(f"{res['out_dir']}/images/car_real_edit/00000_source.png")
     assert src.size == (32, 32)  # the input image (cropped to the model size) is the source
@@ -227,7 +229,7 @@ def test_a_new_method_is_one_module_and_one_config(bench, tmp_path, monkeypatch)
         "name: dummy\n_target_: dummy_editor.edit_dummy\n_partial_: true\ngain: 0.5\n"
         "num_inference_steps: ${model.steps}\nguidance_scale: ${model.guidance_scale}\n")
     res = bench("method=dummy", "data.limit=2", f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
-    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
     assert [r["status"] for r in rows] == ["ok", "ok"] and res["out_dir"].endswith("/dummy")
     assert rows[0]["psnr"] == pytest.approx(10 * math.log10(1 / 0.25 ** 2), abs=1e-3)  # 0.5 → 0.25: the dummy edited
     assert "dummy" in res["tables"]["table4"]["car_fake_edit"][0].index

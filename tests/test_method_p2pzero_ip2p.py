@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from omegaconf import OmegaConf
 
 from editing.baselines.instructpix2pix import build_tiny_ip2p, changed_words, load_ip2p, make_instruction
@@ -135,7 +134,8 @@ def test_instruction_template():
     defaults = (ip2p.instruction, ip2p.instruction_fallback)
     assert changed_words("a black car", "a red car") == ("black", "red")
     assert make_instruction("a black car", "a red car", *defaults) == "replace black with red"
-    assert make_instruction("a black car", "a red car", "make the {old} car {new} ({source} → {target})", defaults[1]) == \
+    template = "make the {old} car {new} ({source} → {target})"
+    assert make_instruction("a black car", "a red car", template, defaults[1]) == \
         "make the black car red (a black car → a red car)"
     assert make_instruction("a car", "a red car", *defaults) == "turn it into a red car"  # insertion: fallback
     for bad in ("make it {colour}", "make it {}", "make it {0}", "unbalanced {old"):
@@ -173,7 +173,8 @@ def test_ip2p_resizes_to_its_own_size(tiny_pipe, make_method, real_image):
 
 def test_ip2p_loads_a_local_folder(tiny_pipe, make_method, tmp_path):
     build_tiny_ip2p(tiny_pipe).save_pretrained(tmp_path / "ip2p")
-    from_folder = make_method("instructpix2pix", num_inference_steps=2, model=str(tmp_path / "ip2p"))(tiny_pipe, EX, 1)[1]
+    folder = str(tmp_path / "ip2p")
+    from_folder = make_method("instructpix2pix", num_inference_steps=2, model=folder)(tiny_pipe, EX, 1)[1]
     torch.testing.assert_close(from_folder,
                                make_method("instructpix2pix", num_inference_steps=2, model="tiny")(tiny_pipe, EX, 1)[1])
 

@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from evaluation.metrics import ClipMetrics, preprocess_images
+from sdattn.files import atomic_write_text
+from toyworld.model import MAX_LENGTH, build_tokenizer
+from toyworld.train import finish_training_logger, resolve_path, training_logger
+from toyworld.world import World, load_world
 
-import lightning as L  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from evaluation.metrics import preprocess_images  # noqa: E402
-from toyworld.model import MAX_LENGTH, build_tokenizer  # noqa: E402
-from toyworld.train import finish_training_logger, resolve_path, training_logger  # noqa: E402
-from toyworld.world import World, load_world  # noqa: E402
 
 def all_specs(world: World) -> list[tuple[str, str, str]]:
     """Every (colour, shape, background) the grammar can name, in a fixed order."""
@@ -226,8 +224,6 @@ def train(cfg: DictConfig) -> dict:
     ``cfg``: the ``toy_clip:`` node of configs/experiment/train_toy_clip.yaml (every key)."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from evaluation.metrics import ClipMetrics
-
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), verbose=False)
     world = load_world(resolve_path(cfg.grammar))
@@ -263,8 +259,6 @@ def train(cfg: DictConfig) -> dict:
     meta = {"what": "toy-world CLIP (toyworld/clip.py)", "steps": int(trainer.global_step),
             "minutes": round(minutes, 1), "zero_shot": scores,
             "config": OmegaConf.to_container(cfg, resolve=True)}
-    tmp = out / "toy_clip.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "toy_clip.json")
+    atomic_write_text(out / "toy_clip.json", json.dumps(meta, indent=1))
     print(json.dumps({"output_dir": str(out), "steps": meta["steps"], "zero_shot": scores}, indent=1))
     return {"output_dir": str(out), "eval": scores, "steps": meta["steps"], "minutes": minutes}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,9 +22,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from toyworld.world import World, load_world, shape_template  # noqa: E402
+from sdattn.env import set_process_defaults
+from sdattn.sampling import sample
+from toyworld.model import load_pipeline
+from toyworld.world import World, coverage, load_world, shape_template
 
 NORM = 32  # normalised mask resolution for shape matching
 MIN_PIXELS = 20  # smaller foregrounds count as "no object found"
@@ -81,11 +81,9 @@ BLURS = (0.0, 1.0, 1.6, 2.2)  # px: templates also as a decoder would soften the
 @functools.lru_cache(maxsize=2048)
 def _sized_templates(shapes: tuple[str, ...], size: int) -> dict[str, list[np.ndarray]]:
     """Per shape: normalised masks of the shape drawn at ``size`` px, sharp and Gaussian-softened."""
-    from toyworld.world import _coverage
-
     out: dict[str, list[np.ndarray]] = {}
     for s in shapes:
-        cov = np.pad(_coverage(s, size), 4)
+        cov = np.pad(coverage(s, size), 4)
         out[s] = []
         for sigma in BLURS:
             m = (ndimage.gaussian_filter(cov, sigma) if sigma else cov) >= 0.5
@@ -165,8 +163,6 @@ def validate_checker(n: int = 350, seed: int = 123, world: World | None = None) 
 # --------------------------------------------------------------------------- sampling
 def sample_images(pipe, prompts, seeds, num_inference_steps=25, guidance_scale=2.0) -> np.ndarray:
     """uint8 images (B, H, W, 3) for prompts/seeds through the project's sampler."""
-    from sdattn.sampling import sample
-
     out = sample(pipe, list(prompts), list(seeds), num_inference_steps=num_inference_steps,
                  guidance_scale=guidance_scale, progress=False)
     return np.stack([to_uint8(im) for im in out.images])
@@ -203,8 +199,6 @@ def evaluate(model_dir: str | Path = "models/toy", out_dir: str | Path | None = 
              batch: int = 35, threads: int | None = None, grammar=None,
              validate: bool = True) -> dict:
     """Sample per_combo x |colours| x |shapes| prompts and score them; writes metrics.json."""
-    from toyworld.model import load_pipeline
-
     if threads:
         torch.set_num_threads(int(threads))
     world = load_world(grammar)
@@ -272,6 +266,7 @@ def evaluate(model_dir: str | Path = "models/toy", out_dir: str | Path | None = 
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
+    set_process_defaults()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/toy")
     ap.add_argument("--out", default="outputs/eval_toy")

@@ -19,17 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from toyworld.model import (  # noqa: E402
+from toyworld.model import (
     MAX_LENGTH,
     assemble_pipeline,
     build_scheduler,
@@ -37,9 +34,11 @@ from toyworld.model import (  # noqa: E402
     build_tokenizer,
     build_unet,
     build_vae,
+    load_pipeline,
     save_pipeline,
 )
-from toyworld.world import REPO_ROOT, load_world  # noqa: E402
+from toyworld.world import REPO_ROOT, load_world
+
 
 def resolve_path(path: str | Path) -> Path:
     """A path of the training configs: relative ones are relative to the repository root."""
@@ -66,7 +65,7 @@ def _loader(world, batch, seed):
     return torch.utils.data.DataLoader(RenderStream(world, batch, seed), batch_size=None, num_workers=0)
 
 
-class _Progress:
+class StepBudget:
     """Training progress in [0, 1]: the larger of the step and the wall-clock fractions."""
 
     def __init__(self, max_steps: int, max_seconds: float):
@@ -78,14 +77,14 @@ class _Progress:
         return min(1.0, max(step / self.max_steps, (time.time() - self.t0) / max(self.max_seconds, 1.0)))
 
 
-def _cosine_lr(base: float, step: int, progress: float, warmup: int) -> float:
+def cosine_lr(base: float, step: int, progress: float, warmup: int) -> float:
     warm = min(1.0, (step + 1) / max(1, warmup))
     return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # --------------------------------------------------------------------------- stage 1: VAE
 class VAEModule(L.LightningModule):
-    def __init__(self, vae, lr: float, kl_weight: float, progress: _Progress, warmup: int = 100,
+    def __init__(self, vae, lr: float, kl_weight: float, progress: StepBudget, warmup: int = 100,
                  crop: int = 0, seed: int = 0):
         super().__init__()
         self.vae, self.lr, self.kl_weight, self.progress, self.warmup = vae, lr, kl_weight, progress, warmup
@@ -102,7 +101,7 @@ class VAEModule(L.LightningModule):
     def training_step(self, batch, _):
         x, _prompts = batch
         x = self._random_crop(x)
-        lr = _cosine_lr(self.lr, self.global_step, self.progress(self.global_step), self.warmup)
+        lr = cosine_lr(self.lr, self.global_step, self.progress(self.global_step), self.warmup)
         for g in self.optimizers().optimizer.param_groups:
             g["lr"] = lr
         post = self.vae.encode(x).latent_dist
@@ -137,7 +136,7 @@ class PromptEncoder:
 
 
 class DiffusionModule(L.LightningModule):
-    def __init__(self, unet, text_encoder, vae, tokenizer, scaling_factor: float, ucfg, progress: _Progress,
+    def __init__(self, unet, text_encoder, vae, tokenizer, scaling_factor: float, ucfg, progress: StepBudget,
                  seed: int):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
@@ -155,7 +154,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch, _):
         x, prompts = batch
         step = self.global_step
-        lr = _cosine_lr(self.ucfg.lr, step, self.progress(step), self.ucfg.warmup)
+        lr = cosine_lr(self.ucfg.lr, step, self.progress(step), self.ucfg.warmup)
         for g in self.optimizers().optimizer.param_groups:
             g["lr"] = lr
         with torch.no_grad():
@@ -286,7 +285,7 @@ def train(cfg: DictConfig) -> dict:
 
     # ---- stage 1: VAE
     vae_seconds = budget * float(cfg.vae.budget_fraction)
-    vae_mod = VAEModule(vae, cfg.vae.lr, cfg.vae.kl_weight, _Progress(cfg.vae.steps, vae_seconds),
+    vae_mod = VAEModule(vae, cfg.vae.lr, cfg.vae.kl_weight, StepBudget(cfg.vae.steps, vae_seconds),
                         crop=int(cfg.vae.crop), seed=int(cfg.seed))
     tr = _trainer(cfg, work, "vae", int(cfg.vae.steps), vae_seconds, [])
     tr.fit(vae_mod, _loader(world, int(cfg.vae.batch), int(cfg.seed)))
@@ -317,8 +316,6 @@ def train(cfg: DictConfig) -> dict:
 
 def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size) -> dict:
     """Stage 2 only, initialised from an exported pipeline (its VAE, tokenizer, EMA UNet/text)."""
-    from toyworld.model import load_pipeline
-
     src = resolve_path(cfg.init_pipeline)
     pipe = load_pipeline(src)
     prev = json.loads((src / "toy_model.json").read_text()) if (src / "toy_model.json").exists() else {}
@@ -337,7 +334,7 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
             scaling, extra_info, extra_summary) -> dict:
     unet_seconds = max(1.0, budget - (time.time() - t_start) - 30)
     dm = DiffusionModule(unet, text_encoder, vae, tokenizer, scaling, cfg.unet,
-                         _Progress(int(cfg.unet.steps), unet_seconds), int(cfg.seed))
+                         StepBudget(int(cfg.unet.steps), unet_seconds), int(cfg.seed))
 
     info = {
         "image_size": int(cfg.image_size), "latent_size": latent_size, "vae_scale_factor": factor,

@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from sdattn.files import REPO_ROOT
+
 DEFAULT_GRAMMAR = REPO_ROOT / "datasets" / "toy_world.yaml"
 _TEMPLATE_RES = 192  # shapes are drawn once at this resolution, then box-filtered to size
 
@@ -72,7 +73,7 @@ def shape_template(shape: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4096)
-def _coverage(shape: str, size: int) -> np.ndarray:
+def coverage(shape: str, size: int) -> np.ndarray:
     """Anti-aliased coverage of ``shape`` in a size x size pixel box."""
     img = Image.fromarray(shape_template(shape), mode="F")
     return np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32).clip(0, 1)
@@ -184,7 +185,7 @@ class World:
             size = place["size"] if size is None else size
         n = self.image_size
         cov = np.zeros((n, n), np.float32)
-        cov[y0:y0 + size, x0:x0 + size] = _coverage(shape, int(size))[: n - y0, : n - x0]
+        cov[y0:y0 + size, x0:x0 + size] = coverage(shape, int(size))[: n - y0, : n - x0]
         bg = np.array(self.backgrounds[background]["rgb"], np.float32)
         fg = np.array(self.colors[color], np.float32)
         img = bg * (1 - cov[..., None]) + fg * cov[..., None]

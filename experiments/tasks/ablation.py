@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from editing.two_branch import SOURCE, TARGET, model_layers, replacement_edit
 from editing.grid import labelled_grid
 from editing.replace import AttentionReplace, TokenMapEdit, select_layers, step_range
+from editing.two_branch import SOURCE, TARGET, model_layers, replacement_edit
 from experiments.common import load_model, output_dir
 from probing.prompts import word_token_positions
 from sdattn.errors import UserError

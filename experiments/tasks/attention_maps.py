@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.common import load_model, output_dir
-from probing.visualize import (
+from probing.attention_maps import (
     AttentionMaps,
     capture_attention_maps,
     prompt_words,

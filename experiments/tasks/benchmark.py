@@ -15,12 +15,15 @@ from pathlib import Path
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.datasets import load_from_config
+from evaluation.datasets import LoadedDataset
+from evaluation.metric_models import load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
-from evaluation.runner import load_clip, run_pairs, write_tables
+from evaluation.runner import run_pairs
 from evaluation.structure import load_structure
+from evaluation.tables import write_tables
 from experiments.common import close_logger, instantiate, load_model, make_logger
 from sdattn.errors import UserError, first_line
+from toyworld.edit_benchmark import toy_scores
 
 
 def _node(cfg: DictConfig, key: str) -> dict:
@@ -47,7 +50,8 @@ def build_method(method_cfg) -> tuple[str, Callable]:
     try:
         target = get_object(spec["_target_"])
     except Exception as e:  # noqa: BLE001 - any import failure is the same one-line error
-        raise UserError(f"method {name!r}: _target_ {spec['_target_']!r} cannot be imported ({first_line(e)})") from None
+        raise UserError(f"method {name!r}: _target_ {spec['_target_']!r} cannot be imported "
+                        f"({first_line(e)})") from None
     check_settings(name, target, {k: v for k, v in spec.items() if not k.startswith("_")})
     return name, instantiate(spec, _convert_="all")
 
@@ -65,6 +69,17 @@ def check_settings(name: str, target: Callable, settings: dict) -> None:
     missing = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and p.default is p.empty and k not in settings]
     if missing:
         raise UserError(f"method {name!r} lacks the setting(s) {', '.join(missing)} (configs/method/{name}.yaml)")
+
+
+def load_data(data_cfg) -> LoadedDataset:
+    """The dataset of a ``data`` config (``configs/data/<name>.yaml``): its ``_target_`` loader called
+    with the config's keys (name, path, root, limit, and the loader's own options)."""
+    return instantiate(data_cfg, _convert_="all")
+
+
+def structure_scorer(structure: Callable) -> Callable:
+    """(example, source, edited) → {"structure": DINO self-similarity distance} for the runner."""
+    return lambda example, source, edited: {"structure": float(structure(source, edited)[0])}
 
 
 class SamplePanel:
@@ -111,7 +126,7 @@ def run(cfg: DictConfig) -> dict:
         raise UserError("data is required for task=benchmark: e.g. data=car_fake_edit data.path=Car_fake_edit.json")
     method_cfg = cfg.method
     name, edit = build_method(method_cfg)  # a bad setting or target → one-line error before any loading
-    dataset = load_from_config(cfg.data)
+    dataset = load_data(cfg.data)
     bench = _node(cfg, "benchmark")
     clip_name = str(_node(cfg, "metrics").get("clip") or DEFAULT_CLIP_MODEL)
     root = Path(bench.get("root") or Path(cfg.paths.log_dir) / "benchmark")
@@ -127,8 +142,11 @@ def run(cfg: DictConfig) -> dict:
             "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
             "method_cfg": method_settings(method_cfg)}
+    # Extra scores: DINO structure distance when configured; the toy world's own edit check, which
+    # applies to the pairs that carry the world's ground truth (toy datasets) and is {} for others.
+    scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores]
     summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed),
-                        progress=bool(cfg.progress), structure=structure, on_record=panel)
+                        progress=bool(cfg.progress), scorers=scorers, on_record=panel)
     tables = write_tables(root, clip_name, str(cfg.model.name))
     if logger is not None:
         _log(logger, panel, tables, str(cfg.data.name), name)

@@ -13,9 +13,11 @@ from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family, resolve_token
 from probing.store import FeatureStore
-from probing.tables import accuracy_table, formatted, write_table
+from probing.tables import accuracy_table, formatted
+from sdattn.errors import UserError
 from sdattn.layers import LayerSelector, enumerate_layers
 from sdattn.sampling import latent_size
+from sdattn.tables import write_table
 
 
 def family_path(cfg: DictConfig) -> Path:
@@ -53,8 +55,6 @@ def run(cfg: DictConfig) -> dict:
                            else p.layers).select(all_layers)
     spec = CaptureSpec(kind=p.kind, tokens=list(p.tokens), steps=p.steps, grid=p.grid, pool=p.pool)
     if p.kind == "cross" and not spec.tokens:
-        from sdattn.errors import UserError
-
         raise UserError("probe.tokens is empty: name the words whose cross-attention maps to probe, e.g. ['{cls}']")
     feats = collect_features(cfg, pipe, prompts, layers, spec, family)
 
