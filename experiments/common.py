@@ -23,6 +23,11 @@ def instantiate(node, *args, **kwargs):
         raise
 
 
+def plain(value):
+    """A config node as plain Python (dicts, lists, scalars; interpolations resolved); anything else as is."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def load_model(cfg: DictConfig):
     """The pipeline of ``cfg.model`` on ``cfg.device``; ``model.path`` (if set) wins over the preset."""
     m = cfg.model

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from evaluation.datasets import LoadedDataset
 from evaluation.metric_models import load_clip
@@ -21,20 +21,15 @@ from evaluation.metrics import DEFAULT_CLIP_MODEL
 from evaluation.runner import run_pairs
 from evaluation.structure import load_structure
 from evaluation.tables import write_tables
-from experiments.common import close_logger, instantiate, load_model, make_logger
+from experiments.common import close_logger, instantiate, load_model, make_logger, plain
 from sdattn.errors import UserError, first_line
 from toyworld.edit_benchmark import toy_scores
-
-
-def _node(cfg: DictConfig, key: str) -> dict:
-    value = cfg.get(key)
-    return OmegaConf.to_container(value, resolve=True) if value is not None else {}
 
 
 def method_settings(method_cfg) -> dict:
     """A method config as plain Python, resolved, without Hydra's ``_target_`` / ``_partial_`` keys:
     what identifies the method's settings (the record store's meta)."""
-    spec = OmegaConf.to_container(method_cfg, resolve=True) if OmegaConf.is_config(method_cfg) else dict(method_cfg)
+    spec = dict(plain(method_cfg))
     return {k: v for k, v in spec.items() if not k.startswith("_")}
 
 
@@ -42,7 +37,7 @@ def build_method(method_cfg) -> tuple[str, Callable]:
     """(name, edit) of a method config (``configs/method/<name>.yaml``): ``_target_`` instantiated with
     the config's settings; ``edit(pipe, example, seed, image=None) -> (source, edited)``. ``name`` is the
     label of the rows, not an argument."""
-    spec = OmegaConf.to_container(method_cfg, resolve=True) if OmegaConf.is_config(method_cfg) else dict(method_cfg)
+    spec = dict(plain(method_cfg))
     name = str(spec.pop("name"))
     if "_target_" not in spec:
         raise UserError(f"method {name!r} has no _target_: give the editor's function (with _partial_: true) "
@@ -127,12 +122,12 @@ def run(cfg: DictConfig) -> dict:
     method_cfg = cfg.method
     name, edit = build_method(method_cfg)  # a bad setting or target → one-line error before any loading
     dataset = load_data(cfg.data)
-    bench = _node(cfg, "benchmark")
-    clip_name = str(_node(cfg, "metrics").get("clip") or DEFAULT_CLIP_MODEL)
+    bench = (plain(cfg.get("benchmark")) or {})
+    clip_name = str((plain(cfg.get("metrics")) or {}).get("clip") or DEFAULT_CLIP_MODEL)
     root = Path(bench.get("root") or Path(cfg.paths.log_dir) / "benchmark")
     out_dir = Path(bench.get("out_dir") or root / str(cfg.data.name) / name)
 
-    structure_name = _node(cfg, "metrics").get("structure")
+    structure_name = (plain(cfg.get("metrics")) or {}).get("structure")
     clip = load_clip(clip_name, device=cfg.device)  # ModelLoadError (one line) when unavailable
     structure = load_structure(structure_name, device=cfg.device)  # None when not configured
     pipe = load_model(cfg)
