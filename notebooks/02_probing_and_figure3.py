@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -43,7 +48,7 @@ def run(*overrides):
 # %%
 result = run("probe=cross_attn", "probe.n_per_class=6", "probe.num_inference_steps=10", "trainer.max_epochs=30",
              "probe.control=false")
-for stem, table in result["tables"].items():  # mean test accuracy (%) per class × layer
+for table in result["tables"].values():  # mean test accuracy (%) per class × layer
     display(table.round(1))
 
 # %% [markdown]
