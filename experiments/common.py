@@ -51,9 +51,9 @@ def output_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def make_logger(cfg: DictConfig):
-    """The configured Lightning logger, or None (``logger=null``)."""
-    return instantiate(cfg.logger) if cfg.get("logger") else None
+def make_logger(cfg: DictConfig, **overrides):
+    """The configured Lightning logger (``overrides``: e.g. its name / save_dir), or None (``logger=null``)."""
+    return instantiate(cfg.logger, **overrides) if cfg.get("logger") else None
 
 
 def close_logger(logger) -> None:

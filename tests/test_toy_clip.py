@@ -41,7 +41,7 @@ def test_short_training_run_exports_a_loadable_clip(tmp_path):
     out = tmp_path / "clip"
     yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "experiment" / "train_toy_clip.yaml")
     res = C.train(OmegaConf.merge(yaml.toy_clip, {
-                   "steps": 2, "batch": 8, "eval_renders": 14, "vae_path": None, "logger": "none",
+                   "steps": 2, "batch": 8, "eval_renders": 14, "vae_path": None,
                    "budget_minutes": 2, "output_dir": str(out), "work_dir": str(tmp_path / "work"),
                    "vision": {"hidden": 32, "layers": 1, "heads": 2}, "text": {"hidden": 32, "layers": 1, "heads": 2},
                    "projection_dim": 16}))

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.metrics import ClipMetrics, preprocess_images
 from sdattn.files import atomic_write_text
 from toyworld.model import MAX_LENGTH, build_tokenizer
-from toyworld.train import finish_training_logger, resolve_path, training_logger
+from toyworld.train import StageLogger, finish_training_logger, resolve_path
 from toyworld.world import World, load_world
 
 
@@ -219,9 +219,10 @@ def evaluate(clip, world: World, vae, n: int, seed: int) -> dict:
     return result
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
     """Train, evaluate and export the toy CLIP. Returns {"output_dir", "eval", "steps", "minutes"}.
-    ``cfg``: the ``toy_clip:`` node of configs/experiment/train_toy_clip.yaml (every key)."""
+    ``cfg``: the ``toy_clip:`` node of configs/experiment/train_toy_clip.yaml (every key);
+    ``make_logger(stage, save_dir)``: the Lightning logger (the task passes the configured one)."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     torch.set_num_threads(int(cfg.threads))
@@ -241,9 +242,10 @@ def train(cfg: DictConfig) -> dict:
     pool = roundtrip_pool(world, vae, int(cfg.pool_per_prompt), int(cfg.seed) + 7) if vae is not None else None
     stream = DistinctPromptStream(world, int(cfg.batch), int(cfg.seed), pool, float(cfg.roundtrip_prob))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)
+    logger = (make_logger("clip", work) if make_logger else None) or False
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=int(cfg.steps),
                         max_time={"seconds": max(1, int(60 * float(cfg.budget_minutes)))},
-                        logger=training_logger(cfg, work, "clip"), log_every_n_steps=int(cfg.progress_every),
+                        logger=logger, log_every_n_steps=int(cfg.progress_every),
                         callbacks=[TQDMProgressBar(refresh_rate=int(cfg.progress_every))],
                         enable_checkpointing=False, num_sanity_val_steps=0)
     t0 = time.time()

@@ -7,7 +7,7 @@
   * colour = mean colour of the (eroded) mask -> nearest named colour of the grammar,
   * shape = nearest shape template by IoU after normalising the mask's box (aspect kept).
 
-``evaluate(...)`` samples prompts with fixed seeds (25 DDIM steps by default), classifies every
+``evaluate(...)`` (the ``eval_toy`` task) samples prompts with fixed seeds, classifies every
 image and writes ``metrics.json`` (``color_accuracy``, ``shape_accuracy``, ``per_class``, ...).
 """
 
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from sdattn.env import set_process_defaults
 from sdattn.sampling import sample
 from toyworld.model import load_pipeline
 from toyworld.world import World, coverage, load_world, shape_template
@@ -194,11 +193,11 @@ def _save_grid(images: np.ndarray, path: Path, cols: int = 14) -> None:
     Image.fromarray(grid).save(path)
 
 
-def evaluate(model_dir: str | Path = "models/toy", out_dir: str | Path | None = None, per_combo: int = 2,
-             num_inference_steps: int = 25, guidance_scale: float | None = None, seed: int = 0,
-             batch: int = 35, threads: int | None = None, grammar=None,
+def evaluate(model_dir: str | Path, out_dir: str | Path | None, per_combo: int, num_inference_steps: int,
+             guidance_scale: float | None, seed: int, batch: int, threads: int | None, grammar=None,
              validate: bool = True) -> dict:
-    """Sample per_combo x |colours| x |shapes| prompts and score them; writes metrics.json."""
+    """Sample per_combo x |colours| x |shapes| prompts and score them; writes metrics.json. The settings
+    and their defaults: ``eval:`` of configs/experiment/eval_toy.yaml (``experiment=eval_toy``)."""
     if threads:
         torch.set_num_threads(int(threads))
     world = load_world(grammar)
@@ -261,26 +260,3 @@ def evaluate(model_dir: str | Path = "models/toy", out_dir: str | Path | None = 
         (out / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         _save_grid(images, out / "samples.png")
     return metrics
-
-
-def main(argv: list[str] | None = None) -> dict:
-    import argparse
-
-    set_process_defaults()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="models/toy")
-    ap.add_argument("--out", default="outputs/eval_toy")
-    ap.add_argument("--per-combo", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    m = evaluate(a.model, a.out, a.per_combo, a.steps, a.guidance, a.seed, threads=a.threads)
-    print(json.dumps({k: v for k, v in m.items() if k != "per_class"}, indent=2))
-    print(json.dumps(m["per_class"], indent=2))
-    return m
-
-
-if __name__ == "__main__":
-    main()

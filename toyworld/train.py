@@ -14,9 +14,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -208,21 +207,7 @@ class ExportCallback(Callback):
 
 
 # --------------------------------------------------------------------------- driver
-def training_logger(cfg, work: Path, stage: str):
-    if cfg.logger == "wandb":
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-
-            os.environ.setdefault("WANDB_MODE", "offline")
-            os.environ.setdefault("WANDB_SILENT", "true")
-            return WandbLogger(project="sdattn-toy", name=f"toy-{stage}", save_dir=str(work), offline=True)
-        except Exception as e:  # pragma: no cover - fallback when wandb is unusable
-            print(f"[toyworld] wandb logger unavailable ({e}); using CSV", file=sys.stderr)
-    if cfg.logger in ("wandb", "csv"):
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(str(work), name=f"csv-{stage}")
-    return False
+StageLogger = Callable[[str, Path], object]  # (stage, save dir) → a Lightning logger, or None for none
 
 
 def finish_training_logger(trainer) -> None:
@@ -237,12 +222,13 @@ def finish_training_logger(trainer) -> None:
         pass
 
 
-def _trainer(cfg, work: Path, stage: str, max_steps: int, seconds: float, callbacks: list):
+def _trainer(cfg, work: Path, stage: str, max_steps: int, seconds: float, callbacks: list,
+             make_logger: StageLogger | None):
     ckpt = ModelCheckpoint(dirpath=str(work / "checkpoints" / stage), save_last=True,
                            every_n_train_steps=500, save_top_k=-1)
     return L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, max_time={"seconds": max(1, int(seconds))},
-        logger=training_logger(cfg, work, stage), enable_progress_bar=True,
+        logger=(make_logger(stage, work) if make_logger else None) or False, enable_progress_bar=True,
         callbacks=[ckpt, TQDMProgressBar(refresh_rate=int(cfg.progress_every)), *callbacks],
         log_every_n_steps=cfg.progress_every, num_sanity_val_steps=0, enable_model_summary=True,
         deterministic=False,
@@ -262,9 +248,10 @@ def latent_std(vae, world, batches: int, batch: int, seed: int) -> tuple[float, 
     return float(z.std()), z.mean(dim=(0, 2, 3)).tolist()
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
     """Train both stages and write the pipeline to ``cfg.output_dir``; returns a summary dict.
-    ``cfg``: the ``toy:`` node of configs/experiment/train_toy.yaml (every key)."""
+    ``cfg``: the ``toy:`` node of configs/experiment/train_toy.yaml (every key); ``make_logger(stage,
+    save_dir)``: each stage's Lightning logger (the task passes the configured one; None: no logging)."""
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     t_start = time.time()
@@ -279,7 +266,7 @@ def train(cfg: DictConfig) -> dict:
     factor = 2 ** (len(cfg.vae.channels) - 1)
     latent_size = cfg.image_size // factor
     if cfg.get("init_pipeline"):
-        return _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size)
+        return _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, make_logger)
     tokenizer = build_tokenizer(world)
     vae = build_vae(cfg.image_size, list(cfg.vae.channels), cfg.vae.latent_channels, bool(cfg.vae.mid_attention))
 
@@ -287,7 +274,7 @@ def train(cfg: DictConfig) -> dict:
     vae_seconds = budget * float(cfg.vae.budget_fraction)
     vae_mod = VAEModule(vae, cfg.vae.lr, cfg.vae.kl_weight, StepBudget(cfg.vae.steps, vae_seconds),
                         crop=int(cfg.vae.crop), seed=int(cfg.seed))
-    tr = _trainer(cfg, work, "vae", int(cfg.vae.steps), vae_seconds, [])
+    tr = _trainer(cfg, work, "vae", int(cfg.vae.steps), vae_seconds, [], make_logger)
     tr.fit(vae_mod, _loader(world, int(cfg.vae.batch), int(cfg.seed)))
     vae_steps = int(tr.global_step)
     finish_training_logger(tr)
@@ -311,10 +298,10 @@ def train(cfg: DictConfig) -> dict:
                       cfg.vae.latent_channels)
     info = {"vae_steps": vae_steps, "vae_recon_mae_255": vae_rec_err}
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
-                   tokenizer, scaling, info, {"vae_minutes": round(t_vae / 60, 2)})
+                   tokenizer, scaling, info, {"vae_minutes": round(t_vae / 60, 2)}, make_logger)
 
 
-def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size) -> dict:
+def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, make_logger) -> dict:
     """Stage 2 only, initialised from an exported pipeline (its VAE, tokenizer, EMA UNet/text)."""
     src = resolve_path(cfg.init_pipeline)
     pipe = load_pipeline(src)
@@ -327,11 +314,11 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
-                   pipe.tokenizer, float(vae.config.scaling_factor), info, {})
+                   pipe.tokenizer, float(vae.config.scaling_factor), info, {}, make_logger)
 
 
 def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder, tokenizer,
-            scaling, extra_info, extra_summary) -> dict:
+            scaling, extra_info, extra_summary, make_logger) -> dict:
     unet_seconds = max(1.0, budget - (time.time() - t_start) - 30)
     dm = DiffusionModule(unet, text_encoder, vae, tokenizer, scaling, cfg.unet,
                          StepBudget(int(cfg.unet.steps), unet_seconds), int(cfg.seed))
@@ -354,7 +341,7 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
         return dest
 
     tr = _trainer(cfg, work, "unet", int(cfg.unet.steps), unet_seconds,
-                  [ExportCallback(export, float(cfg.export_every_minutes))])
+                  [ExportCallback(export, float(cfg.export_every_minutes))], make_logger)
     tr.fit(dm, _loader(world, int(cfg.unet.batch), int(cfg.seed) + 1))
     unet_steps = int(tr.global_step)
     finish_training_logger(tr)
