@@ -36,12 +36,12 @@ def config(*overrides):
 
 
 pipe = load_model(config())  # the default model: the toy world's
-pair = EditExample(id="demo", source_prompt="a white car in the park", target_prompt="a red car in the park")
+pair = EditExample(id="demo", source_prompt="a white car", target_prompt="a red car")
 
 # %%
 row = []
 for method in ("fpe", "p2p", "masactrl"):
     name, edit = build_method(config(f"method={method}").method)
-    source, edited = edit(pipe, pair, 3)
+    source, edited = edit(pipe, pair, 0)
     row.append((edited, name))
-display(labelled_grid([[(source, pair.source_prompt), *row]], cell=128))
+display(labelled_grid([[(source, pair.source_prompt), *row]], cell=160))
