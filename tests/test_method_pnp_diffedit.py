@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from editing.baselines.diffedit import diffedit_inpaint, diffedit_mask
 from editing.baselines.pnp import FeatureInject, QKInject, pnp_feature_module, pnp_layers
@@ -15,8 +16,12 @@ from sdattn.errors import UserError
 from sdattn.hooks import BatchLayout, StepState
 from sdattn.sampling import decode, encode_image, initial_latents
 
+from .conftest import ROOT
+
 EX = EditExample(id="0", source_prompt="a black car", target_prompt="a red car")
 STEPS = dict(num_inference_steps=4, guidance_scale=7.5)
+DIFFEDIT = OmegaConf.load(ROOT / "configs" / "method" / "diffedit.yaml")  # the settings' only defaults
+MASK = {k: DIFFEDIT[k] for k in ("mask_encode_strength", "num_maps_per_mask", "mask_thresholding_ratio")}
 
 
 def _cfg(**kw):
@@ -51,11 +56,12 @@ def test_end_to_end_generated_and_real_and_hooks_removed(tiny_pipe, make_method,
 
 
 def test_pnp_presets_derive_from_the_model(tiny_pipe, toy_pipe):
-    assert [x.index for x in pnp_layers(tiny_pipe)] == list(range(9, 17))  # official SD 1.5 layers
+    assert [x.index for x in pnp_layers(tiny_pipe, "decoder")] == list(range(9, 17))  # official SD 1.5 layers
     assert [x.index for x in pnp_layers(tiny_pipe, "10-12")] == [10, 11, 12] and pnp_layers(tiny_pipe, "none") == []
-    toy = pnp_layers(toy_pipe)  # up.1 has 2 attentions, up.2 has 2: drop up.1's first
+    toy = pnp_layers(toy_pipe, "decoder")  # up.1 has 2 attentions, up.2 has 2: drop up.1's first
     assert [x.index for x in toy] == [5, 6, 7] and toy[0].name.startswith("up_blocks.1.attentions.1.")
-    assert pnp_feature_module(tiny_pipe)[0] == pnp_feature_module(toy_pipe)[0] == "up_blocks.1.resnets.1"
+    auto = "up_blocks.1.resnets.1"
+    assert pnp_feature_module(tiny_pipe, "auto")[0] == pnp_feature_module(toy_pipe, "auto")[0] == auto
     name, module = pnp_feature_module(tiny_pipe, "up_blocks.2.resnets.0")
     assert module is tiny_pipe.unet.up_blocks[2].resnets[0].conv2
 
@@ -130,10 +136,10 @@ def test_ddim_invert_until_is_a_prefix(tiny_pipe):
 
 def test_diffedit_mask_is_binary_and_empty_for_identical_prompts(tiny_pipe):
     z0 = initial_latents(tiny_pipe, [2])
-    mask = diffedit_mask(tiny_pipe, z0, "a black car", "a red car", seed=0, num_maps_per_mask=3, **STEPS)
+    mask = diffedit_mask(tiny_pipe, z0, "a black car", "a red car", seed=0, **{**MASK, "num_maps_per_mask": 3}, **STEPS)
     assert mask.shape == (1, 1, *z0.shape[-2:])
     assert set(mask.unique().tolist()) <= {0.0, 1.0} and 0 < mask.sum() < mask.numel()
-    same = diffedit_mask(tiny_pipe, z0, "a red car", "a red car", seed=0, num_maps_per_mask=3, **STEPS)
+    same = diffedit_mask(tiny_pipe, z0, "a red car", "a red car", seed=0, **{**MASK, "num_maps_per_mask": 3}, **STEPS)
     assert same.shape == mask.shape and not same.any()
 
 
@@ -141,9 +147,11 @@ def test_diffedit_empty_mask_returns_the_inverted_source(tiny_pipe):
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     z0 = encode_image(tiny_pipe, image)
     mask = torch.zeros(1, 1, *z0.shape[-2:])
-    out = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS)
+    out = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS,
+                           inpaint_strength=DIFFEDIT.inpaint_strength)
     assert torch.equal(out, z0)
-    full = diffedit_inpaint(tiny_pipe, z0, torch.ones_like(mask), EX.source_prompt, EX.target_prompt, **STEPS)
+    full = diffedit_inpaint(tiny_pipe, z0, torch.ones_like(mask), EX.source_prompt, EX.target_prompt, **STEPS,
+                            inpaint_strength=DIFFEDIT.inpaint_strength)
     assert (full - z0).abs().max() > 1e-3
 
 

@@ -54,8 +54,8 @@ def check_mask_args(num_steps: int, mask_encode_strength, num_maps_per_mask, mas
 
 @torch.no_grad()
 def diffedit_mask(pipe, z0: torch.Tensor, source_prompt: str, target_prompt: str, seed: int,
-                  num_inference_steps: int = 50, guidance_scale: float = 7.5, mask_encode_strength: float = 0.5,
-                  num_maps_per_mask: int = 10, mask_thresholding_ratio: float = 3.0) -> torch.Tensor:
+                  num_inference_steps: int, guidance_scale: float, *, mask_encode_strength: float,
+                  num_maps_per_mask: int, mask_thresholding_ratio: float) -> torch.Tensor:
     """DiffEdit's mask of latent ``z0`` (1, C, h, w) → (1, 1, h, w) float of 0/1 (1 = edit).
 
     Noise draws from ``torch.Generator().manual_seed(seed)``. Identical prompts give an empty mask."""
@@ -100,8 +100,7 @@ class MaskBlend:
 
 @torch.no_grad()
 def diffedit_inpaint(pipe, z0: torch.Tensor, mask: torch.Tensor, source_prompt: str, target_prompt: str,
-                     num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                     inpaint_strength: float = 0.8) -> torch.Tensor:
+                     num_inference_steps: int, guidance_scale: float, inpaint_strength: float) -> torch.Tensor:
     """Invert ``z0`` (1, C, h, w) with the source prompt up to ``inpaint_strength``, denoise with the
     target prompt keeping the inverted latents outside ``mask`` (1, 1, h, w) → final latents (1, C, h, w)."""
     k = strength_steps("inpaint_strength", inpaint_strength, num_inference_steps)

@@ -233,9 +233,9 @@ def regularize_noise(noise: torch.Tensor, generator: torch.Generator, lambda_aut
 
 
 @torch.no_grad()
-def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, seed: int = 0,
-                          lambda_auto_corr: float = 20.0, lambda_kl: float = 20.0, num_reg_steps: int = 5,
-                          num_auto_corr_rolls: int = 5) -> torch.Tensor:
+def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, *, seed: int,
+                          lambda_auto_corr: float, lambda_kl: float, num_reg_steps: int,
+                          num_auto_corr_rolls: int) -> torch.Tensor:
     """DDIM inversion (no guidance, ``DDIMInverseScheduler``) with pix2pix-zero's noise regularisation.
     latents z_0 (B, C, h, w) → z_T. ``num_reg_steps=0`` is plain ``editing.inversion.ddim_invert``."""
     unet = pipe.unet

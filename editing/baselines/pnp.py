@@ -81,7 +81,7 @@ def attention_up_blocks(unet) -> list[int]:
     return [i for i, b in enumerate(unet.up_blocks) if getattr(b, "attentions", None)]
 
 
-def pnp_layers(pipe, spec="decoder") -> list[LayerId]:
+def pnp_layers(pipe, spec) -> list[LayerId]:
     """Self layers for Q/K injection. ``"decoder"``: every self layer of the up blocks except those of
     the first attention module of the first up block with attentions (official ``{1: [1, 2], 2: [0, 1, 2],
     3: [0, 1, 2]}``: SD 1.5 self layers 9–16); otherwise a :func:`editing.replace.select_layers` spec."""
@@ -97,7 +97,7 @@ def pnp_layers(pipe, spec="decoder") -> list[LayerId]:
     return chosen
 
 
-def pnp_feature_module(pipe, name="auto") -> tuple[str, torch.nn.Module]:
+def pnp_feature_module(pipe, name: str) -> tuple[str, torch.nn.Module]:
     """The resnet whose residual features are injected: ``"auto"`` = ``up_blocks.<i>.resnets.1`` of the
     first up block with attentions (official ``up_blocks[1].resnets[1]``) or an up-block resnet name.
     Returns (resnet name, its ``conv2``): the hook sits on ``conv2``, the residual branch before the skip
@@ -112,8 +112,8 @@ def pnp_feature_module(pipe, name="auto") -> tuple[str, torch.nn.Module]:
     return name, unet.get_submodule(name).conv2
 
 
-def pnp_injection(pipe, num_inference_steps: int, feature_steps=0.8, attn_steps=0.5, attn_layers="decoder",
-                  feature_block="auto") -> tuple[dict, FeatureInject]:
+def pnp_injection(pipe, num_inference_steps: int, *, feature_steps, attn_steps, attn_layers,
+                  feature_block: str) -> tuple[dict, FeatureInject]:
     """PnP's hooks, validated: ({self layer: QKInject factory}, the feature hook, not yet installed)."""
     feat_steps = step_range(feature_steps, num_inference_steps)
     qk_steps = step_range(attn_steps, num_inference_steps)
