@@ -1,84 +1,21 @@
-"""Free-Prompt-Editing (Liu et al. §4): Alg. 1 (generated images) and Alg. 2 (real images), and
-the general source→target replacement edit the ablations use. All on the shared hook layer and
-sampler: the step index comes from the sampling loop, layers from ``LayerId`` selectors."""
+"""Free-Prompt-Editing (Liu et al. §4): Alg. 1 (generated images), Alg. 2 (real images) and
+:func:`edit_fpe`, the benchmark entry (``configs/method/fpe.yaml``). On the shared two-branch
+machinery (:mod:`editing.two_branch`): the step index comes from the sampling loop, layers from
+``LayerId`` selectors."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-
 import torch
 
-from sdattn.hooks import AttentionHook, HookSet, StepState
-from sdattn.layers import LayerId, enumerate_layers
-from sdattn.sampling import (
-    check_prompts,
-    decode,
-    denoise,
-    encode_image,
-    encode_prompts,
-    initial_latents,
-    latent_size,
-)
+from sdattn.errors import UserError
+from sdattn.sampling import check_prompts, decode, encode_image, initial_latents
 
 from .inversion import ddim_invert, null_text_inversion
 from .replace import AttentionReplace, select_layers, step_range
+from .two_branch import SOURCE, TARGET, AnchorSource, EditResult, Images, model_layers, replacement_edit
 
-SOURCE, TARGET = 0, 1  # batch positions of the two branches
-
-
-@dataclass
-class EditResult:
-    latents: dict[str, torch.Tensor]  # name → (1, C, h, w) final latents
-    images: dict[str, torch.Tensor]  # name → (1, 3, H, W) in [0, 1]
-    info: dict = field(default_factory=dict)
-
-
-class AnchorSource:
-    """Sampler callback: after each step but the last, reset the source row to the inversion
-    trajectory (the official FPE real-image procedure), so the source branch replays the input."""
-
-    def __init__(self, trajectory: Sequence[torch.Tensor]):
-        self.trajectory = trajectory  # [z_0, ..., z_T], each (1, C, h, w)
-
-    def on_step_begin(self, step, timestep, num_steps, layout):
-        self.num_steps = num_steps
-
-    def on_step_end(self, step, timestep, latents):
-        if step >= self.num_steps - 1:
-            return None
-        latents = latents.clone()
-        latents[SOURCE] = self.trajectory[-step - 2][0].to(latents)
-        return latents
-
-
-def model_layers(pipe) -> list[LayerId]:
-    return enumerate_layers(pipe.unet, latent_size(pipe))
-
-
-def replacement_edit(
-    pipe,
-    source_prompt: str,
-    target_prompt: str,
-    latents: torch.Tensor,
-    hooks: dict[LayerId, Callable[[LayerId, StepState], AttentionHook]],
-    num_inference_steps: int,
-    guidance_scale: float,
-    negative_prompt: str = "",
-    uncond: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    callbacks: Sequence = (),
-    progress: bool = True,
-) -> torch.Tensor:
-    """Sample source and target together from ``latents`` (1, C, h, w) with ``hooks``
-    ({layer: factory}); returns final latents (2, C, h, w): [source, target]."""
-    check_prompts(pipe.tokenizer, [source_prompt, target_prompt])
-    cond = encode_prompts(pipe, [source_prompt, target_prompt])
-    if uncond is None and guidance_scale > 1:
-        uncond = encode_prompts(pipe, [negative_prompt])
-    layers = list(hooks)
-    with HookSet(pipe.unet, layers, lambda layer, state: hooks[layer](layer, state)) as hookset:
-        return denoise(pipe, latents.repeat(2, 1, 1, 1), cond, uncond, num_inference_steps, guidance_scale,
-                       [hookset, *callbacks], progress)
+INVERSIONS = ("ddim", "null_text")
+REAL_SOURCE_PROMPTS = ("empty", "dataset")
 
 
 def self_replace_hooks(pipe, layers="paper", steps=0.8, num_inference_steps: int = 50) -> dict:
@@ -131,10 +68,8 @@ def fpe_real(
     ``inversion="null_text"``: DDIM inversion with the source prompt, then null-text inversion;
     the source branch follows the trajectory through the optimised unconditional embeddings.
     """
-    from sdattn.errors import UserError
-
-    if inversion not in ("ddim", "null_text"):
-        raise UserError(f"edit.inversion {inversion!r} is not one of ['ddim', 'null_text']")
+    if inversion not in INVERSIONS:
+        raise UserError(f"edit.inversion {inversion!r} is not one of {list(INVERSIONS)}")
     check_prompts(pipe.tokenizer, [source_prompt, target_prompt])
     z0 = encode_image(pipe, image)
     traj = ddim_invert(pipe, z0, source_prompt, num_inference_steps, progress)
@@ -153,3 +88,22 @@ def fpe_real(
         {"input": image, "reconstruction": images[:1], "edited": images[1:]},
         {"layers": [x.label for x in hooks]},
     )
+
+
+def edit_fpe(pipe, example, seed: int, image: torch.Tensor | None = None, *, layers, self_replace_steps,
+             inversion: str, real_source_prompt: str, null_text: dict | None, num_inference_steps: int,
+             guidance_scale: float) -> Images:
+    """Benchmark entry: FPE on one pair → (source, edited). Generated pairs (``image is None``): Alg. 1
+    from ``seed``; real pairs: Alg. 2 on ``image`` (1, 3, H, W), which is returned as the source.
+    ``real_source_prompt``: ``empty`` inverts with "" and uses it for the source branch (paper);
+    ``dataset`` uses the pair's source prompt."""
+    if real_source_prompt not in REAL_SOURCE_PROMPTS:
+        raise UserError(f"method.real_source_prompt {real_source_prompt!r} is not one of {list(REAL_SOURCE_PROMPTS)}")
+    common = dict(layers=layers, self_replace_steps=self_replace_steps, num_inference_steps=int(num_inference_steps),
+                  guidance_scale=float(guidance_scale), progress=False)
+    if image is None:
+        r = fpe_generated(pipe, example.source_prompt, example.target_prompt, seed, **common)
+        return r.images["source"], r.images["edited"]
+    src = example.source_prompt if real_source_prompt == "dataset" else ""
+    r = fpe_real(pipe, image, example.target_prompt, src, inversion, null_text=null_text, **common)
+    return image, r.images["edited"]

@@ -11,11 +11,13 @@ Supported sources (``load_dataset`` names):
 - ``pnp_ti2i``: a Plug-and-Play TI2I YAML (``init_img``, ``target_prompts`` list, optional
   ``source_prompt``, ``seed``, ``scale``, ``ddim_steps``), one example per target prompt. The file may
   also hold a list of such mappings.
-- ``toy_edit``, ``toy_fake_edit``, ``toy_real_edit``: generated toy-world pairs (:mod:`evaluation.toy_edit`).
 - ``pie_bench``: PIE-Bench ``mapping_file.json`` (id → ``image_path``, ``original_prompt``,
   ``editing_prompt`` with ``[brackets]`` around edited words, ``editing_type_id``, ``mask`` as RLE).
   Images are looked up under ``<root>/annotation_images/<image_path>`` (the released layout), falling
   back to ``<root>/<image_path>``.
+
+The toy world's generated pairs (``toy_edit``, ...) are loaded by :mod:`toyworld.edit_benchmark`; every
+``configs/data/*.yaml`` names its loader (``_target_``).
 
 Missing images are never dropped silently: every example is kept, and ``LoadedDataset.missing_images``
 lists the resolved paths that do not exist (``missing_examples`` counts the examples that use them).
@@ -42,7 +44,7 @@ FPE_FILES = {
     "imagenet_real_edit": "ImageNet_real_edit.json",
 }
 FPE_REAL = {"car_real_edit", "imagenet_real_edit"}
-DATASET_NAMES = (*FPE_FILES, "pnp_ti2i", "pie_bench", "toy_edit", "toy_fake_edit", "toy_real_edit")
+DATASET_NAMES = (*FPE_FILES, "pnp_ti2i", "pie_bench")  # the sets load_dataset reads
 SOURCE_KEYS = ("soure_prompt", "source_prompt")  # the official files use the misspelling
 
 # The 28 colours of the official Car_fake_edit.json, in the file's order.
@@ -101,7 +103,7 @@ class LoadedDataset:
 
 # ----------------------------------------------------------------------------------------- helpers
 
-def _read_json(path: str | Path, what: str) -> Any:
+def read_json(path: str | Path, what: str) -> Any:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} {str(p)!r} does not exist")
@@ -111,7 +113,7 @@ def _read_json(path: str | Path, what: str) -> Any:
         raise UserError(f"{what} {str(p)!r} is not valid JSON: {e}") from e
 
 
-def _check_limit(limit: int | None) -> int | None:
+def check_limit(limit: int | None) -> int | None:
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
@@ -119,8 +121,8 @@ def _check_limit(limit: int | None) -> int | None:
     return limit
 
 
-def _finish(name: str, examples: list[EditExample], limit: int | None) -> LoadedDataset:
-    limit = _check_limit(limit)
+def finish_dataset(name: str, examples: list[EditExample], limit: int | None) -> LoadedDataset:
+    limit = check_limit(limit)
     if limit is not None:
         examples = examples[:limit]
     missing = sorted({ex.image_path for ex in examples
@@ -133,7 +135,7 @@ def _finish(name: str, examples: list[EditExample], limit: int | None) -> Loaded
 def load_fpe(path: str | Path, name: str = "fpe", root: str | Path | None = None,
              limit: int | None = None, real: bool | None = None) -> LoadedDataset:
     """One of the Free-Prompt-Editing JSON files. Rows with ``image_name`` need ``root``."""
-    rows = _read_json(path, "data.path")
+    rows = read_json(path, "data.path")
     if isinstance(rows, dict):  # tolerate {"data": [...]} or {id: row}
         rows = rows.get("data", list(rows.values()))
     if not isinstance(rows, list):
@@ -163,7 +165,7 @@ def load_fpe(path: str | Path, name: str = "fpe", root: str | Path | None = None
             if image is not None:
                 extra["image_name"] = image
             examples.append(EditExample(ex_id, str(src), str(tgt), image_path, None, extra))
-    return _finish(name, examples, limit)
+    return finish_dataset(name, examples, limit)
 
 
 def car_fake_edit_pairs(colors: list[str] | None = None) -> list[EditExample]:
@@ -219,7 +221,7 @@ def load_pnp_ti2i(path: str | Path, root: str | Path | None = None,
             examples.append(EditExample(ex_id, str(entry.get("source_prompt") or ""), str(tgt), str(img),
                                         None if seed is None else int(seed),
                                         {"entry": k, "index": j, **extra_common}))
-    return _finish("pnp_ti2i", examples, limit)
+    return finish_dataset("pnp_ti2i", examples, limit)
 
 
 # ------------------------------------------------------------------------------------ PIE-Bench
@@ -265,7 +267,7 @@ def load_pie_bench(root: str | Path | None, limit: int | None = None,
                         "and annotation_images/")
     mapping_path = Path(path) if path is not None else Path(root) / "mapping_file.json"
     base = Path(root) if root is not None else mapping_path.parent
-    mapping = _read_json(mapping_path, "PIE-Bench mapping file")
+    mapping = read_json(mapping_path, "PIE-Bench mapping file")
     if not isinstance(mapping, dict):
         raise UserError(f"PIE-Bench mapping file {str(mapping_path)!r}: expected an object id → entry")
     examples = []
@@ -286,7 +288,7 @@ def load_pie_bench(root: str | Path | None, limit: int | None = None,
             if k in entry:
                 extra[k] = entry[k]
         examples.append(EditExample(f"pie_bench/{key}", src, tgt, str(img), None, extra))
-    return _finish("pie_bench", examples, limit)
+    return finish_dataset("pie_bench", examples, limit)
 
 
 def example_mask(example: EditExample, official_border: bool = False) -> np.ndarray | None:
@@ -298,22 +300,16 @@ def example_mask(example: EditExample, official_border: bool = False) -> np.ndar
 # ------------------------------------------------------------------------------------ entry point
 
 def load_dataset(name: str, root: str | None = None, limit: int | None = None,
-                 path: str | None = None, **options) -> LoadedDataset:
+                 path: str | None = None) -> LoadedDataset:
     """Load benchmark ``name`` (see :data:`DATASET_NAMES`).
 
     - FPE names: ``path`` = the official JSON file (required); ``root`` = image folder (required for the
       ``*_real_edit`` sets).
     - ``pnp_ti2i``: ``path`` = the YAML (or ``root`` if it names a .yaml file); ``root`` = image folder.
     - ``pie_bench``: ``root`` = folder with ``mapping_file.json`` (``path`` may name the mapping file).
-    - ``toy_edit`` / ``toy_fake_edit`` / ``toy_real_edit``: generated (:mod:`evaluation.toy_edit`);
-      ``root`` = where real sources are rendered; ``path`` = toy grammar; options ``pairs_per_kind``, ``seed``.
     """
     if name not in DATASET_NAMES:
         raise UserError(f"data.name {name!r} is not one of {', '.join(DATASET_NAMES)}")
-    if name.startswith("toy_"):
-        from .toy_edit import load_toy_edit
-
-        return load_toy_edit(name, root=root, limit=limit, path=path, **options)
     if name in FPE_FILES:
         if path is None:
             raise UserError(f"data.path is required for {name}: give the FPE file {FPE_FILES[name]} "
@@ -326,10 +322,3 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
             raise UserError("data.path is required for pnp_ti2i: give the Plug-and-Play TI2I YAML")
         return load_pnp_ti2i(path, root=root, limit=limit)
     return load_pie_bench(root, limit=limit, path=path)
-
-
-def load_from_config(data_cfg) -> LoadedDataset:
-    """``load_dataset`` from a ``data`` config node (keys name, path, root, limit)."""
-    get = data_cfg.get if hasattr(data_cfg, "get") else (lambda k, d=None: getattr(data_cfg, k, d))
-    options = {k: get(k) for k in ("pairs_per_kind", "seed") if get(k) is not None}
-    return load_dataset(get("name"), root=get("root"), limit=get("limit"), path=get("path"), **options)

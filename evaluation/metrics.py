@@ -50,7 +50,7 @@ def directional_similarity_from_features(src_image: torch.Tensor, edited_image: 
     return F.cosine_similarity(ei - si, tt - st, dim=-1, eps=1e-8)
 
 
-def _check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
+def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise UserError(f"{what} must be a (B, 3, H, W) tensor in [0, 1], got {shape}")
@@ -63,7 +63,7 @@ def psnr(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [0, 1]: (B, 3, H, W) × 2 → (B,). Identical images give inf."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    preds, target = _check_images(preds, "preds"), _check_images(target, "target")
+    preds, target = check_images(preds, "preds"), check_images(target, "target")
     return peak_signal_noise_ratio(preds, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
@@ -71,14 +71,14 @@ def ssim(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM (Gaussian 11×11, σ 1.5) of images in [0, 1]: → (B,)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    preds, target = _check_images(preds, "preds"), _check_images(target, "target")
+    preds, target = check_images(preds, "preds"), check_images(target, "target")
     return structural_similarity_index_measure(preds, target, data_range=1.0, reduction="none")
 
 
 def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float] = CLIP_MEAN,
                       std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """CLIP preprocessing in torch: shorter side → ``size`` (bicubic, antialias), centre crop, normalise."""
-    x = _check_images(images)
+    x = check_images(images)
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
@@ -154,10 +154,10 @@ class ClipMetrics:
     def directional_similarity(self, src_images: torch.Tensor, edited_images: torch.Tensor,
                                src_prompts: Sequence[str], tgt_prompts: Sequence[str]) -> torch.Tensor:
         """cos(E_I(edited) − E_I(src), E_T(tgt) − E_T(src)) → (B,)."""
-        return self.edit_scores(src_images, edited_images, src_prompts, tgt_prompts, "directional_similarity")[1]
+        return self.pair_scores(src_images, edited_images, src_prompts, tgt_prompts, "directional_similarity")[1]
 
-    def edit_scores(self, src_images: torch.Tensor, edited_images: torch.Tensor, src_prompts: Sequence[str],
-                    tgt_prompts: Sequence[str], what: str = "edit_scores") -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_scores(self, src_images: torch.Tensor, edited_images: torch.Tensor, src_prompts: Sequence[str],
+                    tgt_prompts: Sequence[str], what: str = "pair_scores") -> tuple[torch.Tensor, torch.Tensor]:
         """(CLIP score of edited vs target prompt, directional similarity) → (B,), (B,), each embedding
         computed once (a benchmark pair needs both)."""
         src_prompts = [src_prompts] if isinstance(src_prompts, str) else list(src_prompts)

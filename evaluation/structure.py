@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from evaluation.metrics import _check_images
+from evaluation.metrics import check_images
 from sdattn.errors import UserError
 from sdattn.hub import load_pretrained
 
@@ -64,7 +64,7 @@ def structure_distance_from_keys(keys_a: torch.Tensor, keys_b: torch.Tensor) -> 
 
 def preprocess_dino(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] → resized to size × size (bicubic, antialias, clamped), ImageNet-normalised."""
-    x = _check_images(images)
+    x = check_images(images)
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     x = x.clamp(0, 1)
@@ -136,8 +136,8 @@ class StructureDistance:
 
     def __call__(self, source_images: torch.Tensor, edited_images: torch.Tensor) -> torch.Tensor:
         """Structure distance per source/edited pair → (B,) float, raw (PIE-Bench reports ×10³)."""
-        src = _check_images(source_images, "source_images")
-        edt = _check_images(edited_images, "edited_images")
+        src = check_images(source_images, "source_images")
+        edt = check_images(edited_images, "edited_images")
         if src.shape[0] != edt.shape[0]:
             raise UserError(f"structure distance got {src.shape[0]} source and {edt.shape[0]} edited images; "
                             "they must match")

@@ -14,9 +14,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sdattn.errors import UserError, first_line
+from sdattn.files import REPO_ROOT
 from sdattn.settings import load_settings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = REPO_ROOT
 CONFIG_DIR = PROJECT_ROOT / "configs"
 SD1X_SETTINGS = CONFIG_DIR / "model_settings" / "sd1x.yaml"
 VERBOSE_ENV = "SDATTN_VERBOSE"  # =1: full tracebacks instead of one-line errors (for developers)

@@ -23,6 +23,11 @@ def instantiate(node, *args, **kwargs):
         raise
 
 
+def plain(value):
+    """A config node as plain Python (dicts, lists, scalars; interpolations resolved); anything else as is."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def load_model(cfg: DictConfig):
     """The pipeline of ``cfg.model`` on ``cfg.device``; ``model.path`` (if set) wins over the preset."""
     m = cfg.model
@@ -46,9 +51,9 @@ def output_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def make_logger(cfg: DictConfig):
-    """The configured Lightning logger, or None (``logger=null``)."""
-    return instantiate(cfg.logger) if cfg.get("logger") else None
+def make_logger(cfg: DictConfig, **overrides):
+    """The configured Lightning logger (``overrides``: e.g. its name / save_dir), or None (``logger=null``)."""
+    return instantiate(cfg.logger, **overrides) if cfg.get("logger") else None
 
 
 def close_logger(logger) -> None:

@@ -8,12 +8,9 @@ Bad input (:class:`sdattn.errors.UserError`, Hydra's composition errors included
 
 from __future__ import annotations
 
-import os
+from sdattn.env import set_process_defaults
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub unless the user asks
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # e.g. its "float16 cannot run on cpu" (it can, slowly)
-os.environ.setdefault("WANDB_SILENT", "true")
+set_process_defaults()  # never wait on the hub unless the user asks (HF_HUB_OFFLINE=0)
 
 import importlib  # noqa: E402
 import sys  # noqa: E402

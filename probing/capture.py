@@ -38,7 +38,7 @@ def parse_steps(spec, num_steps: int) -> set[int]:
     return steps
 
 
-class _Accumulator:
+class StepAccumulator:
     """Running sums of one feature per layer over the captured steps."""
 
     def __init__(self):
@@ -75,7 +75,7 @@ def token_maps(attn, query, key, rows: slice, weights: torch.Tensor, layer: Laye
 class CrossMapCapture(AttentionHook):
     """Records token cross-attention maps of the conditional branch; output unchanged (SDPA)."""
 
-    def __init__(self, layer: LayerId, state: StepState, acc: _Accumulator, token_weights: torch.Tensor,
+    def __init__(self, layer: LayerId, state: StepState, acc: StepAccumulator, token_weights: torch.Tensor,
                  steps: set[int], grid: int):
         super().__init__(layer, state)
         self.acc, self.weights, self.steps, self.grid = acc, token_weights, steps, grid
@@ -113,7 +113,7 @@ def pooled_self_attention(query, key, scale: float, hw: tuple[int, int], pool: i
 class SelfMapCapture(AttentionHook):
     """Records pooled self-attention maps of the conditional branch; output unchanged (SDPA)."""
 
-    def __init__(self, layer: LayerId, state: StepState, acc: _Accumulator, steps: set[int], pool: int):
+    def __init__(self, layer: LayerId, state: StepState, acc: StepAccumulator, steps: set[int], pool: int):
         super().__init__(layer, state)
         self.acc, self.steps, self.pool = acc, steps, pool
 
@@ -167,7 +167,7 @@ def capture_features(
     cross: (B, T, grid²) for the T words of each prompt (``words[b]``); self: (B, pool⁴).
     """
     steps = parse_steps(spec.steps, num_inference_steps)
-    acc = _Accumulator()
+    acc = StepAccumulator()
     if spec.kind == "cross":
         if words is None:
             raise UserError("cross-attention capture needs the words to capture")

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from sdattn.errors import UserError
+from sdattn.text import article
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,6 @@ class ProbePrompt:
     @property
     def id(self) -> str:
         return f"{self.prompt}|{self.seed}"
-
-
-def article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def with_articles(text: str) -> str:

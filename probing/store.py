@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdattn.files import atomic_save, atomic_write_text
+
 
 def config_hash(config: dict) -> str:
     """A short stable hash of a JSON-able config."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class FeatureStore:
@@ -54,9 +49,7 @@ class FeatureStore:
             if t.shape[0] != len(ids):
                 raise ValueError(f"feature {name} has {t.shape[0]} rows for {len(ids)} ids")
         shard = f"shard-{len(self.manifest['shards']):06d}.safetensors"
-        tmp = self.dir / (shard + ".tmp")
-        save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
-        os.replace(tmp, self.dir / shard)
+        atomic_save(self.dir / shard, lambda tmp: save_file({k: v.contiguous() for k, v in features.items()}, str(tmp)))
         self.manifest["shards"][shard] = list(ids)
         atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, default=str))
 

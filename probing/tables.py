@@ -1,10 +1,7 @@
-"""Probe results → the paper's table layout (class rows × layer columns + Avg), written as
-CSV, Markdown and LaTeX."""
+"""Probe results → the paper's table layout (class rows × layer columns + Avg); written as CSV,
+Markdown and LaTeX by :func:`sdattn.tables.write_table`."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,31 +44,3 @@ def formatted(mean: pd.DataFrame, std: pd.DataFrame, with_std: bool) -> pd.DataF
         [[f"{m:.1f} ± {s:.1f}" for m, s in zip(mr, sr)] for mr, sr in zip(mean.values, std.values)],
         index=mean.index, columns=mean.columns,
     )
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}"}
-
-
-def _latex_escape(text: str) -> str:
-    """Escape LaTeX's special characters in plain text (cells are escaped by pandas, captions are not)."""
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
-
-
-def write_table(table: pd.DataFrame, out_dir: str | Path, stem: str, caption: str = "",
-                index_label: str = "class") -> dict[str, Path]:
-    """Write ``stem.csv``, ``stem.md`` and ``stem.tex`` (rows named ``index_label``); returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"{stem}.{ext}" for ext in ("csv", "md", "tex")}
-    _atomic(paths["csv"], table.to_csv(index_label=index_label))
-    _atomic(paths["md"], (f"**{caption}**\n\n" if caption else "") + table.to_markdown() + "\n")
-    latex = table.to_latex(caption=_latex_escape(caption) or None, label=f"tab:{stem}", escape=True)
-    _atomic(paths["tex"], latex)
-    return paths

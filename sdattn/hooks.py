@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,6 @@ class StepState:
     timestep: int | None = None  # the scheduler's timestep value
     num_steps: int | None = None
     layout: BatchLayout | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -52,3 +52,18 @@ def toy_pipe():
     if not (path / "model_index.json").exists():
         pytest.skip("the toy-world model is not in models/toy")
     return load_pipeline(path=str(path))
+
+
+@pytest.fixture
+def make_method(compose_cfg):
+    """make_method(name, **settings) → the edit callable of ``configs/method/<name>.yaml`` on the tiny
+    model's defaults, ``settings`` merged over the config's (nested dicts merge key by key)."""
+    from omegaconf import OmegaConf
+
+    from experiments.tasks.benchmark import build_method
+
+    def _make(name: str, **settings):
+        node = OmegaConf.create(OmegaConf.to_container(compose_cfg(f"method={name}").method, resolve=True))
+        return build_method(OmegaConf.merge(node, settings))[1]
+
+    return _make

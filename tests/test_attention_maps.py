@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from experiments.run import dispatch
-from probing.prompts import word_token_positions
-from probing.visualize import (
+from probing.attention_maps import (
     capture_attention_maps,
     resolve_resolution,
     select_cross_layers,
     self_layer_by_index,
     top_components,
 )
+from probing.prompts import word_token_positions
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, HookSet
 from sdattn.layers import enumerate_layers

@@ -2,18 +2,25 @@
 
 import itertools
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from evaluation import methods as M
+import editing.fpe
+from editing.baselines.masactrl import MutualSelfAttention, masactrl_layers
+from editing.baselines.p2p import p2p_hooks, refinement_mapping
+from editing.img2img import sdedit_start
 from evaluation import runner as R
 from evaluation.datasets import EditExample
+from evaluation.records import read_pairs
+from evaluation.tables import REL_FPE
 from experiments.run import dispatch
 from sdattn.errors import UserError
 
-ALL = ["fpe", "p2p", "masactrl", "pnp", "sdedit_0.5", "sdedit_0.75", "diffedit", "pix2pix_zero", "instructpix2pix"]
+ALL = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "method").glob("*.yaml"))
 FAST = {"instructpix2pix": ["method.model=tiny"], "diffedit": ["method.num_maps_per_mask=2"],
         "pix2pix_zero": ["method.noise_regularization.num_reg_steps=0"]}
 PAIRS = [{"soure_prompt": "a red car", "edit_prompt": "a blue car"},
@@ -40,16 +47,16 @@ def bench(tmp_path, compose_cfg, tiny_pipe, monkeypatch):
 def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
     for m in ALL:
         res = bench(f"method={m}", "data.limit=2", *FAST.get(m, []))
-        rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+        rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
         assert [r["status"] for r in rows] == ["ok", "ok"], rows  # pair 2: p2p refine (token counts differ)
         for r in rows:
             assert 0 <= r["clip_score"] <= 100 and -1 <= r["clip_directional"] <= 1 and r["time_s"] > 0
             assert (tmp_path / "logs/benchmark/tiny/car_fake_edit" / m / "images" / f"{r['id']}.png").is_file()
     table, files, cap = res["tables"]["table4"]["car_fake_edit"]
-    assert list(table.index) == ALL
+    assert sorted(table.index) == ALL and table.index[0] == "fpe"
     assert list(table.columns) == ["CLIP score ↑", "CLIP dir. sim. ↑", "Time (s) ↓", "PSNR ↑", "SSIM ↑",
-                                   R.REL_FPE, "Pairs"]
-    assert table.loc["fpe", R.REL_FPE] == "1.00×"
+                                   REL_FPE, "Pairs"]
+    assert table.loc["fpe", REL_FPE] == "1.00×"
     assert "tiny-random" in cap and "meaningless" in cap
     md = files["md"].read_text()
     assert "CLIP: tiny-random" in md and files["tex"].is_file() and files["csv"].is_file()
@@ -57,17 +64,18 @@ def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
     assert r"sdedit\_0.5 &" in tex and r"pix2pix\_zero &" in tex  # names with "_" compile in LaTeX
     assert r"\caption{Table 4 — car\_fake\_edit, model tiny" in tex
     t5 = res["tables"]["table5"][0]
-    assert list(t5.index) == ALL
+    assert list(t5.index) == list(table.index)
     assert list(t5.columns) == ["car_fake_edit CLIP score ↑", "car_fake_edit CLIP dir. sim. ↑"]
     print("\n" + table.to_markdown())  # per-image times on the tiny model (pytest -s)
 
 
 def test_resume_after_interruption_gives_the_same_table(bench, monkeypatch):
     counter = itertools.count()
-    monkeypatch.setattr(R, "_clock", lambda: float(next(counter)))  # every edit takes "1 s"
+    monkeypatch.setattr(R, "clock", lambda: float(next(counter)))  # every edit takes "1 s"
     calls = []
-    real = M.METHODS["fpe"]
-    monkeypatch.setitem(M.METHODS, "fpe", lambda pipe, ex, *a: (calls.append(ex.id), real(pipe, ex, *a))[1])
+    real = editing.fpe.edit_fpe
+    monkeypatch.setattr(editing.fpe, "edit_fpe",
+                        lambda pipe, ex, *a, **kw: (calls.append(ex.id), real(pipe, ex, *a, **kw))[1])
     res = bench("method=fpe", "data.limit=2")
     assert calls == ["car_fake_edit/00000"] * 2 + ["car_fake_edit/00001"]  # warm-up + 2 pairs
     table, files, _ = res["tables"]["table4"]["car_fake_edit"]
@@ -82,7 +90,7 @@ def test_resume_after_interruption_gives_the_same_table(bench, monkeypatch):
     assert calls == ["car_fake_edit/00001"] * 2  # warm-up + the missing pair only
     assert res["summary"].resumed == 1 and res["summary"].edited == ["car_fake_edit/00001"]
     assert {k: p.read_text() for k, p in res["tables"]["table4"]["car_fake_edit"][1].items()} == before
-    assert len(R.read_pairs(pairs)) == 2
+    assert len(read_pairs(pairs)) == 2
     calls.clear()
     bench("method=fpe", "data.limit=2")  # nothing left: no edit, not even a warm-up
     assert calls == []
@@ -90,9 +98,11 @@ def test_resume_after_interruption_gives_the_same_table(bench, monkeypatch):
 
 def test_unknown_method_is_a_one_line_error(bench):
     with pytest.raises(UserError) as e:
-        bench("method=fpe", "method.name=nope")
+        bench("method=fpe", "method.name=nope", "method._target_=editing.nope.edit_nope")
     msg = str(e.value)
-    assert "\n" not in msg and "'nope'" in msg and "implemented: fpe, p2p, masactrl, pnp" in msg
+    assert "\n" not in msg and "'nope'" in msg and "editing.nope.edit_nope" in msg
+    with pytest.raises(UserError, match="method.bogus is not a setting of method 'fpe'"):
+        bench("method=fpe", "+method.bogus=1")
 
 
 def test_missing_image_is_skipped_and_reported(bench, tmp_path, capsys):
@@ -101,7 +111,7 @@ def test_missing_image_is_skipped_and_reported(bench, tmp_path, capsys):
     data.write_text(json.dumps([{"image_name": "car.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"},
                                 {"image_name": "gone.png", "soure_prompt": "a red car", "edit_prompt": "a cat"}]))
     res = bench("method=sdedit_0.5", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}")
-    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
     assert [r["id"] for r in rows] == ["car_real_edit/00000"]
     assert res["summary"].missing == 1
     out = capsys.readouterr().out
@@ -115,14 +125,14 @@ def test_unreadable_image_is_skipped_and_reported(bench, tmp_path, capsys):
     data.write_text(json.dumps([{"image_name": "broken.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"},
                                 {"image_name": "car.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"}]))
     res = bench("method=sdedit_0.5", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}")
-    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
     assert [r["status"] for r in rows] == ["error", "ok"] and "cannot be read" in rows[0]["error"]
     assert "1 errors (first: car_real_edit/00000: image" in capsys.readouterr().out
 
 
 def test_method_error_is_skipped_and_reported(bench, capsys):
     res = bench("method=p2p", "method.refine=false", "data.limit=2")
-    rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
     assert [r["status"] for r in rows] == ["ok", "error"] and "p2p refine" in rows[1]["error"]
     assert "1 skipped: 1 errors" in capsys.readouterr().out
 
@@ -142,16 +152,16 @@ def test_other_settings_in_same_out_dir_are_refused(bench):
 # ------------------------------------------------------------------------------- method internals
 
 def test_masactrl_inactive_equals_plain_pair_sampling(tiny_pipe):
-    from editing.fpe import replacement_edit
+    from editing.two_branch import replacement_edit
     from sdattn.sampling import initial_latents
 
     z = initial_latents(tiny_pipe, [3])
     plain = replacement_edit(tiny_pipe, "a red car", "a blue car", z, {}, 2, 7.5, progress=False)
-    hooks = {x: (lambda lay, st: M.MutualSelfAttention(lay, st, 99)) for x in M.masactrl_layers(tiny_pipe, 10)}
+    hooks = {x: (lambda lay, st: MutualSelfAttention(lay, st, 99)) for x in masactrl_layers(tiny_pipe, 10)}
     assert [x.index for x in hooks] == [11, 12, 13, 14, 15, 16]
     same = replacement_edit(tiny_pipe, "a red car", "a blue car", z, hooks, 2, 7.5, progress=False)
     torch.testing.assert_close(same, plain)
-    hooks = {x: (lambda lay, st: M.MutualSelfAttention(lay, st, 0)) for x in M.masactrl_layers(tiny_pipe, 10)}
+    hooks = {x: (lambda lay, st: MutualSelfAttention(lay, st, 0)) for x in masactrl_layers(tiny_pipe, 10)}
     edited = replacement_edit(tiny_pipe, "a red car", "a blue car", z, hooks, 2, 7.5, progress=False)
     torch.testing.assert_close(edited[0], plain[0])  # the source branch is untouched
     assert not torch.allclose(edited[1], plain[1])
@@ -159,27 +169,26 @@ def test_masactrl_inactive_equals_plain_pair_sampling(tiny_pipe):
 
 def test_p2p_modes_and_refinement_mapping(tiny_pipe):
     tok = tiny_pipe.tokenizer
-    src, tgt = M.refinement_mapping(tok, "a red car", "a photo of a red car")
+    src, tgt = refinement_mapping(tok, "a red car", "a photo of a red car")
     assert list(zip(src, tgt))[:4] == [(0, 0), (1, 4), (2, 5), (3, 6)]  # start, a, red, car
-    cfg = {"num_inference_steps": 2}
-    assert M.p2p_hooks(tiny_pipe, "a red car", "a blue car", cfg)[1] == "replace"
-    assert M.p2p_hooks(tiny_pipe, "a red car", "a photo of a red car", cfg)[1] == "refine"
+    cfg = dict(cross_replace_steps=0.8, self_replace_steps=0.4, cross_layers="all", self_layers="official", refine=True)
+    assert p2p_hooks(tiny_pipe, "a red car", "a blue car", 2, **cfg)[1] == "replace"
+    assert p2p_hooks(tiny_pipe, "a red car", "a photo of a red car", 2, **cfg)[1] == "refine"
 
 
 def test_sdedit_start():
-    assert M.sdedit_start(50, 0.5) == 25 and M.sdedit_start(50, 0.75) == 13 and M.sdedit_start(2, 1.0) == 0
+    assert sdedit_start(50, 0.5) == 25 and sdedit_start(50, 0.75) == 13 and sdedit_start(2, 1.0) == 0
     with pytest.raises(UserError):
-        M.sdedit_start(50, 0.0)
-    assert M.method_key("sdedit_0.75") == "sdedit"
+        sdedit_start(50, 0.0)
 
 
-def test_generated_pair_source_matches_plain_sampling(tiny_pipe):
+def test_generated_pair_source_matches_plain_sampling(tiny_pipe, make_method):
     from sdattn.sampling import sample
 
     ex = EditExample("x", "a red car", "a blue car")
     ref = sample(tiny_pipe, ["a red car"], seeds=[5], num_inference_steps=2, progress=False).images
-    for name in ("fpe", "masactrl", "sdedit"):
-        src, _ = M.METHODS[name](tiny_pipe, ex, 5, {"num_inference_steps": 2, "strength": 0.5})
+    for name in ("fpe", "masactrl", "sdedit_0.5"):
+        src, _ = make_method(name, num_inference_steps=2)(tiny_pipe, ex, 5)
         torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -190,17 +199,37 @@ def test_real_image_pairs_every_method(bench, tmp_path):
     for m in ALL:
         extra = ["method.null_text.inner_steps=2"] if m == "p2p" else FAST.get(m, [])
         res = bench(f"method={m}", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}", *extra)
-        rows = R.read_pairs(f"{res['out_dir']}/pairs.jsonl")
+        rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
         assert [r["status"] for r in rows] == ["ok"] and rows[0]["image_path"].endswith("car.png")
     src = Image.open(f"{res['out_dir']}/images/car_real_edit/00000_source.png")
     assert src.size == (32, 32)  # the input image (cropped to the model size) is the source
 
 
-def test_every_method_config_has_a_registered_method(compose_cfg):
-    from pathlib import Path
+def test_every_method_config_builds_its_editor(compose_cfg):
+    from experiments.tasks.benchmark import build_method
 
-    names = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "method").glob("*.yaml"))
-    assert names == sorted(ALL)
-    for name in names:
-        cfg = compose_cfg(f"method={name}")
-        assert callable(M.get_method(str(cfg.method.name)))
+    assert len(ALL) >= 9
+    for name in ALL:
+        label, edit = build_method(compose_cfg(f"method={name}").method)
+        assert label == name and callable(edit)
+
+
+def test_a_new_method_is_one_module_and_one_config(bench, tmp_path, monkeypatch):
+    """A dummy editor (a module on the path + configs/method/dummy.yaml in another config dir) runs
+    through the benchmark task with no registry edit."""
+    (tmp_path / "dummy_editor.py").write_text(
+        "import torch\n\n"
+        "def edit_dummy(pipe, example, seed, image=None, *, gain: float, num_inference_steps: int,\n"
+        "               guidance_scale: float):\n"
+        "    source = torch.full((1, 3, 32, 32), 0.5) if image is None else image\n"
+        "    return source, (source * gain).clamp(0, 1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "conf" / "method" / "dummy.yaml").write_text(
+        "name: dummy\n_target_: dummy_editor.edit_dummy\n_partial_: true\ngain: 0.5\n"
+        "num_inference_steps: ${model.steps}\nguidance_scale: ${model.guidance_scale}\n")
+    res = bench("method=dummy", "data.limit=2", f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    assert [r["status"] for r in rows] == ["ok", "ok"] and res["out_dir"].endswith("/dummy")
+    assert rows[0]["psnr"] == pytest.approx(10 * math.log10(1 / 0.25 ** 2), abs=1e-3)  # 0.5 → 0.25: the dummy edited
+    assert "dummy" in res["tables"]["table4"]["car_fake_edit"][0].index

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from editing.fpe import SOURCE, TARGET, fpe_generated, fpe_real, model_layers, replacement_edit
+from editing.fpe import fpe_generated, fpe_real
 from editing.inversion import ddim_invert, load_image
 from editing.replace import AttentionReplace, TokenMapEdit, select_layers, step_range
+from editing.two_branch import SOURCE, TARGET, model_layers, replacement_edit
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook
 from sdattn.layers import LayerSelector

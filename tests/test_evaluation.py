@@ -95,7 +95,9 @@ def test_unknown_dataset_name():
     with pytest.raises(UserError, match="'nonsense'.*car_fake_edit.*pie_bench") as e:
         load_dataset("nonsense", root=None, limit=None)
     assert "\n" not in str(e.value)
-    assert set(DATASET_NAMES) == {p.stem for p in (ROOT / "configs" / "data").glob("*.yaml")}
+    from toyworld.edit_benchmark import TOY_DATASETS
+
+    assert set(DATASET_NAMES) | set(TOY_DATASETS) == {p.stem for p in (ROOT / "configs" / "data").glob("*.yaml")}
 
 
 def test_pnp_ti2i_yaml(tmp_path):
@@ -193,13 +195,14 @@ def test_generator_small():
 def test_data_configs_compose(compose_cfg):
     from omegaconf import OmegaConf
 
-    for option in DATASET_NAMES:
+    for option in sorted(p.stem for p in (ROOT / "configs" / "data").glob("*.yaml")):
         cfg = compose_cfg(f"data={option}")
         data = OmegaConf.to_container(cfg, resolve=True)["data"]
         if option.startswith("toy_"):  # generated: rendered sources go to the cache, 12 pairs per kind
             assert data["root"].endswith("toy_edit") and data["pairs_per_kind"] == 12 and data["limit"] is None
         else:
-            assert data == {"name": option, "path": None, "root": None, "limit": None}
+            assert data == {"name": option, "_target_": "evaluation.datasets.load_dataset", "path": None,
+                            "root": None, "limit": None}
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -338,12 +341,12 @@ def test_psnr_ssim():
     assert (ssim((x + 0.3 * torch.randn_like(x)).clamp(0, 1), x) < s).all()
 
 
-def test_edit_scores_equal_the_two_metrics(clip):
+def test_pair_scores_equal_the_two_metrics(clip):
     g = torch.Generator().manual_seed(3)
     src, edited = torch.rand(2, 3, 40, 40, generator=g), torch.rand(2, 3, 40, 40, generator=g)
     sp, tp = ["a red car", "a photo of a dog"], ["a blue car", "a photo of a cat"]
-    score, directional = clip.edit_scores(src, edited, sp, tp)
+    score, directional = clip.pair_scores(src, edited, sp, tp)
     assert torch.allclose(score, clip.clip_score(edited, tp))
     assert torch.allclose(directional, clip.directional_similarity(src, edited, sp, tp))
-    with pytest.raises(UserError, match="edit_scores needs equal counts"):
-        clip.edit_scores(src, edited[:1], sp, tp)
+    with pytest.raises(UserError, match="pair_scores needs equal counts"):
+        clip.pair_scores(src, edited[:1], sp, tp)

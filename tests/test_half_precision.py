@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from editing.inversion import image_size, load_image
-from evaluation.datasets import load_from_config
-from evaluation.methods import get_method
 from experiments.common import load_model
+from experiments.tasks.benchmark import build_method, load_data
 
-METHODS = ["fpe", "p2p", "masactrl", "pnp", "sdedit_0.5", "diffedit", "pix2pix_zero", "instructpix2pix"]
+from .conftest import ROOT
+
+METHODS = sorted(p.stem for p in (ROOT / "configs" / "method").glob("*.yaml"))  # every editor there is
 FAST = ["model=toy", "experiment=table4", "data=toy_edit", "data.limit=4", "model.steps=3",
         "method.num_inference_steps=3"]
 EXTRA = {"p2p": ["method.null_text.inner_steps=2"], "diffedit": ["method.num_maps_per_mask=2"],
@@ -19,14 +20,14 @@ EXTRA = {"p2p": ["method.null_text.inner_steps=2"], "diffedit": ["method.num_map
 def _edits(compose_cfg, method, dtype):
     cfg = compose_cfg(*FAST, f"method={method}", f"dtype={dtype}", *EXTRA.get(method, []))
     pipe = load_model(cfg)
-    data = load_from_config(cfg.data)
+    data = load_data(cfg.data)
     fake = next(x for x in data.available() if x.image_path is None)
     real = next(x for x in data.available() if x.image_path is not None)
-    edit = get_method(method)
+    _, edit = build_method(cfg.method)
     out = {}
     for ex in (fake, real):
         image = load_image(ex.image_path, image_size(pipe)) if ex.image_path else None
-        _, edited = edit(pipe, ex, 0, cfg.method, image)
+        _, edited = edit(pipe, ex, 0, image)
         out[ex.image_path is None] = edited.float()
     return out
 

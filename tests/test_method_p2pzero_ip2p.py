@@ -2,22 +2,24 @@
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from editing.inversion import ddim_invert
-from evaluation.datasets import EditExample
-from evaluation.instructpix2pix import InstructPix2Pix, changed_words, load_ip2p, make_instruction
-from evaluation.pix2pix_zero import (
+from editing.baselines.instructpix2pix import build_tiny_ip2p, changed_words, load_ip2p, make_instruction
+from editing.baselines.pix2pix_zero import (
     MapStore,
     cfg_step,
     edit_direction,
-    edit_pix2pix_zero,
     guidance_hooks,
     guidance_step,
     mean_embedding,
     regularized_inversion,
 )
+from editing.inversion import ddim_invert
+from evaluation.datasets import EditExample
 from sdattn.errors import ModelLoadError, UserError
 from sdattn.sampling import ddim_scheduler, encode_prompts, initial_latents, sample
+
+from .conftest import ROOT
 
 STEPS = 4
 EX = EditExample(id="0", source_prompt="a black car", target_prompt="a red car")
@@ -44,29 +46,30 @@ def real_image(tiny_pipe):
 
 # -------------------------------------------------------------------------------------- pix2pix-zero
 
-def test_p2pzero_generated_and_real(tiny_pipe, real_image):
+def test_p2pzero_generated_and_real(tiny_pipe, make_method, real_image):
     before = _processors(tiny_pipe)
     cfg = {"num_inference_steps": STEPS, "noise_regularization": {"num_reg_steps": 1, "num_auto_corr_rolls": 1}}
-    src, edited = edit_pix2pix_zero(tiny_pipe, EX, 5, cfg)
+    edit = make_method("pix2pix_zero", **cfg)
+    src, edited = edit(tiny_pipe, EX, 5)
     _check(src), _check(edited, src)
     ref = sample(tiny_pipe, ["a black car"], seeds=[5], num_inference_steps=STEPS, progress=False).images
     torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)  # source = plain generation
     assert (edited - src).abs().max() > 1e-4
-    src, edited = edit_pix2pix_zero(tiny_pipe, EX, 5, cfg, image=real_image)
+    src, edited = edit(tiny_pipe, EX, 5, image=real_image)
     assert src is real_image
     _check(edited, real_image)
     assert _processors(tiny_pipe) == before
 
 
-def test_p2pzero_zero_direction_reproduces_source(tiny_pipe):
+def test_p2pzero_zero_direction_reproduces_source(tiny_pipe, make_method):
     same = EditExample(id="1", source_prompt="a black car", target_prompt="a black car")
     ref = sample(tiny_pipe, ["a black car"], seeds=[2], num_inference_steps=STEPS, progress=False).images
-    src, edited = edit_pix2pix_zero(tiny_pipe, same, 2, {"num_inference_steps": STEPS,
-                                                         "cross_attention_guidance_amount": 0.0})
+    src, edited = make_method("pix2pix_zero", num_inference_steps=STEPS,
+                              cross_attention_guidance_amount=0.0)(tiny_pipe, same, 2)
     torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(edited, ref, atol=1e-5, rtol=1e-5)
     # with guidance on, equal maps give (numerically) zero gradient: still the source
-    _, edited = edit_pix2pix_zero(tiny_pipe, same, 2, {"num_inference_steps": STEPS})
+    _, edited = make_method("pix2pix_zero", num_inference_steps=STEPS)(tiny_pipe, same, 2)
     torch.testing.assert_close(edited, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -91,14 +94,14 @@ def test_cross_attention_guidance_moves_latents(tiny_pipe):
     assert all(p.grad is None for p in unet.parameters())  # the shared model's weights get no .grad
 
 
-def test_direction_is_mean_difference(tiny_pipe, tmp_path):
+def test_direction_is_mean_difference(tiny_pipe, make_method, tmp_path):
     srcs, tgts = ["a black car", "a photo of a black car"], ["a red car", "a red car in a park", "the red car"]
     cfg = {"direction": "sentences", "source_sentences": srcs, "target_sentences": tgts}
-    d = edit_direction(tiny_pipe, "x", "y", cfg)
+    d = edit_direction(tiny_pipe, "x", "y", **cfg)
     want = encode_prompts(tiny_pipe, tgts).mean(0, keepdim=True) - encode_prompts(tiny_pipe, srcs).mean(0, keepdim=True)
     assert d.shape == want.shape == (1, 77, 32)
     torch.testing.assert_close(d, want, atol=1e-5, rtol=1e-5)
-    d = edit_direction(tiny_pipe, "a black car", "a red car", None)  # direction: prompts
+    d = edit_direction(tiny_pipe, "a black car", "a red car", "prompts")
     want = encode_prompts(tiny_pipe, ["a red car"]) - encode_prompts(tiny_pipe, ["a black car"])
     torch.testing.assert_close(d, want, atol=1e-5, rtol=1e-5)
     (tmp_path / "t.txt").write_text("\n".join(tgts) + "\n")
@@ -109,9 +112,9 @@ def test_direction_is_mean_difference(tiny_pipe, tmp_path):
     for bad in ({"direction": "words"}, {"direction": "sentences", "source_sentences": srcs},
                 {"source_sentences": srcs, "target_sentences": tgts}):
         with pytest.raises(UserError):
-            edit_direction(tiny_pipe, "a black car", "a red car", bad)
+            edit_direction(tiny_pipe, "a black car", "a red car", **{"direction": "prompts", **bad})
     with pytest.raises(UserError, match="negative"):
-        edit_pix2pix_zero(tiny_pipe, EX, 0, {"num_inference_steps": 1, "cross_attention_guidance_amount": -1})
+        make_method("pix2pix_zero", num_inference_steps=1, cross_attention_guidance_amount=-1)(tiny_pipe, EX, 0)
 
 
 def test_regularized_inversion_without_regularization_is_ddim(tiny_pipe, real_image):
@@ -119,68 +122,72 @@ def test_regularized_inversion_without_regularization_is_ddim(tiny_pipe, real_im
 
     z0 = encode_image(tiny_pipe, real_image)
     plain = ddim_invert(tiny_pipe, z0, "a black car", STEPS, progress=False)[-1]
-    torch.testing.assert_close(regularized_inversion(tiny_pipe, z0, "a black car", STEPS, num_reg_steps=0), plain)
-    reg = regularized_inversion(tiny_pipe, z0, "a black car", STEPS, num_reg_steps=1, num_auto_corr_rolls=1)
+    yaml = OmegaConf.load(ROOT / "configs" / "method" / "pix2pix_zero.yaml").noise_regularization
+    off = {**yaml, "num_reg_steps": 0}
+    torch.testing.assert_close(regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0, **off), plain)
+    reg = regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0,
+                                **{**yaml, "num_reg_steps": 1, "num_auto_corr_rolls": 1})
     assert torch.isfinite(reg).all() and (reg - plain).abs().max() > 0
 
 
 # ----------------------------------------------------------------------------------- InstructPix2Pix
 
 def test_instruction_template():
+    ip2p = OmegaConf.load(ROOT / "configs" / "method" / "instructpix2pix.yaml")
+    defaults = (ip2p.instruction, ip2p.instruction_fallback)
     assert changed_words("a black car", "a red car") == ("black", "red")
-    assert make_instruction("a black car", "a red car") == "replace black with red"
-    assert make_instruction("a black car", "a red car", "make the {old} car {new} ({source} → {target})") == \
+    assert make_instruction("a black car", "a red car", *defaults) == "replace black with red"
+    template = "make the {old} car {new} ({source} → {target})"
+    assert make_instruction("a black car", "a red car", template, defaults[1]) == \
         "make the black car red (a black car → a red car)"
-    assert make_instruction("a car", "a red car") == "turn it into a red car"  # insertion: fallback
+    assert make_instruction("a car", "a red car", *defaults) == "turn it into a red car"  # insertion: fallback
     for bad in ("make it {colour}", "make it {}", "make it {0}", "unbalanced {old"):
         with pytest.raises(UserError) as e:
-            make_instruction("a black car", "a red car", bad)
+            make_instruction("a black car", "a red car", bad, defaults[1])
         assert "\n" not in str(e.value)
 
 
-def test_ip2p_tiny_generated_and_real(tiny_pipe, real_image):
+def test_ip2p_tiny_generated_and_real(tiny_pipe, make_method, real_image):
     before = _processors(tiny_pipe)
-    method = InstructPix2Pix()
-    cfg = {"model": "tiny", "num_inference_steps": STEPS}
-    src, edited = method(tiny_pipe, EX, 5, cfg)
+    method = make_method("instructpix2pix", model="tiny", num_inference_steps=STEPS)
+    src, edited = method(tiny_pipe, EX, 5)
     _check(src), _check(edited, src)
     ref = sample(tiny_pipe, ["a black car"], seeds=[5], num_inference_steps=STEPS, progress=False).images
     torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)  # source from the base pipe
     ip2p = method.pipe
     assert ip2p.unet.config.in_channels == 8 and type(ip2p.scheduler).__name__ == "DDIMScheduler"
-    again = method(tiny_pipe, EX, 5, cfg)[1]
+    again = method(tiny_pipe, EX, 5)[1]
     assert method.pipe is ip2p  # loaded once, kept on the instance
     torch.testing.assert_close(again, edited)  # seeded
-    src, edited = method(tiny_pipe, EX, 5, cfg, image=real_image)
+    src, edited = method(tiny_pipe, EX, 5, image=real_image)
     assert src is real_image
     _check(edited, real_image)
     assert _processors(tiny_pipe) == before
 
 
-def test_ip2p_resizes_to_its_own_size(tiny_pipe, real_image):
+def test_ip2p_resizes_to_its_own_size(tiny_pipe, make_method, real_image):
     import torch.nn.functional as F
 
-    method = InstructPix2Pix()
+    method = make_method("instructpix2pix", model="tiny", num_inference_steps=2)
     small = F.interpolate(real_image, scale_factor=0.5)
-    src, edited = method(tiny_pipe, EX, 1, {"model": "tiny", "num_inference_steps": 2}, image=small)
+    src, edited = method(tiny_pipe, EX, 1, image=small)
     _check(edited, small)
 
 
-def test_ip2p_loads_a_local_folder(tiny_pipe, tmp_path):
-    from evaluation.instructpix2pix import build_tiny_ip2p
-
+def test_ip2p_loads_a_local_folder(tiny_pipe, make_method, tmp_path):
     build_tiny_ip2p(tiny_pipe).save_pretrained(tmp_path / "ip2p")
-    cfg = {"num_inference_steps": 2}
-    from_folder = InstructPix2Pix()(tiny_pipe, EX, 1, {**cfg, "model": str(tmp_path / "ip2p")})[1]
-    torch.testing.assert_close(from_folder, InstructPix2Pix()(tiny_pipe, EX, 1, {**cfg, "model": "tiny"})[1])
+    folder = str(tmp_path / "ip2p")
+    from_folder = make_method("instructpix2pix", num_inference_steps=2, model=folder)(tiny_pipe, EX, 1)[1]
+    torch.testing.assert_close(from_folder,
+                               make_method("instructpix2pix", num_inference_steps=2, model="tiny")(tiny_pipe, EX, 1)[1])
 
 
-def test_ip2p_load_errors(tmp_path, tiny_pipe):
+def test_ip2p_load_errors(tmp_path, make_method, tiny_pipe):
     for model in (str(tmp_path / "missing"), "nobody/no-such-instruct-pix2pix"):
         with pytest.raises(ModelLoadError) as e:
             load_ip2p(model)
         assert "\n" not in str(e.value) and model in str(e.value)
     with pytest.raises(ModelLoadError, match="huggingface-cli download"):
-        InstructPix2Pix()(tiny_pipe, EX, 0, {"model": "nobody/no-such-instruct-pix2pix", "num_inference_steps": 1})
+        make_method("instructpix2pix", model="nobody/no-such-instruct-pix2pix", num_inference_steps=1)(tiny_pipe, EX, 0)
     with pytest.raises(UserError, match="unknown field"):
-        InstructPix2Pix()(tiny_pipe, EX, 0, {"model": "tiny", "instruction": "{bogus}", "num_inference_steps": 1})
+        make_method("instructpix2pix", model="tiny", instruction="{bogus}", num_inference_steps=1)(tiny_pipe, EX, 0)

@@ -7,21 +7,25 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from editing.fpe import SOURCE, TARGET, replacement_edit
+from editing.baselines.diffedit import diffedit_inpaint, diffedit_mask
+from editing.baselines.pnp import FeatureInject, QKInject, pnp_feature_module, pnp_layers
 from editing.inversion import ddim_invert
+from editing.two_branch import SOURCE, TARGET, replacement_edit
 from evaluation.datasets import EditExample
-from evaluation.diffedit import diffedit_inpaint, diffedit_mask, edit_diffedit
-from evaluation.pnp import FeatureInject, QKInject, edit_pnp, pnp_feature_module, pnp_layers
 from sdattn.errors import UserError
 from sdattn.hooks import BatchLayout, StepState
 from sdattn.sampling import decode, encode_image, initial_latents
 
+from .conftest import ROOT
+
 EX = EditExample(id="0", source_prompt="a black car", target_prompt="a red car")
 STEPS = dict(num_inference_steps=4, guidance_scale=7.5)
+DIFFEDIT = OmegaConf.load(ROOT / "configs" / "method" / "diffedit.yaml")  # the settings' only defaults
+MASK = {k: DIFFEDIT[k] for k in ("mask_encode_strength", "num_maps_per_mask", "mask_thresholding_ratio")}
 
 
 def _cfg(**kw):
-    return OmegaConf.create({**STEPS, **kw})
+    return {**STEPS, **kw}
 
 
 def _processor_classes(pipe):
@@ -38,36 +42,38 @@ def _check_pair(src, edited, like=None):
         assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
 
 
-@pytest.mark.parametrize("edit", [edit_pnp, edit_diffedit])
-def test_end_to_end_generated_and_real_and_hooks_removed(tiny_pipe, edit):
+@pytest.mark.parametrize("name", ["pnp", "diffedit"])
+def test_end_to_end_generated_and_real_and_hooks_removed(tiny_pipe, make_method, name):
     before = _processor_classes(tiny_pipe)
-    src, edited = edit(tiny_pipe, EX, 0, _cfg())
+    edit = make_method(name, **_cfg())
+    src, edited = edit(tiny_pipe, EX, 0)
     _check_pair(src, edited)
     image = torch.rand(src.shape, generator=torch.Generator().manual_seed(0))
-    out_src, out_edit = edit(tiny_pipe, EX, 0, _cfg(), image=image)
+    out_src, out_edit = edit(tiny_pipe, EX, 0, image=image)
     assert out_src is image
     _check_pair(out_src, out_edit, like=image)
     assert _processor_classes(tiny_pipe) == before and _forward_hooks(tiny_pipe) == []
 
 
 def test_pnp_presets_derive_from_the_model(tiny_pipe, toy_pipe):
-    assert [x.index for x in pnp_layers(tiny_pipe)] == list(range(9, 17))  # official SD 1.5 layers
+    assert [x.index for x in pnp_layers(tiny_pipe, "decoder")] == list(range(9, 17))  # official SD 1.5 layers
     assert [x.index for x in pnp_layers(tiny_pipe, "10-12")] == [10, 11, 12] and pnp_layers(tiny_pipe, "none") == []
-    toy = pnp_layers(toy_pipe)  # up.1 has 2 attentions, up.2 has 2: drop up.1's first
+    toy = pnp_layers(toy_pipe, "decoder")  # up.1 has 2 attentions, up.2 has 2: drop up.1's first
     assert [x.index for x in toy] == [5, 6, 7] and toy[0].name.startswith("up_blocks.1.attentions.1.")
-    assert pnp_feature_module(tiny_pipe)[0] == pnp_feature_module(toy_pipe)[0] == "up_blocks.1.resnets.1"
+    auto = "up_blocks.1.resnets.1"
+    assert pnp_feature_module(tiny_pipe, "auto")[0] == pnp_feature_module(toy_pipe, "auto")[0] == auto
     name, module = pnp_feature_module(tiny_pipe, "up_blocks.2.resnets.0")
     assert module is tiny_pipe.unet.up_blocks[2].resnets[0].conv2
 
 
-def test_pnp_without_injection_equals_plain_pair_and_injection_changes_target(tiny_pipe):
+def test_pnp_without_injection_equals_plain_pair_and_injection_changes_target(tiny_pipe, make_method):
     plain = replacement_edit(tiny_pipe, EX.source_prompt, EX.target_prompt, initial_latents(tiny_pipe, [5]), {},
                              progress=False, **STEPS)
-    src, edited = edit_pnp(tiny_pipe, EX, 5, _cfg(feature_steps=0, attn_layers="none"))
+    src, edited = make_method("pnp", **_cfg(feature_steps=0, attn_layers="none"))(tiny_pipe, EX, 5)
     images = decode(tiny_pipe, plain)  # one batch, as edit_pnp decodes it
     assert torch.equal(src, images[:1]) and torch.equal(edited, images[1:])
     for kw in (dict(feature_steps=1.0, attn_layers="none"), dict(feature_steps=0, attn_steps=1.0), {}):
-        src2, edited2 = edit_pnp(tiny_pipe, EX, 5, _cfg(**kw))
+        src2, edited2 = make_method("pnp", **_cfg(**kw))(tiny_pipe, EX, 5)
         assert torch.equal(src2, src)  # the source branch is never changed
         assert (edited2 - edited).abs().max() > 1e-3, kw
 
@@ -109,14 +115,14 @@ def test_feature_hook_replaces_both_target_rows_with_source_cond_row():
     assert not module._forward_hooks and torch.equal(module(x), x)
 
 
-def test_pnp_bad_config_names_the_value(tiny_pipe):
+def test_pnp_bad_config_names_the_value(tiny_pipe, make_method):
     before = _processor_classes(tiny_pipe)
     with pytest.raises(UserError, match=r"'nope'.*up_blocks\.1\.resnets\.1"):
-        edit_pnp(tiny_pipe, EX, 0, _cfg(feature_block="nope"))
+        make_method("pnp", **_cfg(feature_block="nope"))(tiny_pipe, EX, 0)
     with pytest.raises(UserError, match="1.5"):
-        edit_pnp(tiny_pipe, EX, 0, _cfg(attn_steps=1.5))
+        make_method("pnp", **_cfg(attn_steps=1.5))(tiny_pipe, EX, 0)
     with pytest.raises(UserError, match="out of range"):
-        edit_pnp(tiny_pipe, EX, 0, _cfg(attn_layers="9-40"))
+        make_method("pnp", **_cfg(attn_layers="9-40"))(tiny_pipe, EX, 0)
     assert _processor_classes(tiny_pipe) == before and _forward_hooks(tiny_pipe) == []
 
 
@@ -130,10 +136,10 @@ def test_ddim_invert_until_is_a_prefix(tiny_pipe):
 
 def test_diffedit_mask_is_binary_and_empty_for_identical_prompts(tiny_pipe):
     z0 = initial_latents(tiny_pipe, [2])
-    mask = diffedit_mask(tiny_pipe, z0, "a black car", "a red car", seed=0, num_maps_per_mask=3, **STEPS)
+    mask = diffedit_mask(tiny_pipe, z0, "a black car", "a red car", seed=0, **{**MASK, "num_maps_per_mask": 3}, **STEPS)
     assert mask.shape == (1, 1, *z0.shape[-2:])
     assert set(mask.unique().tolist()) <= {0.0, 1.0} and 0 < mask.sum() < mask.numel()
-    same = diffedit_mask(tiny_pipe, z0, "a red car", "a red car", seed=0, num_maps_per_mask=3, **STEPS)
+    same = diffedit_mask(tiny_pipe, z0, "a red car", "a red car", seed=0, **{**MASK, "num_maps_per_mask": 3}, **STEPS)
     assert same.shape == mask.shape and not same.any()
 
 
@@ -141,22 +147,24 @@ def test_diffedit_empty_mask_returns_the_inverted_source(tiny_pipe):
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     z0 = encode_image(tiny_pipe, image)
     mask = torch.zeros(1, 1, *z0.shape[-2:])
-    out = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS)
+    out = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS,
+                           inpaint_strength=DIFFEDIT.inpaint_strength)
     assert torch.equal(out, z0)
-    full = diffedit_inpaint(tiny_pipe, z0, torch.ones_like(mask), EX.source_prompt, EX.target_prompt, **STEPS)
+    full = diffedit_inpaint(tiny_pipe, z0, torch.ones_like(mask), EX.source_prompt, EX.target_prompt, **STEPS,
+                            inpaint_strength=DIFFEDIT.inpaint_strength)
     assert (full - z0).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("key,value", [("inpaint_strength", 1.5), ("mask_encode_strength", 0.0),
                                        ("num_maps_per_mask", 0), ("mask_thresholding_ratio", -1.0)])
-def test_diffedit_bad_config_names_the_value(tiny_pipe, key, value):
+def test_diffedit_bad_config_names_the_value(tiny_pipe, make_method, key, value):
     with pytest.raises(UserError, match=rf"method\.{key} {value}"):
-        edit_diffedit(tiny_pipe, EX, 0, _cfg(**{key: value}))
+        make_method("diffedit", **_cfg(**{key: value}))(tiny_pipe, EX, 0)
 
 
-@pytest.mark.parametrize("edit", [edit_pnp, edit_diffedit])
-def test_toy_model_runs(toy_pipe, edit):
+@pytest.mark.parametrize("name,extra", [("pnp", {}), ("diffedit", {"num_maps_per_mask": 2})])
+def test_toy_model_runs(toy_pipe, make_method, name, extra):
     ex = EditExample(id="0", source_prompt=EX.source_prompt, target_prompt=EX.target_prompt)
-    src, edited = edit(toy_pipe, ex, 0, _cfg(num_maps_per_mask=2))
+    src, edited = make_method(name, **_cfg(**extra))(toy_pipe, ex, 0)
     _check_pair(src, edited)
     assert _forward_hooks(toy_pipe) == []

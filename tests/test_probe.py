@@ -5,7 +5,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from probing.probe import train_probe
-from probing.tables import accuracy_table, formatted, write_table
+from probing.tables import accuracy_table, formatted
+from sdattn.tables import write_table
 
 from .conftest import ROOT
 

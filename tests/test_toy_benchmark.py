@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluation import runner as R
-from evaluation.datasets import load_dataset, load_from_config
+from evaluation.metric_models import load_clip
+from evaluation.records import read_pairs
+from evaluation.tables import REL_FPE
 from experiments.run import dispatch
+from experiments.tasks.benchmark import load_data
 from sdattn.errors import UserError
+from toyworld.edit_benchmark import load_toy_edit, toy_scores
 from toyworld.world import load_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +28,15 @@ def _img(render) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ pairs
 
+def _toy(name, root=None, limit=None, path=None, pairs_per_kind=12, seed=0):
+    return load_toy_edit(name, root=root, limit=limit, path=path, pairs_per_kind=pairs_per_kind, seed=seed)
+
+
 def test_toy_edit_pairs(tmp_path):
     world = load_world()
-    both = load_dataset("toy_edit", root=str(tmp_path), pairs_per_kind=3)
-    fake = load_dataset("toy_fake_edit", root=str(tmp_path), pairs_per_kind=3)
-    real = load_dataset("toy_real_edit", root=str(tmp_path), pairs_per_kind=3)
+    both = _toy("toy_edit", root=str(tmp_path), pairs_per_kind=3)
+    fake = _toy("toy_fake_edit", root=str(tmp_path), pairs_per_kind=3)
+    real = _toy("toy_real_edit", root=str(tmp_path), pairs_per_kind=3)
     assert (len(both), len(fake), len(real)) == (12, 6, 6) and not both.missing_images
     # data.limit=4 covers every (image kind, edit kind)
     assert [(e.extra["images"], e.extra["kind"]) for e in both.examples[:4]] == [
@@ -47,23 +54,23 @@ def test_toy_edit_pairs(tmp_path):
     # real sources are rendered once and reused
     path = Path(real.examples[0].image_path)
     stamp = path.stat().st_mtime_ns
-    again = load_dataset("toy_real_edit", root=str(tmp_path), pairs_per_kind=3)
+    again = _toy("toy_real_edit", root=str(tmp_path), pairs_per_kind=3)
     assert again.examples[0].image_path == str(path) and path.stat().st_mtime_ns == stamp
 
 
 def test_toy_edit_bad_input(tmp_path):
     with pytest.raises(UserError, match="pairs_per_kind 0"):
-        load_dataset("toy_edit", root=str(tmp_path), pairs_per_kind=0)
+        _toy("toy_edit", root=str(tmp_path), pairs_per_kind=0)
     with pytest.raises(UserError, match="data.root is required"):
-        load_dataset("toy_real_edit", pairs_per_kind=1)
+        _toy("toy_real_edit", pairs_per_kind=1)
     with pytest.raises(UserError, match="does not exist"):
-        load_dataset("toy_fake_edit", path=str(tmp_path / "nope.yaml"))
+        _toy("toy_fake_edit", path=str(tmp_path / "nope.yaml"))
 
 
 def test_toy_data_configs_load(compose_cfg, tmp_path):
     for name, n in (("toy_edit", 48), ("toy_fake_edit", 24), ("toy_real_edit", 24)):
         cfg = compose_cfg(f"data={name}")
-        assert len(load_from_config(cfg.data)) == n
+        assert len(load_data(cfg.data)) == n
 
 
 # --------------------------------------------------------------------------------- toy edit check
@@ -74,11 +81,11 @@ def test_toy_scores_detect_right_and_wrong_edits():
     good = world.render("blue", "car", "park", seed=2, x0=10, y0=12, size=36)
     moved = world.render("blue", "car", "park", seed=2, x0=2, y0=2, size=24)
     ex = type("Ex", (), {"extra": {"target": {"color": "blue", "shape": "car", "background": "park"}}})()
-    ok = R.toy_scores(ex, _img(src), _img(good))
+    ok = toy_scores(ex, _img(src), _img(good))
     assert ok["toy_edit_ok"] == 1.0 and ok["toy_mask_iou"] > 0.9
-    unchanged = R.toy_scores(ex, _img(src), _img(src))
+    unchanged = toy_scores(ex, _img(src), _img(src))
     assert unchanged["toy_edit_ok"] == 0.0 and unchanged["toy_mask_iou"] > 0.99
-    assert R.toy_scores(ex, _img(src), _img(moved))["toy_mask_iou"] < 0.5
+    assert toy_scores(ex, _img(src), _img(moved))["toy_mask_iou"] < 0.5
 
 
 # ---------------------------------------------------------------------------------------- toy CLIP
@@ -87,7 +94,7 @@ def test_toy_scores_detect_right_and_wrong_edits():
 def toy_clip():
     if not (TOY_CLIP / "config.json").is_file():
         pytest.skip("the toy CLIP is not in models/toy_clip")
-    return R.load_clip("toy")
+    return load_clip("toy")
 
 
 def test_toy_clip_is_small_and_in_transformers_format(toy_clip):
@@ -143,12 +150,12 @@ def toy_bench(compose_cfg, tmp_path, toy_pipe, monkeypatch):
 
 def test_table4_on_the_default_toy_setup(toy_bench, toy_clip, tmp_path, capsys):
     res = toy_bench("data.limit=4", "logger=none", "metrics.structure=tiny-random")
-    rows = R.read_pairs(Path(res["out_dir"]) / "pairs.jsonl")
+    rows = read_pairs(Path(res["out_dir"]) / "pairs.jsonl")
     assert [r["status"] for r in rows] == ["ok"] * 4
     assert all(0 <= r["toy_edit_ok"] <= 1 and 0 <= r["toy_mask_iou"] <= 1 and r["structure"] >= 0 for r in rows)
     table, files, cap = res["tables"]["table4"]["toy_edit"]
     assert list(table.columns) == ["CLIP score ↑", "CLIP dir. sim. ↑", "Time (s) ↓", "PSNR ↑", "SSIM ↑",
-                                   "Structure dist. ↓", "Edit correct ↑", "Mask IoU ↑", R.REL_FPE, "Pairs"]
+                                   "Structure dist. ↓", "Edit correct ↑", "Mask IoU ↑", REL_FPE, "Pairs"]
     assert "CLIP: toy" in cap and "meaningless" not in cap and "model toy" in cap
     assert Path(res["out_dir"]) == tmp_path / "benchmark" / "toy" / "toy_edit" / "fpe"
     assert "CLIP: toy" in capsys.readouterr().out
@@ -157,7 +164,7 @@ def test_table4_on_the_default_toy_setup(toy_bench, toy_clip, tmp_path, capsys):
 def test_sample_panel_is_logged_offline(toy_bench, toy_clip, tmp_path):
     res = toy_bench("data=toy_fake_edit", "data.limit=2", "logger=wandb", "method=sdedit_0.5",
                     f"logger.save_dir={tmp_path / 'wb'}")
-    assert len(R.read_pairs(Path(res["out_dir"]) / "pairs.jsonl")) == 2
+    assert len(read_pairs(Path(res["out_dir"]) / "pairs.jsonl")) == 2
     tables = list((tmp_path / "wb").rglob("samples/toy_fake_edit/sdedit_0.5*.table.json"))
     assert tables, sorted(str(p) for p in (tmp_path / "wb").rglob("*.json"))
     panel = json.loads(tables[0].read_text())
@@ -173,10 +180,10 @@ def test_table5_sweeps_methods_and_toy_datasets(compose_cfg):
         cfg = compose("run", overrides=["experiment=table5"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert set(params.data.split(",")) == {"toy_fake_edit", "toy_real_edit"}
-    from evaluation.methods import get_method
+    from experiments.tasks.benchmark import build_method
 
     for m in params.method.split(","):
-        assert callable(get_method(m))
+        assert callable(build_method(compose_cfg(f"method={m}").method)[1])
     assert cfg.metrics.clip == "toy" and cfg.data.name == "toy_fake_edit"
     GlobalHydra.instance().clear()
 

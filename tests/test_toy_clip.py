@@ -2,10 +2,12 @@
 a folder the metric loads."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from evaluation.metrics import ClipMetrics
 from toyworld import clip as C
@@ -37,10 +39,12 @@ def test_blur_keeps_constant_images_and_smooths_edges():
 
 def test_short_training_run_exports_a_loadable_clip(tmp_path):
     out = tmp_path / "clip"
-    res = C.train({"steps": 2, "batch": 8, "eval_renders": 14, "vae_path": None, "logger": "none",
+    yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "experiment" / "train_toy_clip.yaml")
+    res = C.train(OmegaConf.merge(yaml.toy_clip, {
+                   "steps": 2, "batch": 8, "eval_renders": 14, "vae_path": None,
                    "budget_minutes": 2, "output_dir": str(out), "work_dir": str(tmp_path / "work"),
                    "vision": {"hidden": 32, "layers": 1, "heads": 2}, "text": {"hidden": 32, "layers": 1, "heads": 2},
-                   "projection_dim": 16})
+                   "projection_dim": 16}))
     assert res["steps"] == 2 and set(res["eval"]) == {"renders"}
     meta = json.loads((out / "toy_clip.json").read_text())
     assert meta["zero_shot"]["renders"]["n"] == 14

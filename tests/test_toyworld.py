@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from toyworld.evaluate import classify_image, sample_images, validate_checker  # noqa: E402
-from toyworld.world import REPO_ROOT, check_prompt, load_world  # noqa: E402
+from toyworld.world import REPO_ROOT, load_world  # noqa: E402
 
 MODEL = REPO_ROOT / "models" / "toy"
 
@@ -73,10 +73,10 @@ def test_grammar_from_yaml(world):
 
 def test_unknown_word_lists_vocabulary(world):
     with pytest.raises(ValueError) as e:
-        check_prompt("a red dog")
+        load_world().check_prompt("a red dog")
     msg = str(e.value)
     assert "dog" in msg and all(w in msg for w in world.vocabulary())
-    assert check_prompt("An orange star in the park") == ["an", "orange", "star", "in", "the", "park"]
+    assert load_world().check_prompt("An orange star in the park") == ["an", "orange", "star", "in", "the", "park"]
 
 
 # --------------------------------------------------------------------------- evaluator's checker
@@ -141,16 +141,21 @@ def test_red_prompts_give_red_objects(pipe, world):
 # --------------------------------------------------------------------------- training loop
 def test_training_runs_both_stages(tmp_path):
     from diffusers import StableDiffusionPipeline
+    from lightning.pytorch.loggers import CSVLogger
 
     from toyworld.train import train
 
-    cfg = {"output_dir": str(tmp_path / "model"), "work_dir": str(tmp_path / "work"), "logger": "csv",
+    cfg = {"output_dir": str(tmp_path / "model"), "work_dir": str(tmp_path / "work"),
            "budget_minutes": 2, "export_every_minutes": 0,
            "vae": {"channels": [16, 16, 16], "batch": 4, "steps": 2, "scale_batches": 1},
            "unet": {"channels": [32, 32, 32], "batch": 4, "steps": 2, "warmup": 1}}
-    summary = train(cfg)
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "experiment" / "train_toy.yaml")
+    summary = train(OmegaConf.merge(yaml.toy, cfg), make_logger=lambda stage, d: CSVLogger(str(d), name=f"toy-{stage}"))
     assert summary["vae_steps"] == 2 and summary["unet_steps"] == 2
     p = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True)
     assert p.unet.config.sample_size * p.vae_scale_factor == 64
     assert abs(p.vae.config.scaling_factor - summary["scaling_factor"]) < 1e-6
     assert Path(tmp_path / "work" / "checkpoints").exists()
+    assert (tmp_path / "work" / "toy-vae").is_dir() and (tmp_path / "work" / "toy-unet").is_dir()  # injected logger

@@ -9,9 +9,9 @@ model's VAE, so a share of each batch is a VAE round-trip (encode → decode; fr
 at the start), and a share is lightly blurred / noised. Images are preprocessed exactly as the
 metric does (:func:`evaluation.metrics.preprocess_images`). Lightning runs the loop.
 
-    python -m toyworld.clip                          # defaults (DEFAULTS), writes models/toy_clip
-    python -m toyworld.clip budget_minutes=10 output_dir=outputs/toy_clip
-    python -m experiments.run experiment=train_toy_clip
+    python -m experiments.run experiment=train_toy_clip [toy_clip.budget_minutes=10 toy_clip.output_dir=...]
+
+The settings and their defaults are the ``toy_clip:`` node of configs/experiment/train_toy_clip.yaml.
 
 The exported folder holds the ``CLIPModel`` weights, the toy tokenizer and ``toy_clip.json`` with
 the zero-shot accuracies measured on held-out renders (plain and VAE round-trip).
@@ -21,55 +21,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import lightning as L  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from evaluation.metrics import preprocess_images  # noqa: E402
-from toyworld.model import MAX_LENGTH, build_tokenizer  # noqa: E402
-from toyworld.train import _resolve  # noqa: E402
-from toyworld.train import make_config as train_config  # noqa: E402
-from toyworld.world import World, load_world  # noqa: E402
-
-DEFAULTS: dict = {
-    "grammar": "datasets/toy_world.yaml",
-    "seed": 0,
-    "threads": 1,
-    "output_dir": "models/toy_clip",
-    "work_dir": "outputs/train_toy_clip",
-    "budget_minutes": 12.0,
-    "steps": 6000,  # upper bound; the wall-clock budget normally ends training
-    "batch": 96,  # distinct prompts per batch (≤ number of prompts of the grammar)
-    "lr": 1.0e-3,
-    "warmup": 100,
-    "weight_decay": 0.05,
-    "logger": "csv",  # wandb (offline) | csv | none
-    "progress_every": 50,
-    "init_dir": None,  # continue from an exported toy CLIP folder (its architecture wins over vision/text)
-    "vae_path": "models/toy",  # VAE for the round-trip augmentation; null: none
-    "roundtrip_prob": 0.5,
-    "pool_per_prompt": 6,  # VAE round-trips rendered once per prompt (the VAE is slow on 2 cores)
-    "blur_prob": 0.3,
-    "noise_prob": 0.3,
-    "eval_renders": 420,
-    "vision": {"patch": 8, "hidden": 96, "layers": 4, "heads": 4},
-    "text": {"hidden": 64, "layers": 2, "heads": 4},
-    "projection_dim": 64,
-}
-
-
-def make_config(cfg: dict | DictConfig | None = None) -> DictConfig:
-    return train_config(cfg, DEFAULTS)
+from evaluation.metrics import ClipMetrics, preprocess_images
+from sdattn.files import atomic_write_text
+from toyworld.model import MAX_LENGTH, build_tokenizer
+from toyworld.train import StageLogger, finish_training_logger, resolve_path
+from toyworld.world import World, load_world
 
 
 def all_specs(world: World) -> list[tuple[str, str, str]]:
@@ -242,7 +207,7 @@ def load_vae(path: str | Path | None):
         return None
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(_resolve(path), subfolder="vae").eval()
+    return AutoencoderKL.from_pretrained(resolve_path(path), subfolder="vae").eval()
 
 
 def evaluate(clip, world: World, vae, n: int, seed: int) -> dict:
@@ -254,60 +219,48 @@ def evaluate(clip, world: World, vae, n: int, seed: int) -> dict:
     return result
 
 
-def train(cfg: dict | DictConfig | None = None) -> dict:
-    """Train, evaluate and export the toy CLIP. Returns {"output_dir", "eval", "steps", "minutes"}."""
+def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
+    """Train, evaluate and export the toy CLIP. Returns {"output_dir", "eval", "steps", "minutes"}.
+    ``cfg``: the ``toy_clip:`` node of configs/experiment/train_toy_clip.yaml (every key);
+    ``make_logger(stage, save_dir)``: the Lightning logger (the task passes the configured one)."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from evaluation.metrics import ClipMetrics
-    from toyworld.train import _finish_logger, _logger
-
-    cfg = make_config(cfg)
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), verbose=False)
-    world = load_world(_resolve(cfg.grammar))
+    world = load_world(resolve_path(cfg.grammar))
     tokenizer = build_tokenizer(world)
     if cfg.init_dir:
         from transformers import CLIPModel
 
-        model = CLIPModel.from_pretrained(_resolve(cfg.init_dir))
+        model = CLIPModel.from_pretrained(resolve_path(cfg.init_dir))
     else:
         model = build_clip(tokenizer, world.image_size, cfg)
     vae = load_vae(cfg.vae_path)
-    work = _resolve(cfg.work_dir)
+    work = resolve_path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     module = ClipModule(model, tokenizer, Augment(cfg), cfg)
     pool = roundtrip_pool(world, vae, int(cfg.pool_per_prompt), int(cfg.seed) + 7) if vae is not None else None
     stream = DistinctPromptStream(world, int(cfg.batch), int(cfg.seed), pool, float(cfg.roundtrip_prob))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)
+    logger = (make_logger("clip", work) if make_logger else None) or False
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=int(cfg.steps),
                         max_time={"seconds": max(1, int(60 * float(cfg.budget_minutes)))},
-                        logger=_logger(cfg, work, "clip"), log_every_n_steps=int(cfg.progress_every),
+                        logger=logger, log_every_n_steps=int(cfg.progress_every),
                         callbacks=[TQDMProgressBar(refresh_rate=int(cfg.progress_every))],
                         enable_checkpointing=False, num_sanity_val_steps=0)
     t0 = time.time()
     trainer.fit(module, loader)
     minutes = (time.time() - t0) / 60
-    _finish_logger(trainer)
+    finish_training_logger(trainer)
     model.eval()
     scores = evaluate(ClipMetrics(model, tokenizer), world, vae, int(cfg.eval_renders), int(cfg.seed) + 999)
-    out = _resolve(cfg.output_dir)
+    out = resolve_path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     meta = {"what": "toy-world CLIP (toyworld/clip.py)", "steps": int(trainer.global_step),
             "minutes": round(minutes, 1), "zero_shot": scores,
             "config": OmegaConf.to_container(cfg, resolve=True)}
-    tmp = out / "toy_clip.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "toy_clip.json")
+    atomic_write_text(out / "toy_clip.json", json.dumps(meta, indent=1))
     print(json.dumps({"output_dir": str(out), "steps": meta["steps"], "zero_shot": scores}, indent=1))
     return {"output_dir": str(out), "eval": scores, "steps": meta["steps"], "minutes": minutes}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return train(OmegaConf.from_dotlist(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,7 @@
   * colour = mean colour of the (eroded) mask -> nearest named colour of the grammar,
   * shape = nearest shape template by IoU after normalising the mask's box (aspect kept).
 
-``evaluate(...)`` samples prompts with fixed seeds (25 DDIM steps by default), classifies every
+``evaluate(...)`` (the ``eval_toy`` task) samples prompts with fixed seeds, classifies every
 image and writes ``metrics.json`` (``color_accuracy``, ``shape_accuracy``, ``per_class``, ...).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,9 +22,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from toyworld.world import World, load_world, shape_template  # noqa: E402
+from sdattn.sampling import sample
+from toyworld.model import load_pipeline
+from toyworld.world import World, coverage, load_world, shape_template
 
 NORM = 32  # normalised mask resolution for shape matching
 MIN_PIXELS = 20  # smaller foregrounds count as "no object found"
@@ -81,11 +80,9 @@ BLURS = (0.0, 1.0, 1.6, 2.2)  # px: templates also as a decoder would soften the
 @functools.lru_cache(maxsize=2048)
 def _sized_templates(shapes: tuple[str, ...], size: int) -> dict[str, list[np.ndarray]]:
     """Per shape: normalised masks of the shape drawn at ``size`` px, sharp and Gaussian-softened."""
-    from toyworld.world import _coverage
-
     out: dict[str, list[np.ndarray]] = {}
     for s in shapes:
-        cov = np.pad(_coverage(s, size), 4)
+        cov = np.pad(coverage(s, size), 4)
         out[s] = []
         for sigma in BLURS:
             m = (ndimage.gaussian_filter(cov, sigma) if sigma else cov) >= 0.5
@@ -165,8 +162,6 @@ def validate_checker(n: int = 350, seed: int = 123, world: World | None = None) 
 # --------------------------------------------------------------------------- sampling
 def sample_images(pipe, prompts, seeds, num_inference_steps=25, guidance_scale=2.0) -> np.ndarray:
     """uint8 images (B, H, W, 3) for prompts/seeds through the project's sampler."""
-    from sdattn.sampling import sample
-
     out = sample(pipe, list(prompts), list(seeds), num_inference_steps=num_inference_steps,
                  guidance_scale=guidance_scale, progress=False)
     return np.stack([to_uint8(im) for im in out.images])
@@ -198,13 +193,11 @@ def _save_grid(images: np.ndarray, path: Path, cols: int = 14) -> None:
     Image.fromarray(grid).save(path)
 
 
-def evaluate(model_dir: str | Path = "models/toy", out_dir: str | Path | None = None, per_combo: int = 2,
-             num_inference_steps: int = 25, guidance_scale: float | None = None, seed: int = 0,
-             batch: int = 35, threads: int | None = None, grammar=None,
+def evaluate(model_dir: str | Path, out_dir: str | Path | None, per_combo: int, num_inference_steps: int,
+             guidance_scale: float | None, seed: int, batch: int, threads: int | None, grammar=None,
              validate: bool = True) -> dict:
-    """Sample per_combo x |colours| x |shapes| prompts and score them; writes metrics.json."""
-    from toyworld.model import load_pipeline
-
+    """Sample per_combo x |colours| x |shapes| prompts and score them; writes metrics.json. The settings
+    and their defaults: ``eval:`` of configs/experiment/eval_toy.yaml (``experiment=eval_toy``)."""
     if threads:
         torch.set_num_threads(int(threads))
     world = load_world(grammar)
@@ -267,25 +260,3 @@ def evaluate(model_dir: str | Path = "models/toy", out_dir: str | Path | None = 
         (out / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         _save_grid(images, out / "samples.png")
     return metrics
-
-
-def main(argv: list[str] | None = None) -> dict:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="models/toy")
-    ap.add_argument("--out", default="outputs/eval_toy")
-    ap.add_argument("--per-combo", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    m = evaluate(a.model, a.out, a.per_combo, a.steps, a.guidance, a.seed, threads=a.threads)
-    print(json.dumps({k: v for k, v in m.items() if k != "per_class"}, indent=2))
-    print(json.dumps(m["per_class"], indent=2))
-    return m
-
-
-if __name__ == "__main__":
-    main()

@@ -16,28 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
-
-from toyworld.train import RenderStream, _cosine_lr, _Progress  # noqa: E402
-from toyworld.world import load_world  # noqa: E402
+from sdattn.env import set_process_defaults
+from toyworld.evaluate import classify_image
+from toyworld.model import build_vae
+from toyworld.train import RenderStream, StepBudget, cosine_lr
+from toyworld.world import load_world
 
 
 def load_vae(src: str | Path, channels=(16, 32, 32), image_size: int = 64):
     """AutoencoderKL from a stage-1 Lightning checkpoint, a vae folder or a pipeline folder."""
     from diffusers import AutoencoderKL
-
-    from toyworld.model import build_vae
 
     p = Path(src)
     if p.suffix == ".ckpt":
@@ -51,7 +48,7 @@ def load_vae(src: str | Path, channels=(16, 32, 32), image_size: int = 64):
 
 
 class DecoderModule(L.LightningModule):
-    def __init__(self, vae, lr: float, progress: _Progress, warmup: int = 50):
+    def __init__(self, vae, lr: float, progress: StepBudget, warmup: int = 50):
         super().__init__()
         self.vae, self.lr, self.progress, self.warmup = vae, lr, progress, warmup
         self.vae.encoder.requires_grad_(False).eval()
@@ -59,7 +56,7 @@ class DecoderModule(L.LightningModule):
 
     def training_step(self, batch, _):
         x, _prompts = batch
-        lr = _cosine_lr(self.lr, self.global_step, self.progress(self.global_step), self.warmup)
+        lr = cosine_lr(self.lr, self.global_step, self.progress(self.global_step), self.warmup)
         for g in self.optimizers().optimizer.param_groups:
             g["lr"] = lr
         with torch.no_grad():
@@ -82,7 +79,7 @@ def finetune_decoder(vae, minutes: float, steps: int = 100000, batch: int = 16, 
     """Fine-tune ``vae``'s decoder in place for ``minutes`` (or ``steps``); returns the step count."""
     world = load_world(grammar)
     vae.train()
-    mod = DecoderModule(vae, lr, _Progress(steps, minutes * 60))
+    mod = DecoderModule(vae, lr, StepBudget(steps, minutes * 60))
     from lightning.pytorch.loggers import CSVLogger
 
     tr = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_time={"seconds": max(1, int(minutes * 60))},
@@ -97,8 +94,6 @@ def finetune_decoder(vae, minutes: float, steps: int = 100000, batch: int = 16, 
 
 @torch.no_grad()
 def recon_report(vae, n: int = 100, seed: int = 5, grammar=None) -> dict:
-    from toyworld.evaluate import classify_image
-
     world = load_world(grammar)
     rng = np.random.default_rng(seed)
     rs = [world.render_random(rng=rng) for _ in range(n)]
@@ -141,6 +136,7 @@ def install(vae_dir: str | Path, pipeline_dir: str | Path) -> None:
 
 
 def main(argv=None):
+    set_process_defaults()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vae", help="stage-1 .ckpt, vae folder or pipeline folder")
     ap.add_argument("--scaling-factor", type=float, default=None,

@@ -7,6 +7,9 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdattn.files import REPO_ROOT
+from sdattn.models import SD_SCHEDULER
+from sdattn.models import load_pipeline as load_sd_pipeline
 from sdattn.tokenizer import build_word_tokenizer
 from toyworld.world import World
 
@@ -60,11 +63,9 @@ def build_unet(latent_size: int, channels=(64, 128, 128), cross_dim: int = 64, h
 
 
 def build_scheduler() -> DDIMScheduler:
-    """SD's noise schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon)."""
-    return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
+    """SD's noise schedule (:data:`sdattn.models.SD_SCHEDULER`: scaled_linear 0.00085..0.012, 1000 steps,
+    epsilon)."""
+    return DDIMScheduler(**SD_SCHEDULER)
 
 
 def assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler=None) -> StableDiffusionPipeline:
@@ -85,9 +86,6 @@ def save_pipeline(pipe: StableDiffusionPipeline, out_dir: str | Path) -> Path:
 def load_pipeline(path: str | Path = "models/toy") -> StableDiffusionPipeline:
     """Load the shipped toy pipeline offline (a relative path is tried from the repo root too),
     through the project's one loader, ``sdattn.models.load_pipeline``."""
-    from sdattn.models import load_pipeline as load_sd_pipeline
-    from toyworld.world import REPO_ROOT
-
     p = Path(path)
     if not p.is_absolute() and not p.exists():
         p = REPO_ROOT / p

@@ -1,13 +1,12 @@
 """Train the toy latent-diffusion model: stage 1 AutoencoderKL, stage 2 UNet + text encoder.
 
 Lightning does the loop (progress bar, checkpoints, W&B offline / CSV logging, wall-clock budget).
-The result is a diffusers ``StableDiffusionPipeline`` folder (default ``models/toy``).
+The result is a diffusers ``StableDiffusionPipeline`` folder (``output_dir``, e.g. ``models/toy``).
 
-    python -m toyworld.train                              # defaults (see DEFAULTS)
-    python -m toyworld.train budget_minutes=75 output_dir=models/toy
-    python -m toyworld.train --config configs/experiment/train_toy.yaml
+    python -m experiments.run experiment=train_toy [toy.budget_minutes=75 toy.output_dir=...]
 
-or from Python: ``toyworld.train.train(cfg)`` with a dict/DictConfig of the ``toy:`` keys.
+or from Python: ``toyworld.train.train(cfg)`` with the ``toy:`` node of configs/experiment/train_toy.yaml,
+the only place the settings and their defaults are written.
 """
 
 from __future__ import annotations
@@ -15,22 +14,18 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from toyworld.model import (  # noqa: E402
+from toyworld.model import (
     MAX_LENGTH,
     assemble_pipeline,
     build_scheduler,
@@ -38,44 +33,16 @@ from toyworld.model import (  # noqa: E402
     build_tokenizer,
     build_unet,
     build_vae,
+    load_pipeline,
     save_pipeline,
 )
-from toyworld.world import REPO_ROOT, load_world  # noqa: E402
-
-DEFAULTS: dict = {
-    "grammar": "datasets/toy_world.yaml",
-    "image_size": 64,
-    "seed": 0,
-    "threads": 1,
-    "output_dir": "models/toy",
-    "work_dir": "outputs/train_toy",
-    "budget_minutes": 75.0,  # wall clock for both stages together
-    "logger": "wandb",  # wandb (offline) | csv | none
-    "progress_every": 25,
-    "export_every_minutes": 8.0,  # intermediate pipeline exports (EMA weights) under work_dir
-    "guidance_scale": 2.0,  # recorded as the model's recommended default
-    "num_inference_steps": 25,
-    "vae": {"channels": [16, 32, 32], "latent_channels": 4, "mid_attention": False, "crop": 32, "batch": 32,
-            "steps": 20000, "lr": 1.5e-3, "kl_weight": 1e-6, "budget_fraction": 0.22, "scale_batches": 32},
-    "unet": {"channels": [32, 64, 64], "cross_attention_dim": 64, "heads": 4, "batch": 16,
-             "steps": 100000, "lr": 8e-4, "warmup": 200, "weight_decay": 1e-2, "cfg_dropout": 0.1,
-             "min_snr_gamma": 5.0, "ema_decay": 0.998, "offset_noise": 0.3},
-    "text": {"hidden": 64, "layers": 2, "heads": 4},
-    "init_pipeline": None,  # continue stage 2 from an exported pipeline (skips stage 1, keeps its VAE)
-}
+from toyworld.world import REPO_ROOT, load_world
 
 
-def _resolve(path: str | Path) -> Path:
+def resolve_path(path: str | Path) -> Path:
+    """A path of the training configs: relative ones are relative to the repository root."""
     p = Path(path)
     return p if p.is_absolute() else REPO_ROOT / p
-
-
-def make_config(cfg: dict | DictConfig | None = None, defaults: dict | None = None) -> DictConfig:
-    """``defaults`` (this module's DEFAULTS unless given) merged with ``cfg``."""
-    base = OmegaConf.create(DEFAULTS if defaults is None else defaults)
-    if cfg is not None:
-        base = OmegaConf.merge(base, OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg)
-    return base
 
 
 # --------------------------------------------------------------------------- data
@@ -97,7 +64,7 @@ def _loader(world, batch, seed):
     return torch.utils.data.DataLoader(RenderStream(world, batch, seed), batch_size=None, num_workers=0)
 
 
-class _Progress:
+class StepBudget:
     """Training progress in [0, 1]: the larger of the step and the wall-clock fractions."""
 
     def __init__(self, max_steps: int, max_seconds: float):
@@ -109,14 +76,14 @@ class _Progress:
         return min(1.0, max(step / self.max_steps, (time.time() - self.t0) / max(self.max_seconds, 1.0)))
 
 
-def _cosine_lr(base: float, step: int, progress: float, warmup: int) -> float:
+def cosine_lr(base: float, step: int, progress: float, warmup: int) -> float:
     warm = min(1.0, (step + 1) / max(1, warmup))
     return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # --------------------------------------------------------------------------- stage 1: VAE
 class VAEModule(L.LightningModule):
-    def __init__(self, vae, lr: float, kl_weight: float, progress: _Progress, warmup: int = 100,
+    def __init__(self, vae, lr: float, kl_weight: float, progress: StepBudget, warmup: int = 100,
                  crop: int = 0, seed: int = 0):
         super().__init__()
         self.vae, self.lr, self.kl_weight, self.progress, self.warmup = vae, lr, kl_weight, progress, warmup
@@ -133,7 +100,7 @@ class VAEModule(L.LightningModule):
     def training_step(self, batch, _):
         x, _prompts = batch
         x = self._random_crop(x)
-        lr = _cosine_lr(self.lr, self.global_step, self.progress(self.global_step), self.warmup)
+        lr = cosine_lr(self.lr, self.global_step, self.progress(self.global_step), self.warmup)
         for g in self.optimizers().optimizer.param_groups:
             g["lr"] = lr
         post = self.vae.encode(x).latent_dist
@@ -168,7 +135,7 @@ class PromptEncoder:
 
 
 class DiffusionModule(L.LightningModule):
-    def __init__(self, unet, text_encoder, vae, tokenizer, scaling_factor: float, ucfg, progress: _Progress,
+    def __init__(self, unet, text_encoder, vae, tokenizer, scaling_factor: float, ucfg, progress: StepBudget,
                  seed: int):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
@@ -186,7 +153,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch, _):
         x, prompts = batch
         step = self.global_step
-        lr = _cosine_lr(self.ucfg.lr, step, self.progress(step), self.ucfg.warmup)
+        lr = cosine_lr(self.ucfg.lr, step, self.progress(step), self.ucfg.warmup)
         for g in self.optimizers().optimizer.param_groups:
             g["lr"] = lr
         with torch.no_grad():
@@ -240,24 +207,10 @@ class ExportCallback(Callback):
 
 
 # --------------------------------------------------------------------------- driver
-def _logger(cfg, work: Path, stage: str):
-    if cfg.logger == "wandb":
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-
-            os.environ.setdefault("WANDB_MODE", "offline")
-            os.environ.setdefault("WANDB_SILENT", "true")
-            return WandbLogger(project="sdattn-toy", name=f"toy-{stage}", save_dir=str(work), offline=True)
-        except Exception as e:  # pragma: no cover - fallback when wandb is unusable
-            print(f"[toyworld] wandb logger unavailable ({e}); using CSV", file=sys.stderr)
-    if cfg.logger in ("wandb", "csv"):
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(str(work), name=f"csv-{stage}")
-    return False
+StageLogger = Callable[[str, Path], object]  # (stage, save dir) → a Lightning logger, or None for none
 
 
-def _finish_logger(trainer) -> None:
+def finish_training_logger(trainer) -> None:
     try:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -269,12 +222,13 @@ def _finish_logger(trainer) -> None:
         pass
 
 
-def _trainer(cfg, work: Path, stage: str, max_steps: int, seconds: float, callbacks: list):
+def _trainer(cfg, work: Path, stage: str, max_steps: int, seconds: float, callbacks: list,
+             make_logger: StageLogger | None):
     ckpt = ModelCheckpoint(dirpath=str(work / "checkpoints" / stage), save_last=True,
                            every_n_train_steps=500, save_top_k=-1)
     return L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, max_time={"seconds": max(1, int(seconds))},
-        logger=_logger(cfg, work, stage), enable_progress_bar=True,
+        logger=(make_logger(stage, work) if make_logger else None) or False, enable_progress_bar=True,
         callbacks=[ckpt, TQDMProgressBar(refresh_rate=int(cfg.progress_every)), *callbacks],
         log_every_n_steps=cfg.progress_every, num_sanity_val_steps=0, enable_model_summary=True,
         deterministic=False,
@@ -294,35 +248,36 @@ def latent_std(vae, world, batches: int, batch: int, seed: int) -> tuple[float, 
     return float(z.std()), z.mean(dim=(0, 2, 3)).tolist()
 
 
-def train(cfg: dict | DictConfig | None = None) -> dict:
-    """Train both stages and write the pipeline to ``cfg.output_dir``; returns a summary dict."""
-    cfg = make_config(cfg)
+def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
+    """Train both stages and write the pipeline to ``cfg.output_dir``; returns a summary dict.
+    ``cfg``: the ``toy:`` node of configs/experiment/train_toy.yaml (every key); ``make_logger(stage,
+    save_dir)``: each stage's Lightning logger (the task passes the configured one; None: no logging)."""
     torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     t_start = time.time()
-    world = load_world(_resolve(cfg.grammar))
+    world = load_world(resolve_path(cfg.grammar))
     if world.image_size != cfg.image_size:
         raise ValueError(f"image_size {cfg.image_size} != grammar image_size {world.image_size}")
-    work = _resolve(cfg.work_dir)
+    work = resolve_path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    out_dir = _resolve(cfg.output_dir)
+    out_dir = resolve_path(cfg.output_dir)
     budget = float(cfg.budget_minutes) * 60
 
     factor = 2 ** (len(cfg.vae.channels) - 1)
     latent_size = cfg.image_size // factor
     if cfg.get("init_pipeline"):
-        return _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size)
+        return _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, make_logger)
     tokenizer = build_tokenizer(world)
     vae = build_vae(cfg.image_size, list(cfg.vae.channels), cfg.vae.latent_channels, bool(cfg.vae.mid_attention))
 
     # ---- stage 1: VAE
     vae_seconds = budget * float(cfg.vae.budget_fraction)
-    vae_mod = VAEModule(vae, cfg.vae.lr, cfg.vae.kl_weight, _Progress(cfg.vae.steps, vae_seconds),
+    vae_mod = VAEModule(vae, cfg.vae.lr, cfg.vae.kl_weight, StepBudget(cfg.vae.steps, vae_seconds),
                         crop=int(cfg.vae.crop), seed=int(cfg.seed))
-    tr = _trainer(cfg, work, "vae", int(cfg.vae.steps), vae_seconds, [])
+    tr = _trainer(cfg, work, "vae", int(cfg.vae.steps), vae_seconds, [], make_logger)
     tr.fit(vae_mod, _loader(world, int(cfg.vae.batch), int(cfg.seed)))
     vae_steps = int(tr.global_step)
-    _finish_logger(tr)
+    finish_training_logger(tr)
     vae.eval().requires_grad_(False)
     std, means = latent_std(vae, world, int(cfg.vae.scale_batches), 32, int(cfg.seed))
     scaling = 1.0 / std
@@ -343,14 +298,12 @@ def train(cfg: dict | DictConfig | None = None) -> dict:
                       cfg.vae.latent_channels)
     info = {"vae_steps": vae_steps, "vae_recon_mae_255": vae_rec_err}
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
-                   tokenizer, scaling, info, {"vae_minutes": round(t_vae / 60, 2)})
+                   tokenizer, scaling, info, {"vae_minutes": round(t_vae / 60, 2)}, make_logger)
 
 
-def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size) -> dict:
+def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, make_logger) -> dict:
     """Stage 2 only, initialised from an exported pipeline (its VAE, tokenizer, EMA UNet/text)."""
-    from toyworld.model import load_pipeline
-
-    src = _resolve(cfg.init_pipeline)
+    src = resolve_path(cfg.init_pipeline)
     pipe = load_pipeline(src)
     prev = json.loads((src / "toy_model.json").read_text()) if (src / "toy_model.json").exists() else {}
     vae = pipe.vae.eval().requires_grad_(False)
@@ -361,14 +314,14 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
-                   pipe.tokenizer, float(vae.config.scaling_factor), info, {})
+                   pipe.tokenizer, float(vae.config.scaling_factor), info, {}, make_logger)
 
 
 def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder, tokenizer,
-            scaling, extra_info, extra_summary) -> dict:
+            scaling, extra_info, extra_summary, make_logger) -> dict:
     unet_seconds = max(1.0, budget - (time.time() - t_start) - 30)
     dm = DiffusionModule(unet, text_encoder, vae, tokenizer, scaling, cfg.unet,
-                         _Progress(int(cfg.unet.steps), unet_seconds), int(cfg.seed))
+                         StepBudget(int(cfg.unet.steps), unet_seconds), int(cfg.seed))
 
     info = {
         "image_size": int(cfg.image_size), "latent_size": latent_size, "vae_scale_factor": factor,
@@ -388,10 +341,10 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
         return dest
 
     tr = _trainer(cfg, work, "unet", int(cfg.unet.steps), unet_seconds,
-                  [ExportCallback(export, float(cfg.export_every_minutes))])
+                  [ExportCallback(export, float(cfg.export_every_minutes))], make_logger)
     tr.fit(dm, _loader(world, int(cfg.unet.batch), int(cfg.seed) + 1))
     unet_steps = int(tr.global_step)
-    _finish_logger(tr)
+    finish_training_logger(tr)
     export(unet_steps)
     final = export(unet_steps, out_dir)
     total = time.time() - t_start
@@ -401,18 +354,3 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[toyworld] done: {summary}", flush=True)
     return summary
-
-
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = OmegaConf.create({})
-    if argv[:1] == ["--config"]:
-        loaded = OmegaConf.load(argv[1])
-        cfg = loaded.get("toy", loaded)
-        argv = argv[2:]
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(argv))
-    return train(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from sdattn.files import REPO_ROOT
+from sdattn.text import article
+
 DEFAULT_GRAMMAR = REPO_ROOT / "datasets" / "toy_world.yaml"
 _TEMPLATE_RES = 192  # shapes are drawn once at this resolution, then box-filtered to size
 
@@ -72,7 +74,7 @@ def shape_template(shape: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4096)
-def _coverage(shape: str, size: int) -> np.ndarray:
+def coverage(shape: str, size: int) -> np.ndarray:
     """Anti-aliased coverage of ``shape`` in a size x size pixel box."""
     img = Image.fromarray(shape_template(shape), mode="F")
     return np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32).clip(0, 1)
@@ -87,7 +89,6 @@ class Render:
     shape: str
     background: str
     mask: np.ndarray  # bool H x W, True on the object
-    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # x0, y0, size (square box), unused
 
 
 @dataclass
@@ -116,13 +117,9 @@ class World:
         """Every word a prompt may use (each is one token of the toy tokenizer)."""
         return list(self.articles) + list(self.colors) + list(self.shapes) + self.background_words
 
-    @staticmethod
-    def article(word: str) -> str:
-        return "an" if word[:1].lower() in "aeiou" else "a"
-
     def make_prompt(self, color: str, shape: str, background: str = "none") -> str:
         phrase = self.backgrounds[background]["phrase"]
-        prompt = f"{self.article(color)} {color} {shape}"
+        prompt = f"{article(color)} {color} {shape}"
         return f"{prompt} {phrase}" if phrase else prompt
 
     def check_prompt(self, prompt: str) -> list[str]:
@@ -184,14 +181,14 @@ class World:
             size = place["size"] if size is None else size
         n = self.image_size
         cov = np.zeros((n, n), np.float32)
-        cov[y0:y0 + size, x0:x0 + size] = _coverage(shape, int(size))[: n - y0, : n - x0]
+        cov[y0:y0 + size, x0:x0 + size] = coverage(shape, int(size))[: n - y0, : n - x0]
         bg = np.array(self.backgrounds[background]["rgb"], np.float32)
         fg = np.array(self.colors[color], np.float32)
         img = bg * (1 - cov[..., None]) + fg * cov[..., None]
         img = img + rng.normal(0.0, self.noise_std, img.shape).astype(np.float32)
         image = np.clip(np.round(img), 0, 255).astype(np.uint8)
         return Render(image=image, prompt=self.make_prompt(color, shape, background), color=color,
-                      shape=shape, background=background, mask=cov >= 0.5, box=(x0, y0, size, size))
+                      shape=shape, background=background, mask=cov >= 0.5)
 
     def render_random(self, seed: int | None = None, rng: np.random.Generator | None = None) -> Render:
         rng = rng if rng is not None else np.random.default_rng(seed)
@@ -226,7 +223,3 @@ def _load_world(path: str) -> World:
         articles=list(cfg.get("articles", ["a", "an"])),
     )
 
-
-def check_prompt(prompt: str, world: World | None = None) -> list[str]:
-    """Module-level shortcut: raise ValueError listing the vocabulary for an unknown word."""
-    return (world or load_world()).check_prompt(prompt)

@@ -4,12 +4,12 @@ cross-attention map); one column per seed, plus the source and the plain target.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from editing.fpe import SOURCE, TARGET, model_layers, replacement_edit
 from editing.grid import labelled_grid
 from editing.replace import AttentionReplace, TokenMapEdit, select_layers, step_range
-from experiments.common import load_model, output_dir
+from editing.two_branch import SOURCE, TARGET, model_layers, replacement_edit
+from experiments.common import load_model, output_dir, plain
 from probing.prompts import word_token_positions
 from sdattn.errors import UserError
 from sdattn.sampling import decode, initial_latents
@@ -19,13 +19,13 @@ def _rows(cfg: DictConfig, pipe) -> list[tuple[str, dict]]:
     """(row label, {layer: hook factory}) for every row of the figure."""
     a = cfg.ablation
     layers = model_layers(pipe)
-    steps = step_range(OmegaConf.to_object(a.steps) if OmegaConf.is_config(a.steps) else a.steps,
+    steps = step_range(plain(a.steps),
                        a.num_inference_steps)
     pair = [(SOURCE, TARGET)]
     rows = []
     if a.kind in ("cross", "self"):
         for spec in a.ranges:
-            spec = OmegaConf.to_object(spec) if OmegaConf.is_config(spec) else spec
+            spec = plain(spec)
             chosen = select_layers(layers, spec, a.kind)
             label = f"{a.kind} {spec if isinstance(spec, str) else ','.join(map(str, spec))}"
             rows.append((label, {x: (lambda lay, st: AttentionReplace(lay, st, pair, steps)) for x in chosen}))

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from experiments.common import load_model, output_dir
-from probing.visualize import (
+from experiments.common import load_model, output_dir, plain
+from probing.attention_maps import (
     AttentionMaps,
     capture_attention_maps,
     prompt_words,
@@ -23,10 +23,6 @@ from probing.visualize import (
 from sdattn.errors import UserError
 from sdattn.layers import enumerate_layers
 from sdattn.sampling import latent_size
-
-
-def _plain(node):
-    return OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
 
 
 def plot_figure(maps: AttentionMaps, components: np.ndarray, sigma: np.ndarray, path: Path, prompt: str,
@@ -77,14 +73,14 @@ def run(cfg: DictConfig) -> dict:
     prompt = str(cfg.get("prompt") or "").strip()
     if not prompt:
         raise UserError("prompt is empty: pass prompt=\"a white horse in the park\"")
-    words = prompt_words(prompt, _plain(a.get("words")))  # checked before the model loads
+    words = prompt_words(prompt, plain(a.get("words")))  # checked before the model loads
     pipe = load_model(cfg)
     lat = latent_size(pipe)
     layers = enumerate_layers(pipe.unet, lat)
-    cross_layers = select_cross_layers(layers, _plain(a.cross_layers), _plain(a.cross_resolution), min(lat))
-    self_layer = self_layer_by_index(layers, _plain(a.self_layer))
+    cross_layers = select_cross_layers(layers, plain(a.cross_layers), plain(a.cross_resolution), min(lat))
+    self_layer = self_layer_by_index(layers, plain(a.self_layer))
     maps = capture_attention_maps(pipe, prompt, int(cfg.seed), cross_layers, self_layer, words,
-                                  _plain(a.cross_steps), _plain(a.self_steps), int(a.num_inference_steps),
+                                  plain(a.cross_steps), plain(a.self_steps), int(a.num_inference_steps),
                                   float(a.guidance_scale), progress=bool(cfg.progress))
     comps, sigma = top_components(maps.self_map, (self_layer.height, self_layer.width), int(a.components))
     out = output_dir(cfg)

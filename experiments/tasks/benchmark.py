@@ -8,22 +8,73 @@ Multirun: ``python -m experiments.run -m experiment=table4 method=fpe,p2p,masact
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_object
+from omegaconf import DictConfig
 
-from evaluation.datasets import load_from_config
-from evaluation.methods import get_method
+from evaluation.datasets import LoadedDataset
+from evaluation.metric_models import load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
-from evaluation.runner import load_clip, run_pairs, write_tables
+from evaluation.runner import run_pairs
 from evaluation.structure import load_structure
-from experiments.common import close_logger, load_model, make_logger
-from sdattn.errors import UserError
+from evaluation.tables import write_tables
+from experiments.common import close_logger, instantiate, load_model, make_logger, plain
+from sdattn.errors import UserError, first_line
+from toyworld.edit_benchmark import toy_scores
 
 
-def _node(cfg: DictConfig, key: str) -> dict:
-    value = cfg.get(key)
-    return OmegaConf.to_container(value, resolve=True) if value is not None else {}
+def method_settings(method_cfg) -> dict:
+    """A method config as plain Python, resolved, without Hydra's ``_target_`` / ``_partial_`` keys:
+    what identifies the method's settings (the record store's meta)."""
+    spec = dict(plain(method_cfg))
+    return {k: v for k, v in spec.items() if not k.startswith("_")}
+
+
+def build_method(method_cfg) -> tuple[str, Callable]:
+    """(name, edit) of a method config (``configs/method/<name>.yaml``): ``_target_`` instantiated with
+    the config's settings; ``edit(pipe, example, seed, image=None) -> (source, edited)``. ``name`` is the
+    label of the rows, not an argument."""
+    spec = dict(plain(method_cfg))
+    name = str(spec.pop("name"))
+    if "_target_" not in spec:
+        raise UserError(f"method {name!r} has no _target_: give the editor's function (with _partial_: true) "
+                        "or class, e.g. _target_: editing.fpe.edit_fpe")
+    try:
+        target = get_object(spec["_target_"])
+    except Exception as e:  # noqa: BLE001 - any import failure is the same one-line error
+        raise UserError(f"method {name!r}: _target_ {spec['_target_']!r} cannot be imported "
+                        f"({first_line(e)})") from None
+    check_settings(name, target, {k: v for k, v in spec.items() if not k.startswith("_")})
+    return name, instantiate(spec, _convert_="all")
+
+
+def check_settings(name: str, target: Callable, settings: dict) -> None:
+    """Every setting is a keyword of ``target`` and every keyword-only one without a default is given
+    (the YAML is the only place the defaults live)."""
+    params = inspect.signature(target).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(settings) - set(params))
+    if unknown:
+        raise UserError(f"method.{unknown[0]} is not a setting of method {name!r}; settings: "
+                        f"{', '.join(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY)}")
+    missing = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and p.default is p.empty and k not in settings]
+    if missing:
+        raise UserError(f"method {name!r} lacks the setting(s) {', '.join(missing)} (configs/method/{name}.yaml)")
+
+
+def load_data(data_cfg) -> LoadedDataset:
+    """The dataset of a ``data`` config (``configs/data/<name>.yaml``): its ``_target_`` loader called
+    with the config's keys (name, path, root, limit, and the loader's own options)."""
+    return instantiate(data_cfg, _convert_="all")
+
+
+def structure_scorer(structure: Callable) -> Callable:
+    """(example, source, edited) → {"structure": DINO self-similarity distance} for the runner."""
+    return lambda example, source, edited: {"structure": float(structure(source, edited)[0])}
 
 
 class SamplePanel:
@@ -65,19 +116,18 @@ def _log(logger, panel: SamplePanel, tables: dict, data: str, method: str) -> No
 
 def run(cfg: DictConfig) -> dict:
     if not cfg.get("method"):
-        raise UserError("method is required for task=benchmark: method=fpe|p2p|masactrl|sdedit_0.5|sdedit_0.75")
+        raise UserError("method is required for task=benchmark: method=<a config of configs/method/>, e.g. method=fpe")
     if not cfg.get("data"):
         raise UserError("data is required for task=benchmark: e.g. data=car_fake_edit data.path=Car_fake_edit.json")
     method_cfg = cfg.method
-    name = str(method_cfg.name)
-    edit = get_method(name)  # unknown / not implemented → one-line error before any loading
-    dataset = load_from_config(cfg.data)
-    bench = _node(cfg, "benchmark")
-    clip_name = str(_node(cfg, "metrics").get("clip") or DEFAULT_CLIP_MODEL)
+    name, edit = build_method(method_cfg)  # a bad setting or target → one-line error before any loading
+    dataset = load_data(cfg.data)
+    bench = (plain(cfg.get("benchmark")) or {})
+    clip_name = str((plain(cfg.get("metrics")) or {}).get("clip") or DEFAULT_CLIP_MODEL)
     root = Path(bench.get("root") or Path(cfg.paths.log_dir) / "benchmark")
     out_dir = Path(bench.get("out_dir") or root / str(cfg.data.name) / name)
 
-    structure_name = _node(cfg, "metrics").get("structure")
+    structure_name = (plain(cfg.get("metrics")) or {}).get("structure")
     clip = load_clip(clip_name, device=cfg.device)  # ModelLoadError (one line) when unavailable
     structure = load_structure(structure_name, device=cfg.device)  # None when not configured
     pipe = load_model(cfg)
@@ -86,9 +136,12 @@ def run(cfg: DictConfig) -> dict:
     meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "structure": structure_name,
             "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
-            "method_cfg": OmegaConf.to_container(method_cfg, resolve=True)}
-    summary = run_pairs(pipe, dataset, name, edit, method_cfg, out_dir, clip, meta, seed=int(cfg.seed),
-                        progress=bool(cfg.progress), structure=structure, on_record=panel)
+            "method_cfg": method_settings(method_cfg)}
+    # Extra scores: DINO structure distance when configured; the toy world's own edit check, which
+    # applies to the pairs that carry the world's ground truth (toy datasets) and is {} for others.
+    scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores]
+    summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed),
+                        progress=bool(cfg.progress), scorers=scorers, on_record=panel)
     tables = write_tables(root, clip_name, str(cfg.model.name))
     if logger is not None:
         _log(logger, panel, tables, str(cfg.data.name), name)

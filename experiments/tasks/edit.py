@@ -4,25 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from editing.fpe import fpe_generated, fpe_real
 from editing.grid import labelled_grid, to_pil
 from editing.inversion import image_size, load_image
-from experiments.common import load_model, output_dir
+from experiments.common import load_model, output_dir, plain
 from sdattn.errors import UserError
-
-
-def _spec(value):
-    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
 
 def run(cfg: DictConfig) -> dict:
     """Writes the images, ``grid.png`` and ``latents.safetensors``; returns their paths and the result."""
     e = cfg.edit
     out = output_dir(cfg)
-    common = dict(layers=_spec(e.layers), self_replace_steps=_spec(e.self_replace_steps),
+    common = dict(layers=plain(e.layers), self_replace_steps=plain(e.self_replace_steps),
                   num_inference_steps=e.num_inference_steps, guidance_scale=e.guidance_scale, progress=cfg.progress)
     if e.mode == "generated":
         pipe = load_model(cfg)
@@ -38,7 +34,7 @@ def run(cfg: DictConfig) -> dict:
         pipe = load_model(cfg)
         image = load_image(e.image, image_size(pipe), cfg.resize)
         result = fpe_real(pipe, image, e.target_prompt, e.source_prompt, e.inversion,
-                          null_text=OmegaConf.to_container(e.null_text), **common)
+                          null_text=plain(e.null_text), **common)
         names = {"input": "input", "reconstruction": f"reconstruction ({e.inversion})", "edited": e.target_prompt}
         latents = {k: result.latents[k] for k in ("inverted", "reconstruction", "edited")}
     else:

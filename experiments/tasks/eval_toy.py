@@ -7,11 +7,10 @@ Writes ``metrics.json`` (color_accuracy, shape_accuracy, per_class, ...), ``samp
 from __future__ import annotations
 
 from experiments.common import output_dir
+from toyworld.evaluate import evaluate
 
 
 def run(cfg) -> dict:
-    from toyworld.evaluate import evaluate
-
     ev = cfg.eval
     return evaluate(
         model_dir=ev.model_dir,

@@ -9,11 +9,11 @@ import random
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from editing.fpe import fpe_generated
 from editing.grid import labelled_grid
-from experiments.common import load_model, output_dir
+from experiments.common import load_model, output_dir, plain
 from toyworld.evaluate import classify_image
 from toyworld.world import load_world
 
@@ -38,21 +38,21 @@ def run(cfg: DictConfig) -> dict:
     world = load_world()
     pipe = load_model(cfg)
     rows, grid = [], []
-    layer_spec = OmegaConf.to_object(t.layers) if OmegaConf.is_config(t.layers) else t.layers
+    layer_spec = plain(t.layers)
     pairs = edit_pairs(list(t.colors or world.colors), list(t.shapes or world.shapes), t.n, cfg.seed)
     for c1, c2, shape, seed in pairs:
         src, tgt = world.make_prompt(c1, shape), world.make_prompt(c2, shape)
         kw = dict(num_inference_steps=t.num_inference_steps, guidance_scale=t.guidance_scale, progress=False)
         edit = fpe_generated(pipe, src, tgt, seed, layers=layer_spec, self_replace_steps=t.self_replace_steps, **kw)
-        plain = fpe_generated(pipe, src, tgt, seed, layers="none", **kw)
+        unedited = fpe_generated(pipe, src, tgt, seed, layers="none", **kw)
         (sc, ss, sm), (ec, es, em), (pc, ps, pm) = (classify_image(x[0]) for x in (
-            edit.images["source"], edit.images["edited"], plain.images["edited"]))
+            edit.images["source"], edit.images["edited"], unedited.images["edited"]))
         rows.append({"source": src, "target": tgt, "seed": seed, "iou_edit": iou(sm, em), "iou_plain": iou(sm, pm),
                      "edit_color_ok": ec == c2, "plain_color_ok": pc == c2, "edit_shape_kept": es == ss,
                      "plain_shape_kept": ps == ss, "source_color_ok": sc == c1})
         if len(grid) < t.grid_rows:
             grid.append([(edit.images["source"][0], src), (edit.images["edited"][0], f"FPE: {c2}"),
-                         (plain.images["edited"][0], f"plain: {c2}")])
+                         (unedited.images["edited"][0], f"plain: {c2}")])
     df = pd.DataFrame(rows)
     out = output_dir(cfg)
     df.to_csv(out / "toy_edit_pairs.csv", index=False)

@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from experiments.common import close_logger, instantiate, load_model, make_logger, model_identity, output_dir
+from experiments.common import close_logger, instantiate, load_model, make_logger, model_identity, output_dir, plain
 from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family, resolve_token, word_token_positions
 from probing.store import FeatureStore
-from probing.tables import accuracy_table, formatted, write_table
+from probing.tables import accuracy_table, formatted
+from sdattn.errors import UserError
 from sdattn.layers import LayerSelector, enumerate_layers
 from sdattn.sampling import check_prompts, latent_size
+from sdattn.tables import write_table
 
 
 def family_path(cfg: DictConfig) -> Path:
@@ -53,12 +55,9 @@ def run(cfg: DictConfig) -> dict:
     classes = list(dict.fromkeys(x.label for x in prompts))
     pipe = load_model(cfg)
     all_layers = enumerate_layers(pipe.unet, latent_size(pipe))
-    layers = LayerSelector(kinds=p.kind, indices=OmegaConf.to_object(p.layers) if OmegaConf.is_config(p.layers)
-                           else p.layers).select(all_layers)
+    layers = LayerSelector(kinds=p.kind, indices=plain(p.layers)).select(all_layers)
     spec = CaptureSpec(kind=p.kind, tokens=list(p.tokens), steps=p.steps, grid=p.grid, pool=p.pool)
     if p.kind == "cross" and not spec.tokens:
-        from sdattn.errors import UserError
-
         raise UserError("probe.tokens is empty: name the words whose cross-attention maps to probe, e.g. ['{cls}']")
     feats = collect_features(cfg, pipe, prompts, layers, spec, family)
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
+from omegaconf import DictConfig
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from experiments.common import make_logger
+from toyworld.train import train
 
 
-def run(cfg) -> dict:
-    """``cfg.toy`` holds the hyper-parameters (configs/experiment/train_toy.yaml)."""
-    from omegaconf import OmegaConf
-
-    from toyworld.train import train
-
-    toy = cfg.get("toy", None) if hasattr(cfg, "get") else None
-    return train(toy if toy is not None else OmegaConf.create({}))
+def run(cfg: DictConfig) -> dict:
+    """``cfg.toy`` holds the settings (configs/experiment/train_toy.yaml)."""
+    return train(cfg.toy, make_logger=lambda stage, save_dir: make_logger(cfg, name=f"toy-{stage}",
+                                                                         save_dir=str(save_dir)))

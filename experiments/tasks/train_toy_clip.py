@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from omegaconf import DictConfig
 
-def run(cfg) -> dict:
-    """``cfg.toy_clip`` holds the hyper-parameters (configs/experiment/train_toy_clip.yaml)."""
-    from omegaconf import OmegaConf
+from experiments.common import make_logger
+from toyworld.clip import train
 
-    from toyworld.clip import train
 
-    node = cfg.get("toy_clip", None) if hasattr(cfg, "get") else None
-    return train(node if node is not None else OmegaConf.create({}))
+def run(cfg: DictConfig) -> dict:
+    """``cfg.toy_clip`` holds the settings (configs/experiment/train_toy_clip.yaml)."""
+    return train(cfg.toy_clip, make_logger=lambda stage, save_dir: make_logger(cfg, name=f"toy-{stage}",
+                                                                         save_dir=str(save_dir)))

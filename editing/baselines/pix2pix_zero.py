@@ -32,16 +32,16 @@ from pathlib import Path
 import torch
 from diffusers import DDIMInverseScheduler
 
-from editing.fpe import model_layers
-from evaluation.method_utils import cfg_get, steps_guidance
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, BatchLayout, HookSet, StepState
 from sdattn.layers import LayerId
 from sdattn.sampling import ddim_scheduler, decode, encode_image, encode_prompts, guided_noise, initial_latents
 
-Images = tuple[torch.Tensor, torch.Tensor]
+from ..two_branch import Images, model_layers
+
 DIRECTIONS = ("prompts", "sentences")
-NOISE_REGULARIZATION = dict(lambda_auto_corr=20.0, lambda_kl=20.0, num_reg_steps=5, num_auto_corr_rolls=5)
+NOISE_REGULARIZATION = {"lambda_auto_corr": float, "lambda_kl": float, "num_reg_steps": int,
+                        "num_auto_corr_rolls": int}  # key → type of ``noise_regularization`` (YAML has the values)
 
 
 # ------------------------------------------------------------------------------------ edit direction
@@ -74,10 +74,11 @@ def mean_embedding(pipe, sentences, batch_size: int = 16) -> torch.Tensor:
     return (total / len(sentences)).cpu()
 
 
-def edit_direction(pipe, source_prompt: str, target_prompt: str, cfg=None) -> torch.Tensor:
-    """Δ (1, L, D) = mean embedding of target sentences − mean embedding of source sentences."""
-    mode = str(cfg_get(cfg, "direction", "prompts"))
-    src, tgt = cfg_get(cfg, "source_sentences"), cfg_get(cfg, "target_sentences")
+def edit_direction(pipe, source_prompt: str, target_prompt: str, direction: str, source_sentences=None,
+                   target_sentences=None) -> torch.Tensor:
+    """Δ (1, L, D) = mean embedding of target sentences − mean embedding of source sentences
+    (``direction="prompts"``: the pair's own prompts are the sentences)."""
+    mode, src, tgt = str(direction), source_sentences, target_sentences
     if mode not in DIRECTIONS:
         raise UserError(f"method.direction {mode!r} is not one of {', '.join(DIRECTIONS)}")
     if mode == "prompts":
@@ -232,9 +233,9 @@ def regularize_noise(noise: torch.Tensor, generator: torch.Generator, lambda_aut
 
 
 @torch.no_grad()
-def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, seed: int = 0,
-                          lambda_auto_corr: float = 20.0, lambda_kl: float = 20.0, num_reg_steps: int = 5,
-                          num_auto_corr_rolls: int = 5) -> torch.Tensor:
+def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, *, seed: int,
+                          lambda_auto_corr: float, lambda_kl: float, num_reg_steps: int,
+                          num_auto_corr_rolls: int) -> torch.Tensor:
     """DDIM inversion (no guidance, ``DDIMInverseScheduler``) with pix2pix-zero's noise regularisation.
     latents z_0 (B, C, h, w) → z_T. ``num_reg_steps=0`` is plain ``editing.inversion.ddim_invert``."""
     unet = pipe.unet
@@ -257,30 +258,35 @@ def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inferenc
 
 # ---------------------------------------------------------------------------------------- the method
 
-def noise_regularization(cfg) -> dict:
-    """The ``noise_regularization`` node with diffusers' defaults filled in."""
-    given = cfg_get(cfg, "noise_regularization") or {}
+def check_noise_regularization(given: dict) -> dict:
+    """The ``noise_regularization`` node checked (every key of :data:`NOISE_REGULARIZATION`, no other)
+    and typed."""
+    given = dict(given or {})
     unknown = sorted(set(given) - set(NOISE_REGULARIZATION))
     if unknown:
         raise UserError(f"method.noise_regularization has unknown key {unknown[0]!r}; "
                         f"allowed: {', '.join(NOISE_REGULARIZATION)}")
-    out = {**NOISE_REGULARIZATION, **given}
-    return {k: type(NOISE_REGULARIZATION[k])(v) for k, v in out.items()}
+    missing = [k for k in NOISE_REGULARIZATION if k not in given]
+    if missing:
+        raise UserError(f"method.noise_regularization lacks {', '.join(missing)}")
+    return {k: kind(given[k]) for k, kind in NOISE_REGULARIZATION.items()}
 
 
-def edit_pix2pix_zero(pipe, example, seed, cfg, image=None) -> Images:
-    """pix2pix-zero: edit direction Δ added to the source embedding, x_t steered so the edited
-    cross-attention maps follow the reference pass's."""
-    steps, guidance = steps_guidance(cfg)
-    amount = float(cfg_get(cfg, "cross_attention_guidance_amount", 0.1))
+def edit_pix2pix_zero(pipe, example, seed: int, image: torch.Tensor | None = None, *, direction: str,
+                      source_sentences, target_sentences, cross_attention_guidance_amount: float,
+                      noise_regularization: dict, num_inference_steps: int, guidance_scale: float) -> Images:
+    """Benchmark entry (``configs/method/pix2pix_zero.yaml``): edit direction Δ added to the source
+    embedding, x_t steered so the edited cross-attention maps follow the reference pass's → (source, edited)."""
+    steps, guidance = int(num_inference_steps), float(guidance_scale)
+    amount = float(cross_attention_guidance_amount)
+    regularization = check_noise_regularization(noise_regularization)
     src, tgt = example.source_prompt, example.target_prompt
     cond = encode_prompts(pipe, [src])  # (1, L, D)
-    direction = edit_direction(pipe, src, tgt, cfg).to(cond)  # (1, L, D)
+    delta = edit_direction(pipe, src, tgt, direction, source_sentences, target_sentences).to(cond)  # (1, L, D)
     uncond = encode_prompts(pipe, [""]) if guidance > 1 else None
     if image is None:
         z_T = initial_latents(pipe, [seed])
     else:
-        z_T = regularized_inversion(pipe, encode_image(pipe, image), src, steps, seed=seed, **noise_regularization(cfg))
-    z_src, z_edit, _ = pix2pix_zero_sample(pipe, z_T, cond, cond + direction, uncond, steps, guidance, amount)
+        z_T = regularized_inversion(pipe, encode_image(pipe, image), src, steps, seed=seed, **regularization)
+    z_src, z_edit, _ = pix2pix_zero_sample(pipe, z_T, cond, cond + delta, uncond, steps, guidance, amount)
     return (decode(pipe, z_src) if image is None else image), decode(pipe, z_edit)
-

@@ -1,30 +1,11 @@
-"""Small helpers every editing method shares: config access and a DDIM scheduler that starts late."""
+"""Start-late denoising (img2img convention) shared by SDEdit and DiffEdit: the strength → step count
+and a DDIM scheduler whose timesteps start at an index."""
 
 from __future__ import annotations
 
 from diffusers import DDIMScheduler
 
 from sdattn.errors import UserError
-
-
-def cfg_get(cfg, key, default=None):
-    """``cfg[key]`` for a DictConfig / dict / None, as a plain Python object (``default`` when unset)."""
-    if cfg is None:
-        return default
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_object(value)
-    except ImportError:  # pragma: no cover
-        pass
-    return default if value is None else value
-
-
-def steps_guidance(cfg) -> tuple[int, float]:
-    """(num_inference_steps, guidance_scale) of a method config (50, 7.5 when unset)."""
-    return int(cfg_get(cfg, "num_inference_steps", 50)), float(cfg_get(cfg, "guidance_scale", 7.5))
 
 
 class FromStep(DDIMScheduler):

@@ -20,7 +20,7 @@ from sdattn.hooks import AttentionHook, HookSet, StepState
 from sdattn.layers import LayerId, LayerSelector
 from sdattn.sampling import sample
 
-from .capture import _Accumulator, parse_steps, token_maps, token_weights
+from .capture import StepAccumulator, parse_steps, token_maps, token_weights
 from .prompts import word_token_positions
 
 
@@ -39,7 +39,7 @@ class AttentionMaps:
 class CrossWordCapture(AttentionHook):
     """Adds each word's cross-attention map (mean over heads and the word's tokens) per step."""
 
-    def __init__(self, layer: LayerId, state: StepState, acc: _Accumulator, weights: torch.Tensor,
+    def __init__(self, layer: LayerId, state: StepState, acc: StepAccumulator, weights: torch.Tensor,
                  steps: set[int], size: tuple[int, int]):
         super().__init__(layer, state)
         self.acc, self.weights, self.steps, self.size = acc, weights, steps, size  # weights: (B, T, L)
@@ -62,7 +62,7 @@ def full_self_attention(query: torch.Tensor, key: torch.Tensor, scale: float, ch
 class SelfMapRecorder(AttentionHook):
     """Adds the full (N × N) self-attention map of the conditional branch, mean over heads, per step."""
 
-    def __init__(self, layer: LayerId, state: StepState, acc: _Accumulator, steps: set[int]):
+    def __init__(self, layer: LayerId, state: StepState, acc: StepAccumulator, steps: set[int]):
         super().__init__(layer, state)
         self.acc, self.steps = acc, steps
 
@@ -155,7 +155,7 @@ def capture_attention_maps(
     ssteps = parse_steps(self_steps, num_inference_steps)
     size = (max(x.height for x in cross_layers), max(x.width for x in cross_layers))
     weights = token_weights(pipe.tokenizer, [prompt], [words])  # (1, T, L)
-    cross_acc, self_acc = _Accumulator(), _Accumulator()
+    cross_acc, self_acc = StepAccumulator(), StepAccumulator()
 
     def factory(layer: LayerId, state: StepState) -> AttentionHook:
         if layer == self_layer:

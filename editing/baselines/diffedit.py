@@ -23,8 +23,6 @@ from collections.abc import Sequence
 
 import torch
 
-from editing.inversion import ddim_invert
-from evaluation.method_utils import FromStep, cfg_get, steps_guidance, strength_steps
 from sdattn.errors import UserError
 from sdattn.sampling import (
     check_prompts,
@@ -36,10 +34,12 @@ from sdattn.sampling import (
     sample,
 )
 
-Images = tuple[torch.Tensor, torch.Tensor]
+from ..img2img import FromStep, strength_steps
+from ..inversion import ddim_invert
+from ..two_branch import Images
 
 
-def _check_mask_args(num_steps: int, mask_encode_strength, num_maps_per_mask, mask_thresholding_ratio) -> int:
+def check_mask_args(num_steps: int, mask_encode_strength, num_maps_per_mask, mask_thresholding_ratio) -> int:
     """Validate the mask settings; → number of noising steps of ``mask_encode_strength``."""
     if isinstance(num_maps_per_mask, bool) or not isinstance(num_maps_per_mask, int) or num_maps_per_mask <= 0:
         raise UserError(f"method.num_maps_per_mask {num_maps_per_mask!r} must be a positive integer")
@@ -54,12 +54,12 @@ def _check_mask_args(num_steps: int, mask_encode_strength, num_maps_per_mask, ma
 
 @torch.no_grad()
 def diffedit_mask(pipe, z0: torch.Tensor, source_prompt: str, target_prompt: str, seed: int,
-                  num_inference_steps: int = 50, guidance_scale: float = 7.5, mask_encode_strength: float = 0.5,
-                  num_maps_per_mask: int = 10, mask_thresholding_ratio: float = 3.0) -> torch.Tensor:
+                  num_inference_steps: int, guidance_scale: float, *, mask_encode_strength: float,
+                  num_maps_per_mask: int, mask_thresholding_ratio: float) -> torch.Tensor:
     """DiffEdit's mask of latent ``z0`` (1, C, h, w) → (1, 1, h, w) float of 0/1 (1 = edit).
 
     Noise draws from ``torch.Generator().manual_seed(seed)``. Identical prompts give an empty mask."""
-    k = _check_mask_args(num_inference_steps, mask_encode_strength, num_maps_per_mask, mask_thresholding_ratio)
+    k = check_mask_args(num_inference_steps, mask_encode_strength, num_maps_per_mask, mask_thresholding_ratio)
     unet, m = pipe.unet, num_maps_per_mask
     scheduler = ddim_scheduler(pipe)
     scheduler.set_timesteps(num_inference_steps)
@@ -100,8 +100,7 @@ class MaskBlend:
 
 @torch.no_grad()
 def diffedit_inpaint(pipe, z0: torch.Tensor, mask: torch.Tensor, source_prompt: str, target_prompt: str,
-                     num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                     inpaint_strength: float = 0.8) -> torch.Tensor:
+                     num_inference_steps: int, guidance_scale: float, inpaint_strength: float) -> torch.Tensor:
     """Invert ``z0`` (1, C, h, w) with the source prompt up to ``inpaint_strength``, denoise with the
     target prompt keeping the inverted latents outside ``mask`` (1, 1, h, w) → final latents (1, C, h, w)."""
     k = strength_steps("inpaint_strength", inpaint_strength, num_inference_steps)
@@ -115,14 +114,16 @@ def diffedit_inpaint(pipe, z0: torch.Tensor, mask: torch.Tensor, source_prompt: 
                    guidance_scale, callbacks=[MaskBlend(mask, traj)], progress=False, scheduler=scheduler)
 
 
-def edit_diffedit(pipe, example, seed, cfg, image=None) -> Images:
-    """DiffEdit: mask from noise-prediction differences, then masked inpainting from the inversion."""
-    steps, guidance = steps_guidance(cfg)
-    mask_kw = dict(mask_encode_strength=float(cfg_get(cfg, "mask_encode_strength", 0.5)),
-                   num_maps_per_mask=cfg_get(cfg, "num_maps_per_mask", 10),
-                   mask_thresholding_ratio=float(cfg_get(cfg, "mask_thresholding_ratio", 3.0)))
-    strength = float(cfg_get(cfg, "inpaint_strength", 0.8))
-    _check_mask_args(steps, **mask_kw)  # fail before any sampling
+def edit_diffedit(pipe, example, seed: int, image: torch.Tensor | None = None, *, mask_encode_strength: float,
+                  num_maps_per_mask: int, mask_thresholding_ratio: float, inpaint_strength: float,
+                  num_inference_steps: int, guidance_scale: float) -> Images:
+    """Benchmark entry (``configs/method/diffedit.yaml``): mask from noise-prediction differences, then
+    masked inpainting from the inversion → (source, edited)."""
+    steps, guidance = int(num_inference_steps), float(guidance_scale)
+    mask_kw = dict(mask_encode_strength=float(mask_encode_strength), num_maps_per_mask=num_maps_per_mask,
+                   mask_thresholding_ratio=float(mask_thresholding_ratio))
+    strength = float(inpaint_strength)
+    check_mask_args(steps, **mask_kw)  # fail before any sampling
     strength_steps("inpaint_strength", strength, steps)
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])

@@ -34,16 +34,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
 
-from evaluation.method_utils import cfg_get, steps_guidance
 from sdattn.errors import ModelLoadError, UserError, first_line
 from sdattn.hub import hub_offline
 from sdattn.models import parse_dtype
 from sdattn.sampling import default_size, sample
 
-Images = tuple[torch.Tensor, torch.Tensor]
-DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
-DEFAULT_INSTRUCTION = "replace {old} with {new}"
-DEFAULT_FALLBACK = "turn it into {target}"
+from ..two_branch import Images
+
+HUB_MODEL = "timbrooks/instruct-pix2pix"
 FIELDS = ("source", "target", "old", "new")
 
 
@@ -78,8 +76,8 @@ def template_fields(template: str, key: str = "method.instruction") -> set[str]:
     return set(names)
 
 
-def make_instruction(source: str, target: str, template: str = DEFAULT_INSTRUCTION,
-                     fallback: str = DEFAULT_FALLBACK) -> str:
+def make_instruction(source: str, target: str, template: str,
+                     fallback: str) -> str:
     """The edit instruction of a prompt pair (see the module docstring)."""
     used = template_fields(template)
     fallback_used = template_fields(fallback, "method.instruction_fallback")
@@ -112,7 +110,7 @@ def build_tiny_ip2p(base, seed: int = 0) -> StableDiffusionInstructPix2PixPipeli
     )
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
     """Hub ids are ``owner/name``; anything starting with / . ~ or with more parts is a path."""
     return model.startswith(("/", ".", "~")) or model.count("/") > 1
 
@@ -121,13 +119,13 @@ def load_ip2p(model: str, dtype: str | torch.dtype = "float32") -> StableDiffusi
     """An ip2p pipeline from a hub id or a local diffusers folder; one-line :class:`ModelLoadError` on failure."""
     torch_dtype = parse_dtype(dtype)
     path = Path(model).expanduser()
-    local = path.exists() or _looks_like_path(model)
+    local = path.exists() or looks_like_path(model)
     if local and not path.exists():
         raise ModelLoadError(f"method.model {str(path)!r} does not exist: give a local diffusers folder (with "
-                             f"model_index.json) or a hub id such as {DEFAULT_MODEL}")
+                             f"model_index.json) or a hub id such as {HUB_MODEL}")
     if local and not (path / "model_index.json").is_file():
         raise ModelLoadError(f"method.model {str(path)!r} is not a diffusers folder (no model_index.json): save one "
-                             f"with save_pretrained, or give a hub id such as {DEFAULT_MODEL}")
+                             f"with save_pretrained, or give a hub id such as {HUB_MODEL}")
     try:
         return StableDiffusionInstructPix2PixPipeline.from_pretrained(
             str(path) if local else model, local_files_only=local or hub_offline(), dtype=torch_dtype,
@@ -140,7 +138,7 @@ def load_ip2p(model: str, dtype: str | torch.dtype = "float32") -> StableDiffusi
         raise ModelLoadError(f"InstructPix2Pix model {model!r} could not be loaded{where} ({why})") from e
 
 
-def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] → (B, 3, *size) (bicubic, antialiased); unchanged when already that size."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
@@ -148,22 +146,27 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class InstructPix2Pix:
-    """The benchmark method: ``InstructPix2Pix()(pipe, example, seed, cfg, image=None)``.
+    """Benchmark entry (``configs/method/instructpix2pix.yaml``, instantiated with the method's settings):
+    ``InstructPix2Pix(**settings)(pipe, example, seed, image=None) -> (source, edited)``.
 
-    Loads ``method.model`` on the first call and keeps it (reloaded only when model / dtype / device change).
+    Loads ``model`` on the first call and keeps it (reloaded only when the base pipe's device changes).
     """
 
-    def __init__(self):
+    def __init__(self, *, model: str, dtype: str, instruction: str, instruction_fallback: str,
+                 image_guidance_scale: float, num_inference_steps: int, guidance_scale: float):
+        self.name, self.dtype = str(model), str(dtype)
+        self.instruction, self.instruction_fallback = str(instruction), str(instruction_fallback)
+        self.image_guidance_scale = float(image_guidance_scale)
+        self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
         self.pipe: StableDiffusionInstructPix2PixPipeline | None = None
-        self._key: tuple | None = None
+        self.key: tuple | None = None
 
-    def model(self, pipe, cfg) -> StableDiffusionInstructPix2PixPipeline:
-        """The ip2p pipeline for ``cfg`` on the base ``pipe``'s device, with a DDIM scheduler."""
-        name = str(cfg_get(cfg, "model", DEFAULT_MODEL))
-        dtype = str(cfg_get(cfg, "dtype", "float32"))
+    def model(self, pipe) -> StableDiffusionInstructPix2PixPipeline:
+        """The ip2p pipeline on the base ``pipe``'s device, with a DDIM scheduler."""
+        name, dtype = self.name, self.dtype
         device = pipe.unet.device
         key = (name, dtype, str(device), id(pipe) if name == "tiny" else None)
-        if self._key != key:
+        if self.key != key:
             self.pipe = None  # free the previous model before loading another
             if name == "tiny":
                 ip2p = build_tiny_ip2p(pipe)
@@ -171,16 +174,14 @@ class InstructPix2Pix:
                 ip2p = load_ip2p(name, dtype).to(device)
             ip2p.scheduler = DDIMScheduler.from_config(ip2p.scheduler.config)
             ip2p.set_progress_bar_config(disable=True)
-            self.pipe, self._key = ip2p, key
+            self.pipe, self.key = ip2p, key
         return self.pipe
 
-    def __call__(self, pipe, example, seed, cfg, image=None) -> Images:
-        steps, guidance = steps_guidance(cfg)
-        image_guidance = float(cfg_get(cfg, "image_guidance_scale", 1.5))
+    def __call__(self, pipe, example, seed: int, image: torch.Tensor | None = None) -> Images:
+        steps, guidance = self.num_inference_steps, self.guidance_scale
         src, tgt = example.source_prompt, example.target_prompt
-        instruction = make_instruction(src, tgt, str(cfg_get(cfg, "instruction", DEFAULT_INSTRUCTION)),
-                                       str(cfg_get(cfg, "instruction_fallback", DEFAULT_FALLBACK)))
-        ip2p = self.model(pipe, cfg)
+        instruction = make_instruction(src, tgt, self.instruction, self.instruction_fallback)
+        ip2p = self.model(pipe)
         tok = ip2p.tokenizer
         n = len(tok(instruction, truncation=False).input_ids)
         if n > tok.model_max_length:
@@ -193,8 +194,8 @@ class InstructPix2Pix:
             source = image
         size = default_size(ip2p)
         edited = ip2p(
-            prompt=instruction, image=_resize(source.float().cpu(), size), num_inference_steps=steps,
-            guidance_scale=guidance, image_guidance_scale=image_guidance,
+            prompt=instruction, image=resize_images(source.float().cpu(), size), num_inference_steps=steps,
+            guidance_scale=guidance, image_guidance_scale=self.image_guidance_scale,
             generator=torch.Generator().manual_seed(int(seed)), output_type="pt",
         ).images  # (1, 3, h, w) in [0, 1]
-        return source, _resize(edited.float().cpu(), tuple(source.shape[-2:]))
+        return source, resize_images(edited.float().cpu(), tuple(source.shape[-2:]))

@@ -8,7 +8,7 @@ the decoder self layers (SD 1.5: self layers 9–16) for the first ``pnp_attn_t`
 
 Here: ``[source, target]`` sampled together with CFG; both target rows take the source's COND row.
 The source cond prompt is ``inversion_prompt`` (default ``""``, official) for real images, whose
-source row replays the inversion (:class:`~editing.fpe.AnchorSource`), and the pair's source prompt
+source row replays the inversion (:class:`~editing.two_branch.AnchorSource`), and the pair's source prompt
 for generated pairs (the source image is generated with it from the same seed as the target).
 """
 
@@ -20,21 +20,19 @@ from contextlib import contextmanager
 
 import torch
 
-from editing.fpe import SOURCE, TARGET, AnchorSource, model_layers, replacement_edit
-from editing.inversion import ddim_invert
-from editing.replace import RowInjection, select_layers, step_range
-from evaluation.method_utils import cfg_get, steps_guidance
 from sdattn.errors import UserError
 from sdattn.hooks import BatchLayout
 from sdattn.layers import LayerId
 from sdattn.sampling import check_prompts, decode, encode_image, initial_latents
 
-Images = tuple[torch.Tensor, torch.Tensor]
+from ..inversion import ddim_invert
+from ..replace import RowInjection, select_layers, step_range
+from ..two_branch import SOURCE, TARGET, AnchorSource, Images, model_layers, replacement_edit
 
-_ATTN = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.")
+ATTN_NAME = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.")
 
 
-def _target_rows(layout: BatchLayout) -> list[int]:
+def target_rows(layout: BatchLayout) -> list[int]:
     """The target's rows: cond, and uncond with CFG."""
     return [layout.cond_row(TARGET), *([layout.uncond_row(TARGET)] if layout.cfg else [])]
 
@@ -44,7 +42,7 @@ class QKInject(RowInjection):
     row's query and key: SDPA(q_src, k_src, v_tgt)."""
 
     def rows(self, layout: BatchLayout) -> list[tuple[int, int]]:
-        return [(layout.cond_row(SOURCE), row) for row in _target_rows(layout)]
+        return [(layout.cond_row(SOURCE), row) for row in target_rows(layout)]
 
 
 class FeatureInject:
@@ -67,7 +65,7 @@ class FeatureInject:
         if self.step not in self.steps:
             return None
         out = output.clone()  # (B, C, h, w)
-        out[_target_rows(self.layout)] = output[self.layout.cond_row(SOURCE)]
+        out[target_rows(self.layout)] = output[self.layout.cond_row(SOURCE)]
         return out
 
     @contextmanager
@@ -79,27 +77,27 @@ class FeatureInject:
             handle.remove()
 
 
-def _attention_up_blocks(unet) -> list[int]:
+def attention_up_blocks(unet) -> list[int]:
     return [i for i, b in enumerate(unet.up_blocks) if getattr(b, "attentions", None)]
 
 
-def pnp_layers(pipe, spec="decoder") -> list[LayerId]:
+def pnp_layers(pipe, spec) -> list[LayerId]:
     """Self layers for Q/K injection. ``"decoder"``: every self layer of the up blocks except those of
     the first attention module of the first up block with attentions (official ``{1: [1, 2], 2: [0, 1, 2],
     3: [0, 1, 2]}``: SD 1.5 self layers 9–16); otherwise a :func:`editing.replace.select_layers` spec."""
     layers = model_layers(pipe)
     if spec != "decoder":
         return select_layers(layers, spec, "self")
-    first = _attention_up_blocks(pipe.unet)[0]
+    first = attention_up_blocks(pipe.unet)[0]
     chosen = []
     for x in layers:
-        m = _ATTN.match(x.name)
+        m = ATTN_NAME.match(x.name)
         if x.kind == "self" and m and (int(m[1]), int(m[2])) != (first, 0):
             chosen.append(x)
     return chosen
 
 
-def pnp_feature_module(pipe, name="auto") -> tuple[str, torch.nn.Module]:
+def pnp_feature_module(pipe, name: str) -> tuple[str, torch.nn.Module]:
     """The resnet whose residual features are injected: ``"auto"`` = ``up_blocks.<i>.resnets.1`` of the
     first up block with attentions (official ``up_blocks[1].resnets[1]``) or an up-block resnet name.
     Returns (resnet name, its ``conv2``): the hook sits on ``conv2``, the residual branch before the skip
@@ -107,15 +105,15 @@ def pnp_feature_module(pipe, name="auto") -> tuple[str, torch.nn.Module]:
     unet = pipe.unet
     valid = [f"up_blocks.{i}.resnets.{j}" for i, b in enumerate(unet.up_blocks) for j in range(len(b.resnets))]
     if name == "auto":
-        name = f"up_blocks.{_attention_up_blocks(unet)[0]}.resnets.1"
+        name = f"up_blocks.{attention_up_blocks(unet)[0]}.resnets.1"
     if name not in valid:
         raise UserError(f"method.feature_block {name!r} is not an up-block resnet of this model; "
                         f"allowed: auto, {', '.join(valid)}")
     return name, unet.get_submodule(name).conv2
 
 
-def pnp_injection(pipe, num_inference_steps: int, feature_steps=0.8, attn_steps=0.5, attn_layers="decoder",
-                  feature_block="auto") -> tuple[dict, FeatureInject]:
+def pnp_injection(pipe, num_inference_steps: int, *, feature_steps, attn_steps, attn_layers,
+                  feature_block: str) -> tuple[dict, FeatureInject]:
     """PnP's hooks, validated: ({self layer: QKInject factory}, the feature hook, not yet installed)."""
     feat_steps = step_range(feature_steps, num_inference_steps)
     qk_steps = step_range(attn_steps, num_inference_steps)
@@ -134,19 +132,20 @@ def pnp_edit(pipe, source_prompt: str, target_prompt: str, latents: torch.Tensor
                                 guidance_scale, callbacks=[feature, *callbacks], progress=False)
 
 
-def edit_pnp(pipe, example, seed, cfg, image=None) -> Images:
-    """Plug-and-Play: residual features and decoder self-attention Q, K of the target ← source."""
-    steps, guidance = steps_guidance(cfg)
-    injection = pnp_injection(pipe, steps, feature_steps=cfg_get(cfg, "feature_steps", 0.8),
-                              attn_steps=cfg_get(cfg, "attn_steps", 0.5),
-                              attn_layers=cfg_get(cfg, "attn_layers", "decoder"),
-                              feature_block=cfg_get(cfg, "feature_block", "auto"))
+def edit_pnp(pipe, example, seed: int, image: torch.Tensor | None = None, *, feature_steps, attn_steps,
+             attn_layers, feature_block: str, inversion_prompt: str, num_inference_steps: int,
+             guidance_scale: float) -> Images:
+    """Benchmark entry (``configs/method/pnp.yaml``): residual features and decoder self-attention Q, K
+    of the target ← source → (source, edited)."""
+    steps, guidance = int(num_inference_steps), float(guidance_scale)
+    injection = pnp_injection(pipe, steps, feature_steps=feature_steps, attn_steps=attn_steps,
+                              attn_layers=attn_layers, feature_block=feature_block)
     src, tgt = example.source_prompt, example.target_prompt
     if image is None:
         out = pnp_edit(pipe, src, tgt, initial_latents(pipe, [seed]), steps, guidance, injection)
         images = decode(pipe, out)
         return images[:1], images[1:]
-    inv_prompt = str(cfg_get(cfg, "inversion_prompt", ""))
+    inv_prompt = str(inversion_prompt)
     check_prompts(pipe.tokenizer, [inv_prompt, tgt])
     traj = ddim_invert(pipe, encode_image(pipe, image), inv_prompt, steps, progress=False)
     out = pnp_edit(pipe, inv_prompt, tgt, traj[-1], steps, guidance, injection, callbacks=[AnchorSource(traj)])

@@ -1,5 +1,6 @@
-"""``toy_edit``: a generated edit benchmark in the toy world, so Tables 4–5 run offline on the
-shipped toy model and score with the shipped toy CLIP.
+"""The toy world's edit benchmark: ``toy_edit`` pairs (a generated dataset, so Tables 4–5 run offline
+on the shipped toy model and score with the shipped toy CLIP) and :func:`toy_scores`, the toy world's
+own check of an edit. The benchmark task passes both to the runner (evaluation never imports toyworld).
 
 Pairs are drawn from the toy grammar (``datasets/toy_world.yaml``) with a seeded generator:
 
@@ -20,27 +21,30 @@ columns of Table 5 on the toy model). Every example carries its source/target sp
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
+from evaluation.datasets import EditExample, LoadedDataset, finish_dataset
 from sdattn.errors import UserError
+from sdattn.files import atomic_save
+
+from .evaluate import classify_image
+from .world import load_world
 
 TOY_DATASETS = {"toy_edit": ("fake", "real"), "toy_fake_edit": ("fake",), "toy_real_edit": ("real",)}
 EDIT_KINDS = ("color", "shape")
 
 
-def _write_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
+def write_png(image: np.ndarray, path: Path) -> None:
+    """(H, W, 3) uint8 → PNG at ``path``, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
-def _spec(color: str, shape: str, background: str) -> dict:
+def object_spec(color: str, shape: str, background: str) -> dict:
     return {"color": color, "shape": shape, "background": background}
 
 
@@ -50,8 +54,6 @@ def toy_edit_pairs(world, pairs_per_kind: int, seed: int = 0, images=("fake", "r
 
     ``root`` is where the real-image sources are rendered (required when ``"real"`` is in ``images``).
     """
-    from .datasets import EditExample
-
     if isinstance(pairs_per_kind, bool) or not isinstance(pairs_per_kind, int) or pairs_per_kind < 1:
         raise UserError(f"data.pairs_per_kind {pairs_per_kind!r} must be an integer >= 1")
     unknown = [k for k in images if k not in ("fake", "real")]
@@ -78,25 +80,37 @@ def toy_edit_pairs(world, pairs_per_kind: int, seed: int = 0, images=("fake", "r
                 if img_kind == "real":
                     image_path = str(Path(root) / f"{ex_id}.png")
                     if not Path(image_path).is_file():
-                        _write_png(world.render(color, shape, bg, seed=render_seed).image, Path(image_path))
+                        write_png(world.render(color, shape, bg, seed=render_seed).image, Path(image_path))
                 examples.append(EditExample(
                     id=ex_id, source_prompt=world.make_prompt(color, shape, bg),
                     target_prompt=world.make_prompt(*target), image_path=image_path, seed=seed + i,
-                    extra={"kind": edit, "images": img_kind, "source": _spec(color, shape, bg),
-                           "target": _spec(*target)}))
+                    extra={"kind": edit, "images": img_kind, "source": object_spec(color, shape, bg),
+                           "target": object_spec(*target)}))
     return examples
 
 
-def load_toy_edit(name: str = "toy_edit", root: str | Path | None = None, limit: int | None = None,
-                  path: str | Path | None = None, pairs_per_kind: int = 12, seed: int = 0):
-    """A toy benchmark (``toy_edit`` / ``toy_fake_edit`` / ``toy_real_edit``); ``path`` = grammar YAML."""
-    from toyworld.world import load_world
-
-    from .datasets import _finish
-
+def load_toy_edit(name: str, root: str | Path | None, limit: int | None, path: str | Path | None,
+                  pairs_per_kind: int, seed: int) -> LoadedDataset:
+    """A toy benchmark (``toy_edit`` / ``toy_fake_edit`` / ``toy_real_edit``; ``configs/data/toy_*.yaml``);
+    ``path`` = grammar YAML (None: the default grammar), ``root`` = where real sources are rendered."""
     if name not in TOY_DATASETS:
         raise UserError(f"toy dataset {name!r} is not one of {', '.join(TOY_DATASETS)}")
     if path is not None and not Path(path).is_file():
         raise UserError(f"data.path {str(path)!r} (toy grammar YAML) does not exist")
     world = load_world(path)
-    return _finish(name, toy_edit_pairs(world, pairs_per_kind, seed, TOY_DATASETS[name], root), limit)
+    return finish_dataset(name, toy_edit_pairs(world, pairs_per_kind, seed, TOY_DATASETS[name], root), limit)
+
+
+def toy_scores(example: EditExample, source: torch.Tensor, edited: torch.Tensor) -> dict:
+    """The toy world's check of an edit by the renderer's pixel classifier (:mod:`toyworld.evaluate`),
+    for pairs that carry the world's ground truth (``extra["target"]``; others → {}):
+    ``toy_edit_ok`` = 1 when the edited image shows the target's colour and shape, and
+    ``toy_mask_iou`` = IoU of the object masks of source and edited (layout kept)."""
+    if "target" not in example.extra:
+        return {}
+    color, shape, mask_e = classify_image(edited[0])
+    _, _, mask_s = classify_image(source[0])
+    target = example.extra["target"]
+    union = (mask_s | mask_e).sum()
+    return {"toy_edit_ok": float(color == target["color"] and shape == target["shape"]),
+            "toy_mask_iou": float((mask_s & mask_e).sum() / union) if union else 0.0}

@@ -1,0 +1,108 @@
+"""The benchmark's record store: one folder per (dataset, method) run, safe to kill and resume.
+
+    <dir>/meta.json            what produced the rows (a re-run with other settings is refused)
+    <dir>/pairs.jsonl          one JSON line per pair, appended with flush + fsync
+    <dir>/images/<id>.png      the edited image (+ <id>_source.png)
+
+A killed run loses at most the pair in flight: a torn last line is dropped on read (and cut off before
+the next append), and a re-run skips every pair already in ``pairs.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from editing.grid import to_pil
+from sdattn.errors import UserError
+from sdattn.files import atomic_save, atomic_write_text
+
+META = "meta.json"
+PAIRS = "pairs.jsonl"
+
+
+def read_pairs(path: str | Path, repair: bool = False) -> list[dict]:
+    """Records of a ``pairs.jsonl``; a torn (unparseable) last line is ignored, and with ``repair``
+    the file is rewritten without it (atomically) so the next append starts on a clean line."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    text = p.read_text(encoding="utf-8")
+    rows, good = [], []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+            good.append(line)
+        except json.JSONDecodeError:
+            continue
+    clean = "".join(g + "\n" for g in good)
+    if repair and text != clean:
+        atomic_write_text(p, clean)
+    return rows
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    """``meta.json`` of a run folder ({} when absent)."""
+    path = Path(run_dir) / META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class RecordStore:
+    """The record folder of one (dataset, method) run: its meta, its per-pair records and images."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.meta_path = self.dir / META
+        self.pairs_path = self.dir / PAIRS
+        self.images_dir = self.dir / "images"
+
+    def open(self, meta: dict) -> dict[str, dict]:
+        """Create the folder or check that it was made with ``meta``; → {id: record} already stored
+        (a torn last line cut off)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.meta_path.is_file():
+            old = read_meta(self.dir)
+            if old != meta:
+                diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+                raise UserError(f"benchmark.out_dir {str(self.dir)!r} holds rows made with other settings "
+                                f"({', '.join(diff)}); give another benchmark.out_dir or delete that folder")
+        else:
+            atomic_write_text(self.meta_path, json.dumps(meta, indent=1, sort_keys=True, default=str))
+        return {r["id"]: r for r in self.records(repair=True)}
+
+    def records(self, repair: bool = False) -> list[dict]:
+        return read_pairs(self.pairs_path, repair=repair)
+
+    def append(self, record: dict) -> None:
+        """One record as one line, flushed and fsynced before returning."""
+        with open(self.pairs_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_images(self, example_id: str, source: torch.Tensor, edited: torch.Tensor) -> None:
+        """(1, 3, H, W) images in [0, 1] → ``images/<id>.png`` and ``images/<id>_source.png``, atomically."""
+        for image, path in ((edited, self.images_dir / f"{example_id}.png"),
+                            (source, self.images_dir / f"{example_id}_source.png")):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save(path, lambda tmp, image=image: to_pil(image).save(tmp))
+
+
+def collect(root: str | Path, clip_name: str) -> dict[str, dict[str, list[dict]]]:
+    """{dataset: {method: ok records}} of every ``<root>/<data>/<method>/`` scored with ``clip_name``."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for pairs in sorted(Path(root).glob(f"*/*/{PAIRS}")):
+        meta = read_meta(pairs.parent)
+        if meta.get("clip", clip_name) != clip_name:
+            continue
+        rows = [r for r in read_pairs(pairs) if r.get("status") == "ok"]
+        if rows:
+            data = meta.get("data", pairs.parent.parent.name)
+            method = meta.get("method", pairs.parent.name)
+            out.setdefault(data, {})[method] = rows
+    return out
