@@ -5,16 +5,20 @@
     <dir>/images/<id>.png      the edited image (+ <id>_source.png)
 
 A killed run loses at most the pair in flight: a torn last line is dropped on read (and cut off before
-the next append), and a re-run skips every pair already in ``pairs.jsonl``.
+the next append), and a re-run skips every pair already in ``pairs.jsonl``. One run at a time writes a
+folder (``<dir>/.lock``, held for the whole run: a second job on the same folder is refused), and a
+pair is never kept twice (the first record of an id wins on read; a repair drops the others).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from editing.grid import to_pil
 from sdattn.errors import UserError
@@ -22,11 +26,23 @@ from sdattn.files import atomic_save, atomic_write_text
 
 META = "meta.json"
 PAIRS = "pairs.jsonl"
+LOCK = ".lock"
+
+
+def first_per_id(rows: list[dict]) -> list[dict]:
+    """``rows`` with one record per pair id: the first (a pair is scored once)."""
+    seen, out = set(), []
+    for r in rows:
+        if r.get("id") not in seen:
+            seen.add(r.get("id"))
+            out.append(r)
+    return out
 
 
 def read_pairs(path: str | Path, repair: bool = False) -> list[dict]:
-    """Records of a ``pairs.jsonl``; a torn (unparseable) last line is ignored, and with ``repair``
-    the file is rewritten without it (atomically) so the next append starts on a clean line."""
+    """Records of a ``pairs.jsonl``, one per pair id (the first); a torn (unparseable) last line and
+    repeated ids are ignored, and with ``repair`` the file is rewritten without them (atomically) so the
+    next append starts on a clean line."""
     p = Path(path)
     if not p.is_file():
         return []
@@ -40,10 +56,12 @@ def read_pairs(path: str | Path, repair: bool = False) -> list[dict]:
             good.append(line)
         except json.JSONDecodeError:
             continue
-    clean = "".join(g + "\n" for g in good)
+    unique = first_per_id(rows)
+    lines = [json.dumps(r) for r in unique] if len(unique) < len(rows) else good
+    clean = "".join(g + "\n" for g in lines)
     if repair and text != clean:
         atomic_write_text(p, clean)
-    return rows
+    return unique
 
 
 def read_meta(run_dir: str | Path) -> dict:
@@ -60,6 +78,21 @@ class RecordStore:
         self.meta_path = self.dir / META
         self.pairs_path = self.dir / PAIRS
         self.images_dir = self.dir / "images"
+
+    @contextmanager
+    def lock(self):
+        """Hold the folder for one run; a folder another process holds is a one-line error."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.dir / LOCK))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(f"benchmark folder {str(self.dir)!r} is being written by another run; wait for it to "
+                            "finish (a re-run then resumes) or give another benchmark.out_dir") from None
+        try:
+            yield self
+        finally:
+            lock.release()
 
     def open(self, meta: dict) -> dict[str, dict]:
         """Create the folder or check that it was made with ``meta``; → {id: record} already stored

@@ -6,15 +6,18 @@ check — is a scorer the caller passes in."""
 from __future__ import annotations
 
 import math
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from editing.inversion import image_size, load_image
+from editing.images import fit_image, read_rgb
+from editing.inversion import image_size
 from sdattn.errors import UserError, first_line
 
 from .metrics import ClipMetrics, psnr, ssim
@@ -37,6 +40,8 @@ class RunSummary:
     errors: dict[str, str] = field(default_factory=dict)  # id → one-line error (this run and earlier)
     missing: int = 0  # pairs skipped: image missing
     missing_first: str | None = None
+    resized: int = 0  # real images of this run fitted from another size (of which upsampled)
+    upsampled: int = 0
 
     def line(self, method: str) -> str:
         parts = [f"{method}: {len(self.edited)} pairs edited, {self.resumed} already scored"]
@@ -49,7 +54,21 @@ class RunSummary:
                 first = next(iter(self.errors.items()))
                 why.append(f"{len(self.errors)} errors (first: {first[0]}: {first[1]})")
             parts.append(f"{skipped} skipped: " + "; ".join(why))
+        if self.resized:
+            parts.append(f"{self.resized} images resized to the model's size ({self.upsampled} upsampled)")
         return "; ".join(parts)
+
+
+def timing_context(pipe, run_id: str) -> dict:
+    """Where and when rows are timed: run id (rows of one run are timed together), device, versions."""
+    import diffusers
+    import transformers
+
+    device = getattr(pipe, "device", torch.device("cpu"))
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    return {"run_id": run_id, "device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
 
 
 def run_pairs(
@@ -61,7 +80,8 @@ def run_pairs(
     clip: ClipMetrics,
     meta: dict,
     seed: int = 0,
-    image_loader: Callable | None = None,
+    run_id: str = "",
+    resize: str = "squash",
     progress: bool = False,
     scorers: Sequence[Scorer] = (),
     on_record: Callable | None = None,
@@ -72,11 +92,18 @@ def run_pairs(
     Seeds: the example's own seed, else ``seed`` + the pair's position in the dataset. Time per pair
     is measured warm (one uncounted warm-up edit of the first pair to edit; model and CLIP loading
     excluded; ``torch.cuda.synchronize()`` on CUDA) and covers the whole edit (inversion included).
-    ``image_loader(path)`` → (1, 3, H, W) image (default: loaded and cropped to the model's size).
+    Real images are read as RGB and fitted to the model's size by ``resize`` (counted in the summary).
+    Each record says where and when it was timed (``run_id``: rows of one run are timed together).
     ``scorers``: extra ``(example, source, edited) -> dict`` scores added to each record, in order.
     ``on_record(record, source, edited)`` is called after each scored pair (e.g. an image panel).
     """
     store = RecordStore(out_dir)
+    with store.lock():
+        return _run_locked(store, pipe, dataset, method, edit, clip, meta, seed, run_id, resize, progress, scorers,
+                           on_record)
+
+
+def _run_locked(store, pipe, dataset, method, edit, clip, meta, seed, run_id, resize, progress, scorers, on_record):
     done = store.open(meta)
     summary = RunSummary(store.dir, resumed=len(done), missing=dataset.missing_examples,
                          missing_first=dataset.missing_images[0] if dataset.missing_images else None)
@@ -84,13 +111,16 @@ def run_pairs(
     position = {ex.id: i for i, ex in enumerate(dataset.examples)}
     todo = [ex for ex in dataset.available() if ex.id not in done]
     cuda = torch.cuda.is_available() and getattr(pipe, "device", torch.device("cpu")).type == "cuda"
-    if image_loader is None:
-        def image_loader(path):
-            return load_image(path, image_size(pipe))
+    timing = timing_context(pipe, run_id)
+    fits = {}  # image path → ImageFit (counted once per image)
+
+    def load(path):
+        image, fits[path] = fit_image(read_rgb(path), image_size(pipe), resize)
+        return image
 
     def one(ex):
         s = ex.seed if ex.seed is not None else seed + position[ex.id]
-        image = None if ex.image_path is None else image_loader(ex.image_path)
+        image = None if ex.image_path is None else load(ex.image_path)
         if cuda:
             torch.cuda.synchronize()
         t0 = clock()
@@ -117,7 +147,7 @@ def run_pairs(
             "target_prompt": ex.target_prompt, "image_path": ex.image_path,
             "clip_score": float(score[0]), "clip_directional": float(directional[0]),
             "psnr": finite_or_none(float(psnr(edited, src)[0])), "ssim": float(ssim(edited, src)[0]),
-            "time_s": float(dt),
+            "time_s": float(dt), "timed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **timing,
         }
         for scorer in scorers:
             rec.update(scorer(ex, src, edited))
@@ -126,4 +156,6 @@ def run_pairs(
         summary.edited.append(ex.id)
         if on_record is not None:
             on_record(rec, src, edited)
+    summary.resized = sum(f.resized for f in fits.values())
+    summary.upsampled = sum(f.upsampled for f in fits.values())
     return summary

@@ -58,18 +58,29 @@ def row_order(methods) -> list[str]:
     return sorted(methods, key=lambda m: (ROW_ORDER.index(m) if m in ROW_ORDER else len(ROW_ORDER), m))
 
 
+def time_ratio(rows: list[dict], fpe_rows: list[dict]) -> str:
+    """Mean time of ``rows`` over FPE's, from the rows timed in the same runs only (``run_id``: one
+    process or one multirun, one machine); "–" when no run timed both (times of different runs,
+    machines or loads are not comparable)."""
+    common = {r.get("run_id") for r in rows} & {r.get("run_id") for r in fpe_rows} - {None, ""}
+    if not common:
+        return "–"
+    mine = mean_std([r["time_s"] for r in rows if r.get("run_id") in common])[0]
+    fpe = mean_std([r["time_s"] for r in fpe_rows if r.get("run_id") in common])[0]
+    return f"{mine / fpe:.2f}×" if fpe else "–"
+
+
 def table4(rows_by_method: dict[str, list[dict]]) -> pd.DataFrame:
     """Rows = methods; columns = the paper's (CLIP score, CLIP dir. sim., Time) + PSNR, SSIM (+ time
-    relative to FPE when FPE rows exist). Cells "mean ± std" over pairs."""
-    fpe_time = mean_std([r["time_s"] for r in rows_by_method["fpe"]])[0] if "fpe" in rows_by_method else None
+    relative to FPE, between rows timed in the same run, when FPE rows exist). Cells "mean ± std" over pairs."""
     data = {}
     present = [k for k in COLUMNS if k not in OPTIONAL
                or any(r.get(k) is not None for rows in rows_by_method.values() for r in rows)]
     for m in row_order(rows_by_method):
         rows = rows_by_method[m]
         cells = {COLUMNS[k]: cell(*mean_std([r.get(k) for r in rows]), DIGITS[k]) for k in present}
-        if fpe_time:
-            cells[REL_FPE] = f"{mean_std([r['time_s'] for r in rows])[0] / fpe_time:.2f}×"
+        if "fpe" in rows_by_method:
+            cells[REL_FPE] = time_ratio(rows, rows_by_method["fpe"])
         cells["Pairs"] = str(len(rows))
         data[m] = cells
     return pd.DataFrame.from_dict(data, orient="index")
@@ -94,18 +105,20 @@ def caption(what: str, clip_name: str) -> str:
     return text
 
 
-def write_tables(root: str | Path, clip_name: str, model_name: str = "") -> dict:
-    """Aggregate everything under ``root`` scored with ``clip_name``; write Table 4 per dataset and
-    Table 5 across datasets. Returns {"table4": {data: (DataFrame, paths)}, "table5": (DataFrame, paths)}."""
+def write_tables(root: str | Path, clip_name: str, model_name: str = "", table5_too: bool = True) -> dict:
+    """Aggregate everything under ``root`` scored with ``clip_name``; write Table 4 per dataset and (with
+    ``table5_too``: the Table 5 experiment) Table 5 across datasets.
+    Returns {"table4": {data: (DataFrame, paths, caption)}, "table5": (DataFrame, paths, caption) or None}."""
     root = Path(root)
     collected = collect(root, clip_name)
     result: dict = {"table4": {}, "table5": None}
     model = f", model {model_name}" if model_name else ""
     for ds, by_method in collected.items():
         t = table4(by_method)
-        cap = caption(f"Table 4 — {ds}{model}: mean ± std over pairs, time = s/image (warm)", clip_name)
+        cap = caption(f"Table 4 — {ds}{model}: mean ± std over pairs, time = s/image (warm); {REL_FPE}: between "
+                      "rows timed in the same run (– = not timed together)", clip_name)
         result["table4"][ds] = (t, write_table(t, root / ds, "table4", cap, index_label="method"), cap)
-    if collected:
+    if collected and table5_too:
         t = table5(collected)
         cap = caption(f"Table 5 — methods × datasets{model}: mean ± std over pairs", clip_name)
         result["table5"] = (t, write_table(t, root, "table5", cap, index_label="method"), cap)

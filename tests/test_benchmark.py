@@ -63,8 +63,10 @@ def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
     tex = files["tex"].read_text()
     assert r"sdedit\_0.5 &" in tex and r"pix2pix\_zero &" in tex  # names with "_" compile in LaTeX
     assert r"\caption{Table 4 — car\_fake\_edit, model tiny" in tex
+    assert res["tables"]["table5"] is None and not (tmp_path / "logs/benchmark/tiny/table5.md").exists()
+    res = bench("method=fpe", "data.limit=2", "benchmark.table=table5")  # table5.* only from the Table 5 experiment
     t5 = res["tables"]["table5"][0]
-    assert list(t5.index) == list(table.index)
+    assert list(t5.index) == list(table.index) and (tmp_path / "logs/benchmark/tiny/table5.md").is_file()
     assert list(t5.columns) == ["car_fake_edit CLIP score ↑", "car_fake_edit CLIP dir. sim. ↑"]
     print("\n" + table.to_markdown())  # per-image times on the tiny model (pytest -s)
 
@@ -116,6 +118,46 @@ def test_missing_image_is_skipped_and_reported(bench, tmp_path, capsys):
     assert res["summary"].missing == 1
     out = capsys.readouterr().out
     assert "1 skipped: 1 missing images" in out and "gone.png" in out
+    assert res["summary"].resized == 1 and "1 images resized to the model's size (0 upsampled)" in out
+
+
+def test_rows_say_where_and_when_they_were_timed(bench):
+    res = bench("method=fpe", "data.limit=1")
+    (row,) = read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    assert row["run_id"] and row["timed_at"] and "CPU" in row["device"]
+    assert row["torch"] == torch.__version__ and row["diffusers"] and row["transformers"]
+
+
+def test_a_folder_is_written_by_one_run_at_a_time(bench, tmp_path):
+    from evaluation.records import RecordStore
+
+    with RecordStore(tmp_path / "logs/benchmark/tiny/car_fake_edit/fpe").lock():
+        with pytest.raises(UserError, match="is being written by another run"):
+            bench("method=fpe", "data.limit=1")
+    assert bench("method=fpe", "data.limit=1")["summary"].edited == ["car_fake_edit/00000"]  # free again
+
+
+def test_a_pair_is_never_kept_twice(tmp_path):
+    rows = [{"id": "a", "status": "ok", "clip_score": 1.0}, {"id": "b", "status": "ok", "clip_score": 2.0},
+            {"id": "a", "status": "ok", "clip_score": 3.0}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["clip_score"] for r in read_pairs(path)] == [1.0, 2.0]
+    read_pairs(path, repair=True)
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_time_ratios_only_between_rows_timed_together():
+    from evaluation.tables import table4
+
+    def rows(run, t):
+        return [{"id": str(i), "clip_score": 50.0, "clip_directional": 0.5, "time_s": t, "psnr": 20.0, "ssim": 0.5,
+                 "run_id": run} for i in range(2)]
+
+    together = table4({"fpe": rows("r1", 2.0), "p2p": rows("r1", 1.0)})
+    assert together.loc["p2p", REL_FPE] == "0.50×"
+    apart = table4({"fpe": rows("r1", 2.0), "p2p": rows("r2", 1.0)})  # e.g. a resumed run, another load
+    assert apart.loc["p2p", REL_FPE] == "–" and apart.loc["fpe", REL_FPE] == "1.00×"
 
 
 def test_unreadable_image_is_skipped_and_reported(bench, tmp_path, capsys):

@@ -9,6 +9,8 @@ Multirun: ``python -m experiments.run -m experiment=table4 method=fpe,p2p,masact
 from __future__ import annotations
 
 import inspect
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from evaluation.tables import write_tables
 from experiments.common import close_logger, instantiate, load_model, make_logger, plain
 from sdattn.errors import UserError, first_line
 from toyworld.edit_benchmark import toy_scores
+
+PROCESS_START = int(time.time())
 
 
 def method_settings(method_cfg) -> dict:
@@ -114,6 +118,17 @@ def _log(logger, panel: SamplePanel, tables: dict, data: str, method: str) -> No
     close_logger(logger)
 
 
+def run_id() -> str:
+    """What makes rows "timed together": one multirun (its sweep folder: jobs run one after another on
+    one machine) or one run (its folder); a process-unique id outside Hydra (tests, notebooks)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        return str(hc.sweep.dir) if hc.mode.name == "MULTIRUN" else str(hc.runtime.output_dir)
+    return f"process-{os.getpid()}-{PROCESS_START}"
+
+
 def run(cfg: DictConfig) -> dict:
     if not cfg.get("method"):
         raise UserError("method is required for task=benchmark: method=<a config of configs/method/>, e.g. method=fpe")
@@ -136,13 +151,13 @@ def run(cfg: DictConfig) -> dict:
     meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "structure": structure_name,
             "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
-            "method_cfg": method_settings(method_cfg)}
+            "method_cfg": method_settings(method_cfg), "resize": str(cfg.resize)}
     # Extra scores: DINO structure distance when configured; the toy world's own edit check, which
     # applies to the pairs that carry the world's ground truth (toy datasets) and is {} for others.
     scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores]
-    summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed),
-                        progress=bool(cfg.progress), scorers=scorers, on_record=panel)
-    tables = write_tables(root, clip_name, str(cfg.model.name))
+    summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed), run_id=run_id(),
+                        resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers, on_record=panel)
+    tables = write_tables(root, clip_name, str(cfg.model.name), table5_too=bench.get("table") == "table5")
     if logger is not None:
         _log(logger, panel, tables, str(cfg.data.name), name)
     print(dataset.summary())
