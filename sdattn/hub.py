@@ -26,15 +26,19 @@ def hub_offline() -> bool:
 
 
 def declared_floor(package: str) -> str:
-    """The version range this project declares for ``package`` (e.g. ``>=5.6``), from the installed metadata."""
-    try:
-        requires = importlib.metadata.requires(PROJECT_DISTRIBUTION) or []
-    except importlib.metadata.PackageNotFoundError:
-        requires = []
+    """The version range this project declares for ``package`` (e.g. ``>=5.6``): from pyproject.toml in a
+    checkout (current even before a re-install), else from the installed package's metadata."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    requires = re.findall(r'^\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.exists() else []
+    if not requires:
+        try:
+            requires = importlib.metadata.requires(PROJECT_DISTRIBUTION) or []
+        except importlib.metadata.PackageNotFoundError:
+            requires = []
     for line in requires:  # e.g. 'transformers>=5.6' or 'pytest>=8; extra == "dev"'
-        name, spec, marker = re.match(r"\s*([A-Za-z0-9_.-]+)\s*([^;]*)(;.*)?", line).groups()
-        if name.lower() == package.lower() and not marker:
-            return spec.strip()
+        match = re.match(r"\s*([A-Za-z0-9_.-]+)\s*([^;]*)(;.*)?$", line)
+        if match and match.group(1).lower() == package.lower() and not match.group(3):
+            return match.group(2).strip()
     return "the version pyproject.toml names"
 
 
