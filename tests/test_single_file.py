@@ -128,14 +128,37 @@ def test_single_file_through_the_cli_config_edits_like_the_folder(single_file, c
     assert torch.equal(a["edited"], b["edited"]) and torch.equal(a["source"], b["source"])
 
 
-def test_single_file_without_config_names_the_hub_configs_it_needs(single_file, monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+@pytest.fixture
+def hub_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face cache (huggingface_hub reads HF_HOME once, at import: patch what it read)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_single_file_without_config_names_the_hub_configs_it_needs(single_file, hub_cache):
     file, _ = single_file
     with pytest.raises(ModelLoadError) as e:
         load_pipeline(path=str(file))
     msg = str(e.value)
     assert "\n" not in msg and "needs the diffusers configs of 'stable-diffusion-v1-5/stable-diffusion-v1-5'" in msg
     assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in msg and "model.config=" in msg
+
+
+def test_single_file_without_config_uses_the_cached_hub_configs(single_file, tiny_pipe, hub_cache):
+    """What the error above asks for: the configs of the repo diffusers infers (here the tiny model's, put
+    where `huggingface-cli download <repo> --include '*.json' '*.txt'` would) make model.config unnecessary."""
+    file, folder = single_file
+    snapshot = hub_cache / "models--stable-diffusion-v1-5--stable-diffusion-v1-5" / "snapshots" / ("0" * 40)
+    for config_file in [*folder.rglob("*.json"), *folder.rglob("*.txt")]:
+        target = snapshot / config_file.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(config_file.read_bytes())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    pipe = load_pipeline(path=str(file))
+    assert all(torch.equal(t, tiny_pipe.unet.state_dict()[k]) for k, t in pipe.unet.state_dict().items())
 
 
 def test_single_file_errors_name_only_their_cause(single_file, tiny_pipe, tmp_path):
