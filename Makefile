@@ -6,10 +6,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+FLOORS ?= .venv-floors
 ARGS   ?= probe=cross_attn
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test test-slow setup lint bench
+.PHONY: run test test-floors test-slow setup lint bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +20,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# A second venv with every dependency at its declared floor (constraints/minimum.txt); torch stays 2.13.0.
+$(FLOORS)/.installed: pyproject.toml constraints/minimum.txt
+	$(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -m pip install torch==2.13.0
+	$(FLOORS)/bin/python -m pip install -c constraints/minimum.txt -e '.[dev]'
+	touch $@
+
 run: setup
 	$(PY) -m experiments.run $(ARGS)
 
 test: setup
 	$(PY) -m pytest
+
+test-floors: $(FLOORS)/.installed
+	$(FLOORS)/bin/python -m pytest
 
 test-slow: setup
 	$(PY) -m pytest -m slow

@@ -114,8 +114,9 @@ class ClipMetrics:
         from transformers import CLIPModel, CLIPTokenizer
 
         def load(local_only: bool):
-            return (CLIPModel.from_pretrained(name_or_path, local_files_only=local_only),
-                    CLIPTokenizer.from_pretrained(name_or_path, local_files_only=local_only))
+            model, info = CLIPModel.from_pretrained(name_or_path, local_files_only=local_only,
+                                                    output_loading_info=True)
+            return (model, CLIPTokenizer.from_pretrained(name_or_path, local_files_only=local_only)), info
 
         model, tokenizer = load_pretrained(load, name_or_path, "CLIP model",
                                            "the CLIPModel weights and tokenizer files")

@@ -112,8 +112,9 @@ class StructureDistance:
 
         model = load_pretrained(
             lambda local_only: ViTModel.from_pretrained(name_or_path, add_pooling_layer=False,
-                                                        local_files_only=local_only),
-            name_or_path, "DINO ViT model", "the ViTModel weights and config")
+                                                        local_files_only=local_only, output_loading_info=True),
+            name_or_path, "DINO ViT model", "the ViTModel weights and config",
+            ignore_unexpected=("pooler.",))  # the hub's DINO files hold a pooler that is not built here
         return cls(model, device=device)
 
     @property

@@ -3,14 +3,16 @@ the seeded random ``tiny`` pipeline the tests use."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import try_to_load_from_cache
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .errors import ModelLoadError, first_line
-from .hub import hub_offline
+from .hub import check_loading_info, check_no_meta_weights, hub_offline
 from .tokenizer import build_word_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt")
@@ -121,11 +123,11 @@ def load_pipeline(
     """An SD-1.x pipeline from ``path`` (diffusers folder or single checkpoint file) or hub ``id``.
 
     Single files need the diffusers configs: ``config`` names a local diffusers folder or a hub id
-    (default: the hub's SD-1.5 configs, which must then be cached). Raises :class:`ModelLoadError`
-    with one line saying how to provide the weights.
+    (default: the hub repo diffusers infers from the file, which must then be cached). Every weighted
+    component is checked to have all its weights from the files (:func:`sdattn.hub.check_loading_info`).
+    Raises :class:`ModelLoadError` with one line saying how to provide the weights.
     """
     torch_dtype = parse_dtype(dtype)
-    common = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
     if path:
         p = Path(path).expanduser()
         if not p.exists():
@@ -133,29 +135,28 @@ def load_pipeline(
                 f"model.path {str(p)!r} does not exist: give a diffusers folder (with model_index.json) "
                 f"or a single {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint"
             )
-        try:
-            if p.is_dir():
-                if not (p / "model_index.json").exists():
-                    raise ModelLoadError(f"model.path {str(p)!r} is a folder without model_index.json: "
-                                         "save a pipeline with save_pretrained or give a checkpoint file")
-                return StableDiffusionPipeline.from_pretrained(p, local_files_only=True, **common)
-            if p.suffix not in SINGLE_FILE_SUFFIXES:
-                raise ModelLoadError(f"model.path {str(p)!r} has suffix {p.suffix!r}; "
-                                     f"allowed: {', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder")
-            return StableDiffusionPipeline.from_single_file(
-                str(p), config=config, local_files_only=hub_offline(), torch_dtype=torch_dtype,
-            )
-        except ModelLoadError:
-            raise
-        except Exception as e:  # noqa: BLE001 - one line for the user, whatever diffusers raised
-            hint = " (single files need model.config=<local diffusers folder>)" if p.is_file() else ""
-            raise ModelLoadError(f"could not load model.path {str(p)!r}{hint}: {first_line(e)}") from e
+        if p.is_dir():
+            if not (p / "model_index.json").exists():
+                raise ModelLoadError(f"model.path {str(p)!r} is a folder without model_index.json: "
+                                     "save a pipeline with save_pretrained or give a checkpoint file")
+            try:
+                return load_checked_pipeline(str(p), True, torch_dtype, f"model.path {str(p)!r}")
+            except ModelLoadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one line for the user, whatever diffusers raised
+                raise ModelLoadError(f"could not load model.path {str(p)!r}: {first_line(e)}") from e
+        if p.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"model.path {str(p)!r} has suffix {p.suffix!r}; "
+                                 f"allowed: {', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder")
+        return load_single_file(p, config, torch_dtype)
     if not id:
         raise ModelLoadError("no model given: set model.id=<hub id> or model.path=<folder or .safetensors>")
     errors = []
     for candidate in [id, *alt_ids]:
         try:
-            return StableDiffusionPipeline.from_pretrained(candidate, local_files_only=hub_offline(), **common)
+            return load_checked_pipeline(candidate, hub_offline(), torch_dtype, f"model {candidate!r}")
+        except ModelLoadError:
+            raise
         except Exception as e:  # noqa: BLE001
             errors.append(f"{candidate}: {first_line(e)}")
     tried = " or ".join(repr(c) for c in [id, *alt_ids])
@@ -164,3 +165,80 @@ def load_pipeline(
         f"once with `huggingface-cli download {id}` (then HF_HUB_OFFLINE=1 finds it in the cache), or pass "
         f"model.path=<diffusers folder or .safetensors file>"
     )
+
+
+# Components an SD pipeline may list that this project never loads (no safety checker on research outputs).
+SKIPPED_COMPONENTS = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def load_checked_pipeline(
+    source: str, local_only: bool, torch_dtype: torch.dtype, what: str,
+) -> StableDiffusionPipeline:
+    """``StableDiffusionPipeline.from_pretrained(source)`` (a diffusers folder or hub id) whose weighted
+    components (the torch modules ``model_index.json`` lists) are each loaded with their loading info and
+    refused when a weight was missing, unexpected or of another shape, instead of running on random ones."""
+    index = StableDiffusionPipeline.load_config(source, local_files_only=local_only)
+    models = {}
+    for name, spec in index.items():
+        if name.startswith("_") or name in SKIPPED_COMPONENTS or not isinstance(spec, (list, tuple)):
+            continue
+        library, class_name = spec
+        if library not in ("diffusers", "transformers"):
+            continue
+        cls = getattr(importlib.import_module(library), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            continue
+        dtype_kw = {"dtype": torch_dtype} if library == "transformers" else {"torch_dtype": torch_dtype}
+        model, info = cls.from_pretrained(source, subfolder=name, local_files_only=local_only,
+                                          output_loading_info=True, **dtype_kw)
+        check_loading_info(info, f"{name} of {what}", library, len(model.state_dict()))
+        models[name] = model.eval()
+    return StableDiffusionPipeline.from_pretrained(
+        source, local_files_only=local_only, torch_dtype=torch_dtype, **models, **SKIPPED_COMPONENTS,
+    )
+
+
+def load_single_file(path: Path, config: str | None, torch_dtype: torch.dtype) -> StableDiffusionPipeline:
+    """An original-format SD checkpoint file through diffusers' ``from_single_file``, its configs from
+    ``config`` (a diffusers folder or hub id) or else the hub repo diffusers infers from the file's keys
+    (from the cache when offline). Refused when a weight was not in the file."""
+    what = f"model.path {str(path)!r}"
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=config, local_files_only=hub_offline(), torch_dtype=torch_dtype,
+            **SKIPPED_COMPONENTS,
+        )
+    except Exception as e:  # noqa: BLE001 - one line for the user, whatever diffusers raised
+        raise single_file_error(path, config, e) from e
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            check_no_meta_weights(component, f"{name} of {what}")
+    return pipe
+
+
+def single_file_error(path: Path, config: str | None, error: Exception) -> ModelLoadError:
+    """The one line for a failed ``from_single_file``, naming the cause that applies: an unreadable file,
+    the configs it needs (the hub repo diffusers infers from it, not in the cache), or the loading error."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+
+    what = f"model.path {str(path)!r}"
+    try:
+        checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        return ModelLoadError(f"could not load {what}: it is not a readable checkpoint ({first_line(e)})")
+    if config is None:
+        try:
+            repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+        except Exception:  # noqa: BLE001 - diffusers does not know the architecture
+            repo = None
+        if repo is None:
+            return ModelLoadError(
+                f"could not load {what}: diffusers does not recognise its architecture; pass "
+                f"model.config=<diffusers folder of the same architecture> ({first_line(error)})")
+        if try_to_load_from_cache(repo, "model_index.json") is None:
+            return ModelLoadError(
+                f"could not load {what}: a single file needs the diffusers configs of {repo!r}, which are not in "
+                f"the cache: download them once with `huggingface-cli download {repo} --include '*.json' '*.txt'` "
+                f"or pass model.config=<local diffusers folder of the same architecture> ({first_line(error)})")
+    with_config = f" with model.config {config!r}" if config is not None else ""
+    return ModelLoadError(f"could not load {what}{with_config}: {first_line(error)}")
