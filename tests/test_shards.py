@@ -74,6 +74,8 @@ def test_two_shards_merge_to_the_single_process_table(compose_cfg, toy_pipe, tmp
         res = dispatch(compose_cfg(*BENCH, f"paths.log_dir={tmp_path / 'sharded'}", f"benchmark.shard={i}/2"))
         assert res["out_dir"].endswith(f"toy_edit/fpe/shard-{i}-of-2")
         assert f"[toy_edit/fpe shard {i}/2] fpe: 2 pairs edited" in capsys.readouterr().out
+    again = dispatch(compose_cfg(*BENCH, f"paths.log_dir={tmp_path / 'sharded'}", "benchmark.shard=0/2"))
+    assert again["summary"].edited == [] and again["summary"].resumed == 2  # resume per shard
     t1 = single["tables"]["table4"]["toy_edit"][0]
     t2 = res["tables"]["table4"]["toy_edit"][0]  # the last shard's job rewrote the tables from both shards
     assert t2[SCORES].equals(t1[SCORES]) and t2.loc["fpe", "Pairs"] == "4"
