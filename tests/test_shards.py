@@ -15,7 +15,7 @@ import experiments.tasks.benchmark as bench_task
 import experiments.tasks.probe as probe_task
 from evaluation.datasets import EditExample, LoadedDataset
 from evaluation.records import collect, read_pairs
-from evaluation.shards import Shard, parse_shard, shard_dataset
+from evaluation.shards import Shard, merge_runs, parse_shard, shard_dataset
 from experiments.run import dispatch
 from experiments.validate import validate
 from probing.store import FeatureStore
@@ -56,6 +56,19 @@ def test_shards_partition_the_dataset_balanced_with_the_full_run_seeds():
     seeds = {ex.id: ex.seed for s in shards for ex in s.examples}
     assert seeds == {ex.id: (77 if p == 3 else 10 + p) for p, ex in enumerate(examples)}
     assert shard_dataset(ds, None, 10) is ds
+
+
+def test_merge_runs_joins_shards_once_per_pair_and_refuses_other_settings(tmp_path):
+    meta = {"method": "fpe", "data": "d", "seed": 0}
+    single = (tmp_path / "fpe", meta, [{"id": "d/2", "status": "ok"}, {"id": "d/10", "status": "ok"}])
+    s0 = (tmp_path / "fpe/shard-0-of-2", {**meta, "shard": "0/2"},
+          [{"id": "d/10", "status": "ok"}, {"id": "d/0", "status": "error", "error": "x"}])
+    s1 = (tmp_path / "fpe/shard-1-of-2", {**meta, "shard": "1/2"}, [{"id": "d/0", "status": "ok"}])
+    assert merge_runs([single]) == single[2]  # one folder: unchanged, in its own order
+    merged = merge_runs([single, s0, s1])
+    assert [(r["id"], r["status"]) for r in merged] == [("d/0", "ok"), ("d/2", "ok"), ("d/10", "ok")]
+    with pytest.raises(UserError, match=r"shard-1-of-2.*other settings \(model, seed\)"):
+        merge_runs([s0, (s1[0], {**s1[1], "seed": 1, "model": "m"}, s1[2])])
 
 
 @pytest.mark.parametrize("value", ["2/2", "0/0", "1/2/3"])
