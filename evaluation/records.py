@@ -24,6 +24,8 @@ from editing.grid import to_pil
 from sdattn.errors import UserError
 from sdattn.files import atomic_save, atomic_write_text
 
+from .shards import merge_runs, record_folders, run_key
+
 META = "meta.json"
 PAIRS = "pairs.jsonl"
 LOCK = ".lock"
@@ -127,15 +129,18 @@ class RecordStore:
 
 
 def collect(root: str | Path, clip_name: str) -> dict[str, dict[str, list[dict]]]:
-    """{dataset: {method: ok records}} of every ``<root>/<data>/<method>/`` scored with ``clip_name``."""
-    out: dict[str, dict[str, list[dict]]] = {}
-    for pairs in sorted(Path(root).glob(f"*/*/{PAIRS}")):
-        meta = read_meta(pairs.parent)
+    """{dataset: {method: ok records}} of every ``<root>/<data>/<method>/`` scored with ``clip_name``; the
+    shard folders ``<root>/<data>/<method>/shard-<i>-of-<n>/`` of one (data, method) are merged
+    (:func:`evaluation.shards.merge_runs`: other settings between them are refused)."""
+    runs: dict[tuple[str, str], list] = {}
+    for folder in record_folders(root, PAIRS):
+        meta = read_meta(folder)
         if meta.get("clip", clip_name) != clip_name:
             continue
-        rows = [r for r in read_pairs(pairs) if r.get("status") == "ok"]
+        runs.setdefault(run_key(folder, meta), []).append((folder, meta, read_pairs(folder / PAIRS)))
+    out: dict[str, dict[str, list[dict]]] = {}
+    for (data, method), group in sorted(runs.items()):
+        rows = [r for r in merge_runs(group) if r.get("status") == "ok"]
         if rows:
-            data = meta.get("data", pairs.parent.parent.name)
-            method = meta.get("method", pairs.parent.name)
             out.setdefault(data, {})[method] = rows
     return out

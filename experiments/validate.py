@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from editing.images import RESIZE_MODES
+from evaluation.shards import parse_shard
 from sdattn.errors import UserError
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range for non-negative seeds
@@ -67,6 +68,8 @@ def _check_value(key: str, name: str, value) -> None:
     elif name in POSITIVE_INTS:
         if not _is_int(value) or value < 1:
             raise UserError(f"{key}={value!r}: allowed an integer ≥ 1 (or null for the default)")
+    elif name == "shard":  # benchmark.shard, probe.shard: i/n
+        parse_shard(value, key)
     elif name == "seed" or (name == "seeds" and not isinstance(value, list)):
         check_seed(key, value)
     elif name == "seeds":

@@ -2,6 +2,9 @@
 
 Each shard is written atomically (temp file + rename) before the manifest names it, so an
 interrupted run loses at most the batch in flight and a re-run skips every finished sample.
+Several processes may fill one store at once (``probe.shard=i/n`` capture jobs): every manifest
+update re-reads the manifest and writes it back while holding ``manifest.json.lock`` (a
+:class:`filelock.FileLock`), so no writer's shards are lost and no two writers pick one shard name.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from sdattn.files import atomic_save, atomic_write_text
@@ -30,13 +34,20 @@ class FeatureStore:
         self.dir = Path(root) / config_hash(config)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.dir / "manifest.json"
-        if self.manifest_path.exists():
-            self.manifest = json.loads(self.manifest_path.read_text())
-        else:
-            self.manifest = {"config": config, "shards": {}}
-            atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, default=str))
+        self.lock = FileLock(str(self.manifest_path) + ".lock")
+        with self.lock:
+            if self.manifest_path.exists():
+                self.refresh()
+            else:
+                self.manifest = {"config": config, "shards": {}}
+                atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, default=str))
+
+    def refresh(self) -> None:
+        """Re-read the manifest (other processes may have added shards)."""
+        self.manifest = json.loads(self.manifest_path.read_text())
 
     def done_ids(self) -> set[str]:
+        self.refresh()
         return {i for ids in self.manifest["shards"].values() for i in ids}
 
     def missing(self, ids: Iterable[str]) -> list[str]:
@@ -48,14 +59,18 @@ class FeatureStore:
         for name, t in features.items():
             if t.shape[0] != len(ids):
                 raise ValueError(f"feature {name} has {t.shape[0]} rows for {len(ids)} ids")
-        shard = f"shard-{len(self.manifest['shards']):06d}.safetensors"
-        atomic_save(self.dir / shard, lambda tmp: save_file({k: v.contiguous() for k, v in features.items()}, str(tmp)))
-        self.manifest["shards"][shard] = list(ids)
-        atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, default=str))
+        with self.lock:
+            self.refresh()
+            shard = f"shard-{len(self.manifest['shards']):06d}.safetensors"
+            atomic_save(self.dir / shard,
+                        lambda tmp: save_file({k: v.contiguous() for k, v in features.items()}, str(tmp)))
+            self.manifest["shards"][shard] = list(ids)
+            atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, default=str))
 
     def load(self, ids: list[str]) -> dict[str, torch.Tensor]:
         """Rows for ``ids`` in that order, for every feature name."""
         rows: dict[str, dict[str, torch.Tensor]] = {}
+        self.refresh()
         for shard, shard_ids in self.manifest["shards"].items():
             tensors = load_file(str(self.dir / shard))
             for name, t in tensors.items():

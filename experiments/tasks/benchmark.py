@@ -4,6 +4,9 @@ of everything under the benchmark root.
 ``python -m experiments.run experiment=table4 method=p2p data.path=/path/Car_fake_edit.json``
 Multirun: ``python -m experiments.run -m experiment=table4 method=fpe,p2p,masactrl data.path=...``
 (each job writes ``<root>/<data>/<method>/``; every job rewrites the tables from what is there).
+Sharded: ``benchmark.shard=i/n`` edits only the pairs at positions ``p % n == i`` (seeds as without
+sharding) into ``<root>/<data>/<method>/shard-<i>-of-<n>/``; the tables merge every shard
+(:mod:`evaluation.shards`); ``experiment=merge`` only rebuilds them (:mod:`experiments.tasks.merge`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from hydra.utils import get_object
 from omegaconf import DictConfig
 
 from evaluation.datasets import LoadedDataset
+from evaluation.merge import shard_line, write_plan, write_tables_locked
 from evaluation.metric_models import load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
 from evaluation.runner import run_pairs
+from evaluation.shards import SHARD_KEY, parse_shard, shard_dataset
 from evaluation.structure import load_structure
-from evaluation.tables import write_tables
 from experiments.common import close_logger, instantiate, load_model, make_logger, plain
 from sdattn.errors import UserError, first_line
 from toyworld.edit_benchmark import toy_scores
@@ -136,11 +140,13 @@ def run(cfg: DictConfig) -> dict:
         raise UserError("data is required for task=benchmark: e.g. data=car_fake_edit data.path=Car_fake_edit.json")
     method_cfg = cfg.method
     name, edit = build_method(method_cfg)  # a bad setting or target → one-line error before any loading
-    dataset = load_data(cfg.data)
     bench = (plain(cfg.get("benchmark")) or {})
+    shard = parse_shard(bench.get("shard"), "benchmark.shard")
+    dataset = shard_dataset(load_data(cfg.data), shard, int(cfg.seed))
     clip_name = str((plain(cfg.get("metrics")) or {}).get("clip") or DEFAULT_CLIP_MODEL)
     root = Path(bench.get("root") or Path(cfg.paths.log_dir) / "benchmark")
     out_dir = Path(bench.get("out_dir") or root / str(cfg.data.name) / name)
+    out_dir = out_dir / shard.folder if shard else out_dir
 
     structure_name = (plain(cfg.get("metrics")) or {}).get("structure")
     clip = load_clip(clip_name, device=cfg.device)  # ModelLoadError (one line) when unavailable
@@ -152,16 +158,19 @@ def run(cfg: DictConfig) -> dict:
             "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
             "method_cfg": method_settings(method_cfg), "resize": str(cfg.resize)}
+    if shard:
+        meta[SHARD_KEY] = str(shard)
+    write_plan(out_dir, dataset, shard)
     # Extra scores: DINO structure distance when configured; the toy world's own edit check, which
     # applies to the pairs that carry the world's ground truth (toy datasets) and is {} for others.
     scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores]
     summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed), run_id=run_id(),
                         resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers, on_record=panel)
-    tables = write_tables(root, clip_name, str(cfg.model.name), table5_too=bench.get("table") == "table5")
+    tables = write_tables_locked(root, clip_name, str(cfg.model.name), table5_too=bench.get("table") == "table5")
     if logger is not None:
         _log(logger, panel, tables, str(cfg.data.name), name)
     print(dataset.summary())
-    print(summary.line(name))
+    print(shard_line(str(cfg.data.name), name, shard, summary.line(name)))
     shown = tables["table4"].get(str(cfg.data.name))
     if bench.get("table") == "table5" and tables["table5"] is not None:
         shown = tables["table5"]

@@ -1,4 +1,8 @@
-"""Probing task (Tables 1–3): capture attention features, train MLP probes per layer, write tables."""
+"""Probing task (Tables 1–3): capture attention features, train MLP probes per layer, write tables.
+
+``probe.shard=i/n`` captures only the prompts at positions ``p % n == i`` into the shared feature cache
+and stops (no probes); an unsharded run afterwards finds every feature cached and trains the probes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from evaluation.shards import Shard, parse_shard
 from experiments.common import close_logger, instantiate, load_model, make_logger, model_identity, output_dir, plain
 from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
@@ -25,15 +30,18 @@ def family_path(cfg: DictConfig) -> Path:
     return Path(fam) if fam.endswith(".yaml") else Path(cfg.paths.data_dir) / "probe" / f"{fam}.yaml"
 
 
-def collect_features(cfg: DictConfig, pipe, prompts, layers, spec: CaptureSpec, family: dict) -> dict:
-    """Features of every prompt, generated once and cached on disk (resumable)."""
+def collect_features(cfg: DictConfig, pipe, prompts, layers, spec: CaptureSpec, family: dict,
+                     shard: Shard | None = None) -> dict | None:
+    """Features of every prompt, generated once and cached on disk (resumable). With ``shard``: only that
+    shard's prompts are captured (other shards may fill the same cache at once) and None is returned."""
     p = cfg.probe
     store = FeatureStore(Path(cfg.paths.cache_dir) / "features", {
         "model": model_identity(cfg), "family": family, "kind": spec.kind, "tokens": list(spec.tokens),
         "steps": str(spec.steps), "grid": spec.grid, "pool": spec.pool, "layers": [x.name for x in layers],
         "num_inference_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale,
     })
-    todo = [x for x in prompts if x.id in set(store.missing([x.id for x in prompts]))]
+    mine = shard.select(prompts) if shard else prompts
+    todo = [x for x in mine if x.id in set(store.missing([x.id for x in mine]))]
     check_prompts(pipe.tokenizer, [x.prompt for x in todo])  # every prompt and word, before any capture
     for x in todo:
         for t in spec.tokens:
@@ -44,6 +52,12 @@ def collect_features(cfg: DictConfig, pipe, prompts, layers, spec: CaptureSpec, 
         feats = capture_features(pipe, layers, spec, [x.prompt for x in batch], [x.seed for x in batch], words,
                                  p.num_inference_steps, p.guidance_scale)
         store.add([x.id for x in batch], feats)
+    if shard:
+        left = len(store.missing([x.id for x in prompts]))
+        print(f"probe capture shard {shard}: {len(todo)} of {len(mine)} prompts captured now, "
+              f"{len(mine) - len(todo)} already cached; {left} of {len(prompts)} prompts of all shards left; "
+              f"cache {store.dir}")
+        return None
     return store.load([x.id for x in prompts])
 
 
@@ -59,7 +73,10 @@ def run(cfg: DictConfig) -> dict:
     spec = CaptureSpec(kind=p.kind, tokens=list(p.tokens), steps=p.steps, grid=p.grid, pool=p.pool)
     if p.kind == "cross" and not spec.tokens:
         raise UserError("probe.tokens is empty: name the words whose cross-attention maps to probe, e.g. ['{cls}']")
-    feats = collect_features(cfg, pipe, prompts, layers, spec, family)
+    shard = parse_shard(p.get("shard"), "probe.shard")
+    feats = collect_features(cfg, pipe, prompts, layers, spec, family, shard)
+    if feats is None:  # a capture shard: the probes are trained by an unsharded run once all are cached
+        return {"shard": str(shard), "layers": [x.label for x in layers], "tables": {}}
 
     y = torch.tensor([classes.index(x.label) for x in prompts])
     train = torch.tensor([x.split == "train" for x in prompts])
