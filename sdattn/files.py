@@ -14,7 +14,7 @@ def atomic_save(path: str | Path, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` writes the content to a temporary sibling of ``path`` (same suffix, so writers
     that infer the format from it work), which then replaces ``path``. Returns ``path``."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp{path.suffix}")  # per process: concurrent writers never share it
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp{path.suffix}")  # per process: writers never share it
     try:
         write(tmp)
         os.replace(tmp, path)
