@@ -1,11 +1,14 @@
-"""Prompt-to-Prompt (Hertz et al., ICLR 2023) on the shared hook layer: the target's cross-attention
-maps ← the source's ("replace" for equal token counts, "refine" otherwise) plus self-attention maps;
-real images through DDIM + null-text inversion. Every map replacement is the SDPA identity
-softmax(Q_a K_bᵀ/√d)·V_c = SDPA(q_a, k_b, v_c)."""
+"""Prompt-to-Prompt (Hertz et al., ICLR 2023) on the shared hook layer, as google/prompt-to-prompt
+runs it: the target's cross-attention maps ← the source's through ``seq_aligner``'s mappers ("replace":
+the word-level mapper, prompts with the same number of words; "refine": Needleman–Wunsch token
+alignment, new tokens keep their own map) plus self-attention maps; real images through DDIM +
+null-text inversion with the source prompt. The official code lets the user choose replace or
+refine; here the rule is: replace when the prompts have the same number of words (the only case
+the official replacement mapper accepts), else refine."""
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Callable
 
 import torch
 
@@ -16,34 +19,34 @@ from sdattn.sampling import check_prompts, decode, encode_image, initial_latents
 
 from ..inversion import ddim_invert, null_text_inversion
 from ..replace import AttentionReplace, select_layers, step_range
+from ..seq_aligner import refinement_mapper, replacement_mapper
 from ..two_branch import SOURCE, TARGET, Images, model_layers, replacement_edit
 
-
-def padded_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True).input_ids
+MapEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (A_src, A_tgt) (H, N, L) → new A_tgt
 
 
-def refinement_mapping(tokenizer, source_prompt: str, target_prompt: str) -> tuple[list[int], list[int]]:
-    """Token positions (source, target) with a counterpart in the other prompt: difflib matching blocks
-    over the padded token-id sequences (start, words, end and padding all align). Target positions
-    not listed keep their own map (P2P "refine")."""
-    a, b = padded_ids(tokenizer, source_prompt), padded_ids(tokenizer, target_prompt)
-    src, tgt = [], []
-    for block in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks():
-        src += range(block.a, block.a + block.size)
-        tgt += range(block.b, block.b + block.size)
-    return src, tgt
+def p2p_mode(source_prompt: str, target_prompt: str) -> str:
+    """``replace`` when the prompts have the same number of words (split on " ", as seq_aligner), else ``refine``."""
+    return "replace" if len(source_prompt.split(" ")) == len(target_prompt.split(" ")) else "refine"
 
 
-class CrossRefine(AttentionHook):
-    """P2P refine on a cross layer (conditional branch): the target's map columns that have a source
-    counterpart are the source's columns, the others stay the target's; then · V_target."""
+def cross_map_edit(tokenizer, source_prompt: str, target_prompt: str, mode: str) -> MapEdit:
+    """The official ``replace_cross_attention`` of AttentionReplace / AttentionRefine as a function."""
+    n = tokenizer.model_max_length
+    if mode == "replace":
+        mapper = replacement_mapper(source_prompt, target_prompt, tokenizer, n)  # (L, L)
+        return lambda a_src, a_tgt: a_src @ mapper.to(a_src)
+    index, alphas = refinement_mapper(source_prompt, target_prompt, tokenizer, n)  # (L,), (L,)
+    return lambda a_src, a_tgt: a_src[..., index.to(a_src.device)] * alphas.to(a_src) + a_tgt * (1 - alphas.to(a_src))
 
-    def __init__(self, layer: LayerId, state: StepState, steps: set[int], src_pos, tgt_pos):
+
+class CrossMapEdit(AttentionHook):
+    """P2P on a cross layer, conditional branch, active steps: the target's attention map becomes
+    ``edit(A_src, A_tgt)`` (maps (H, N, L)), then · V_target; every other row is plain attention."""
+
+    def __init__(self, layer: LayerId, state: StepState, steps: set[int], edit: MapEdit):
         super().__init__(layer, state)
-        self.steps = steps
-        self.src_pos, self.tgt_pos = torch.tensor(src_pos), torch.tensor(tgt_pos)
+        self.steps, self.edit = steps, edit
 
     def attend(self, attn, query, key, value, mask):
         out = super().attend(attn, query, key, value, mask)
@@ -51,43 +54,39 @@ class CrossRefine(AttentionHook):
             return out
         lay = self.state.layout
         rs, rt = lay.cond_row(SOURCE), lay.cond_row(TARGET)
-        probs = torch.softmax(query[[rs, rt]] @ key[[rs, rt]].transpose(-1, -2) * attn.scale, -1)
-        new = probs[1].clone()
-        new[..., self.tgt_pos] = probs[0][..., self.src_pos]
+        probs = torch.softmax(query[[rs, rt]] @ key[[rs, rt]].transpose(-1, -2) * attn.scale, -1)  # (2, H, N, L)
         out = out.clone()
-        out[rt] = new @ value[rt]
+        out[rt] = self.edit(probs[0], probs[1]) @ value[rt]
         return out
 
 
 def p2p_hooks(pipe, source_prompt: str, target_prompt: str, num_inference_steps: int, *, cross_replace_steps,
               self_replace_steps, cross_layers, self_layers, refine: bool) -> tuple[dict, str]:
-    """{layer: factory} for P2P: cross maps (replace or refine) + self maps; and the mode used."""
+    """{layer: factory} for P2P: cross maps (replace or refine, :func:`p2p_mode`) + self maps; and the mode."""
     layers = model_layers(pipe)
     cross = step_range(cross_replace_steps, num_inference_steps)
     self_steps = step_range(self_replace_steps, num_inference_steps)
-    pair = [(SOURCE, TARGET)]
-    tok = pipe.tokenizer
-    same_len = len(tok(source_prompt).input_ids) == len(tok(target_prompt).input_ids)
-    mode = "replace" if same_len else "refine"
+    mode = p2p_mode(source_prompt, target_prompt)
     if mode == "refine" and not refine:
         raise UserError(f"p2p refine is off (method.refine=false) and {source_prompt!r} → {target_prompt!r} "
-                        "differ in token count")
+                        "differ in word count")
+    edit = cross_map_edit(pipe.tokenizer, source_prompt, target_prompt, mode)
     hooks: dict = {}
     for layer in select_layers(layers, cross_layers, "cross"):
-        if mode == "replace":
-            hooks[layer] = lambda lay, st: AttentionReplace(lay, st, pair, cross)
-        else:
-            s, t = refinement_mapping(tok, source_prompt, target_prompt)
-            hooks[layer] = lambda lay, st, s=s, t=t: CrossRefine(lay, st, cross, s, t)
+        hooks[layer] = lambda lay, st: CrossMapEdit(lay, st, cross, edit)
     for layer in select_layers(layers, self_layers, "self"):
-        hooks[layer] = lambda lay, st: AttentionReplace(lay, st, pair, self_steps)
+        hooks[layer] = lambda lay, st: AttentionReplace(lay, st, [(SOURCE, TARGET)], self_steps)
     return hooks, mode
 
 
 def edit_p2p(pipe, example, seed: int, image: torch.Tensor | None = None, *, cross_replace_steps,
-             self_replace_steps, cross_layers, self_layers, refine: bool, null_text: dict | None,
-             num_inference_steps: int, guidance_scale: float) -> Images:
-    """Benchmark entry (``configs/method/p2p.yaml``): one pair → (source, edited)."""
+             self_replace_steps, cross_layers, self_layers, refine: bool, local_blend: dict | None,
+             null_text: dict | None, num_inference_steps: int, guidance_scale: float) -> Images:
+    """Benchmark entry (``configs/method/p2p.yaml``): one pair → (source, edited). Real images: DDIM
+    inversion and null-text inversion (``null_text``: overrides of the official schedule) with the
+    pair's source prompt (official ``null_text_w_ptp.ipynb``)."""
+    if local_blend is not None:
+        raise UserError("method.local_blend: LocalBlend is not implemented yet; use local_blend=null")
     steps, guidance = int(num_inference_steps), float(guidance_scale)
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])

@@ -1,0 +1,227 @@
+"""Reference tests: FPE and P2P against an independent re-implementation of the authors' code.
+
+One UNet call of the tiny SD-layout model is computed twice: with our hooks, and with a test-local
+processor that does what the official ``register_attention_control`` + controller do (explicit
+per-(batch·head) maps ``softmax(q kᵀ·scale)``, the controller edits the conditional half, ``maps @ v``).
+The logic follows the official sources as recorded in the fidelity notes: FPE =
+alibaba/EasyNLP ``diffusion/FreePromptEditing/Freeprompt/freeprompt.py``; P2P =
+google/prompt-to-prompt ``AttentionControlEdit`` / ``AttentionReplace`` / ``AttentionRefine``
+(notebooks) with ``seq_aligner.py``. Also hand-worked examples of the seq_aligner mappers."""
+
+import pytest
+import torch
+
+from editing.baselines.p2p import p2p_hooks
+from editing.fpe import self_replace_hooks
+from editing.seq_aligner import aligned_sources, global_align, refinement_mapper, replacement_mapper
+from sdattn.errors import UserError
+from sdattn.hooks import BatchLayout, HookSet, installed
+from sdattn.sampling import ddim_scheduler, encode_prompts, latent_size
+
+STEPS = 10  # sampling steps of the one-call comparisons
+OFFICIAL_TOKENS_AT_512 = 32**2  # freeprompt.py / P2P null-text nb: self maps replaced where queries ≤ 32²
+OFFICIAL_LATENT_SIDE = 64  # SD 1.x at 512 px
+
+
+# --- the official controllers, re-implemented -------------------------------------------------------------
+class OfficialFPE:
+    """freeprompt.py SelfAttentionControlEdit: cond half only; self maps with q ≤ limit, step < int(0.8·T)."""
+
+    def __init__(self, step: int, limit: int, frac: float = 0.8):
+        self.step, self.limit, self.end = step, limit, int(frac * STEPS)
+
+    def __call__(self, maps: torch.Tensor, is_cross: bool) -> torch.Tensor:  # (2·B·H, q, k)
+        half = maps.shape[0] // 2
+        maps[half:] = self.forward(maps[half:], is_cross)
+        return maps
+
+    def forward(self, maps, is_cross):
+        if is_cross or not 0 <= self.step < self.end:
+            return maps
+        m = maps.reshape(2, -1, *maps.shape[1:])  # (prompts, heads, q, k)
+        if m[1:].shape[2] <= self.limit:
+            m[1:] = m[0].unsqueeze(0).expand_as(m[1:])
+        return m.reshape(maps.shape)
+
+
+class OfficialP2P:
+    """AttentionControlEdit.forward with AttentionReplace (einsum with the mapper) or AttentionRefine
+    (index by mapper, blend by alphas); cross α_t from get_time_words_attention_alpha (T+1 rows)."""
+
+    def __init__(self, step: int, limit: int, mode: str, mapper, alphas=None, cross: float = 0.8, self_: float = 0.4):
+        self.step, self.limit, self.mode, self.mapper, self.alphas = step, limit, mode, mapper, alphas
+        self.alpha_t = 1.0 if self.step < int(cross * (STEPS + 1)) else 0.0
+        self.self_end = int(self_ * STEPS)
+
+    def __call__(self, maps, is_cross):
+        half = maps.shape[0] // 2
+        maps[half:] = self.forward(maps[half:], is_cross)
+        return maps
+
+    def forward(self, maps, is_cross):
+        if not (is_cross or 0 <= self.step < self.self_end):
+            return maps
+        m = maps.reshape(2, -1, *maps.shape[1:])
+        base, repl = m[0], m[1:]
+        if is_cross:
+            if self.mode == "replace":
+                new = torch.einsum("hpw,bwn->bhpn", base, self.mapper[None])
+            else:
+                new = base[:, :, self.mapper[None]].permute(2, 0, 1, 3) * self.alphas + repl * (1 - self.alphas)
+            m[1:] = new * self.alpha_t + (1 - self.alpha_t) * repl
+        elif repl.shape[2] <= self.limit:
+            m[1:] = base.unsqueeze(0).expand_as(repl)
+        return m.reshape(maps.shape)
+
+
+class OfficialProcessor:
+    """The official CrossAttention forward: explicit maps, the controller edits them, maps @ v."""
+
+    def __init__(self, controller):
+        self.controller = controller
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        is_cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if is_cross else hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
+        maps = (torch.einsum("bid,bjd->bij", q, k) * attn.scale).softmax(-1)
+        maps = self.controller(maps, is_cross)
+        out = attn.batch_to_head_dim(torch.einsum("bij,bjd->bid", maps, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+# --- one UNet call, ours vs the reference ------------------------------------------------------------------
+def one_call_inputs(pipe, source: str, target: str, step: int):
+    sched = ddim_scheduler(pipe)
+    sched.set_timesteps(STEPS)
+    h, w = latent_size(pipe)
+    z = torch.randn((2, pipe.unet.config.in_channels, h, w), generator=torch.Generator().manual_seed(7))
+    context = torch.cat([encode_prompts(pipe, ["", ""]), encode_prompts(pipe, [source, target])])
+    return torch.cat([z, z]), sched.timesteps[step], context  # rows [uncond src, uncond tgt, cond src, cond tgt]
+
+
+@torch.no_grad()
+def ours_vs_official(pipe, hooks: dict, controller, source: str, target: str, step: int):
+    x, t, context = one_call_inputs(pipe, source, target, step)
+    plain = pipe.unet(x, t, encoder_hidden_states=context).sample
+    with HookSet(pipe.unet, list(hooks), lambda layer, state: hooks[layer](layer, state)) as hookset:
+        hookset.on_step_begin(step, int(t), STEPS, BatchLayout(2))
+        ours = pipe.unet(x, t, encoder_hidden_states=context).sample
+    procs = {name: OfficialProcessor(controller) for name in pipe.unet.attn_processors}
+    with installed(pipe.unet, procs):
+        ref = pipe.unet(x, t, encoder_hidden_states=context).sample
+    return ours, ref, plain
+
+
+def official_limit(pipe) -> int:
+    """The official ≤ 32² query tokens at a 64² latent, at this model's latent size."""
+    h, w = latent_size(pipe)
+    return OFFICIAL_TOKENS_AT_512 * h * w // OFFICIAL_LATENT_SIDE**2
+
+
+@pytest.mark.parametrize("step", [2, 9])  # inside / outside the first 80 % of the steps
+def test_fpe_one_unet_call_matches_the_official_controller(tiny_pipe, step):
+    src, tgt = "a white car", "a red car"
+    hooks = self_replace_hooks(tiny_pipe, "official", 0.8, STEPS)
+    assert [x.index for x in hooks] == list(range(3, 14))  # SD 1.5 layers 3-13
+    ours, ref, plain = ours_vs_official(tiny_pipe, hooks, OfficialFPE(step, official_limit(tiny_pipe)), src, tgt, step)
+    assert (ours - ref).abs().max() <= 1e-5
+    assert (ours - plain).abs().max() > 1e-3 if step < 8 else (ours - plain).abs().max() <= 1e-5
+    assert (ours[:3] - plain[:3]).abs().max() <= 1e-5  # the uncond rows and the source are untouched
+
+
+P2P_CASES = [
+    # replace, 1 → 3 tokens ("mat" is split into letters by the tiny tokenizer): ratio split + the tail quirk
+    ("a cat sitting on chair", "a mat sitting on chair", "replace", 2),
+    ("a cat sitting on chair", "a mat sitting on chair", "replace", 6),  # cross only (self steps are 0..3)
+    ("a red car", "a blue car", "replace", 1),
+    ("a cat sitting on chair", "a big cat sitting on chair", "refine", 2),  # "big": 3 tokens, no source
+]
+
+
+@pytest.mark.parametrize("source,target,mode,step", P2P_CASES)
+def test_p2p_one_unet_call_matches_the_official_controller(tiny_pipe, source, target, mode, step):
+    tok = tiny_pipe.tokenizer
+    settings = dict(cross_replace_steps=0.8, self_replace_steps=0.4, cross_layers="all", self_layers="official",
+                    refine=True)
+    hooks, used = p2p_hooks(tiny_pipe, source, target, STEPS, **settings)
+    assert used == mode
+    if mode == "replace":
+        controller = OfficialP2P(step, official_limit(tiny_pipe), mode,
+                                 replacement_mapper(source, target, tok, tok.model_max_length))
+    else:
+        mapper, alphas = refinement_mapper(source, target, tok, tok.model_max_length)
+        controller = OfficialP2P(step, official_limit(tiny_pipe), mode, mapper, alphas.reshape(1, 1, 1, -1))
+    ours, ref, plain = ours_vs_official(tiny_pipe, hooks, controller, source, target, step)
+    assert (ours - ref).abs().max() <= 1e-5
+    assert (ours[3] - plain[3]).abs().max() > 1e-3  # the call did edit the target
+    assert (ours[:3] - plain[:3]).abs().max() <= 1e-5
+
+
+# --- seq_aligner: hand-worked examples of the official behaviour ------------------------------------------
+class SplitTokenizer:
+    """A word tokenizer (BOS/EOS added by encode, as CLIP's) that splits "hippopotamus" into 2 tokens."""
+
+    SPLITS = {"hippopotamus": ["hippo", "potamus"]}
+
+    def __init__(self):
+        self.vocab = ["<s>", "</s>"]
+
+    def encode(self, text: str) -> list[int]:
+        pieces = [p for w in text.split(" ") for p in self.SPLITS.get(w, [w])]
+        for p in pieces:
+            if p not in self.vocab:
+                self.vocab.append(p)
+        return [0, *(self.vocab.index(p) for p in pieces), 1]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+
+def expected(entries: dict, n: int = 77) -> torch.Tensor:
+    m = torch.zeros(n, n)
+    for (i, j), value in entries.items():
+        m[i, j] = value
+    return m
+
+
+def test_replacement_mapper_splits_a_word_by_1_over_target_tokens():
+    # "a cat" → "a hippopotamus": positions BOS 0, a 1, cat 2 | BOS 0, a 1, hippo 2, potamus 3, EOS 4
+    m = replacement_mapper("a cat", "a hippopotamus", SplitTokenizer(), 77)
+    want = {(0, 0): 1, (1, 1): 1, (2, 2): 0.5, (2, 3): 0.5} | {(k, k): 1 for k in range(4, 77)}
+    # Official quirk (seq_aligner.get_replacement_mapper_): after the last changed word it sets M[j, j], not
+    # M[i, j], so target positions ≥ 4 read the source at the *same* position: the source EOS (3) is
+    # never read and the target's EOS (4) takes the source's first padding token.
+    torch.testing.assert_close(m, expected(want), rtol=0, atol=0)
+
+
+def test_replacement_mapper_tail_is_misaligned_after_a_longer_word():
+    m = replacement_mapper("a cat sitting on mat", "a hippopotamus sitting on mat", SplitTokenizer(), 77)
+    assert m[2, 2] == m[2, 3] == 0.5 and m[:, 2].sum() == m[:, 3].sum() == 0.5
+    assert m[4, 4] == 1 and m[3, 4] == 0  # target "sitting" (4) ← source "on" (4): the official misalignment
+
+
+def test_replacement_mapper_sums_several_source_tokens_into_one():
+    m = replacement_mapper("a hippopotamus sitting", "a cat sitting", SplitTokenizer(), 77)
+    assert m[2, 2] == m[3, 2] == 1  # ratio 1/len(target) = 1: target "cat" gets the sum of both maps
+    assert m[3, 3] == 1 and m[4, 3] == 0  # tail by target position (quirk): "sitting" (3) ← "potamus" (3)
+    assert m[:, 76].sum() == 0 and m[:, 75].sum() == 1  # the last Δ = 1 target column stays empty
+
+
+def test_replacement_mapper_needs_equal_word_counts():
+    with pytest.raises(UserError, match="same number of words"):
+        replacement_mapper("a cat", "a big cat", SplitTokenizer(), 77)
+
+
+def test_refinement_mapper_inserted_word():
+    mapper, alphas = refinement_mapper("a cat sitting on mat", "a big cat sitting on mat", SplitTokenizer(), 77)
+    assert mapper[:10].tolist() == [0, 1, -1, 2, 3, 4, 5, 6, 8, 9]  # padding after the target EOS (7) is identity
+    assert alphas.tolist() == [1, 1, 0] + [1] * 74
+
+
+def test_global_align_tie_order_is_left_then_up_then_diagonal():
+    # x = [1, 2], y = [2, 1]: at (2, 2) left and up tie at score 1; left wins → y[1] has no source, y[0] ← x[1]
+    trace = global_align([1, 2], [2, 1])
+    assert trace.tolist() == [[4, 1, 1], [2, 1, 3], [2, 3, 1]]
+    assert aligned_sources([1, 2], [2, 1], trace) == [1, -1]
