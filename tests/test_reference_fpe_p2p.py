@@ -11,7 +11,7 @@ google/prompt-to-prompt ``AttentionControlEdit`` / ``AttentionReplace`` / ``Atte
 import pytest
 import torch
 
-from editing.baselines.p2p import p2p_hooks
+from editing.baselines.p2p import make_local_blend, p2p_hooks
 from editing.fpe import self_replace_hooks
 from editing.seq_aligner import aligned_sources, global_align, refinement_mapper, replacement_mapper
 from sdattn.errors import UserError
@@ -225,3 +225,54 @@ def test_global_align_tie_order_is_left_then_up_then_diagonal():
     trace = global_align([1, 2], [2, 1])
     assert trace.tolist() == [[4, 1, 1], [2, 1, 3], [2, 3, 1]]
     assert aligned_sources([1, 2], [2, 1], trace) == [1, -1]
+
+
+# --- LocalBlend ---------------------------------------------------------------------------------------------
+def official_local_blend(x_t, maps: list[torch.Tensor], alpha: torch.Tensor, side: int, th: float):
+    """LocalBlend.__call__ of the null-text notebook (after start_blend), on stored maps (2·H, side², L)."""
+    maps = torch.cat([m.reshape(2, -1, 1, side, side, m.shape[-1]) for m in maps], dim=1)
+    maps = (maps * alpha).sum(-1).mean(1)
+    maps = torch.nn.functional.max_pool2d(maps, (3, 3), (1, 1), padding=(1, 1))
+    mask = torch.nn.functional.interpolate(maps, size=x_t.shape[2:])
+    mask = mask / mask.max(2, keepdim=True)[0].max(3, keepdim=True)[0]
+    mask = mask.gt(th)
+    mask = (mask[:1] + mask).float()
+    return x_t[:1] + mask * (x_t - x_t[:1])
+
+
+def test_local_blend_matches_the_official_mask_and_blend(tiny_pipe):
+    src, tgt = "a cat sitting on chair", "a mat sitting on chair"
+    blend = make_local_blend(tiny_pipe, src, tgt, STEPS, words=None, threshold=0.3, start_blend=0.2)
+    h, _ = latent_size(tiny_pipe)
+    assert [x.height for x in blend.layers] == [h // 4] * 5 and blend.start == 2  # down ×2, up ×3; int(0.2·10)
+    assert blend.alphas[0].nonzero().flatten().tolist() == [2] and blend.alphas[1].nonzero().flatten().tolist() == [
+        2, 3, 4]
+    g = torch.Generator().manual_seed(3)
+    stored = {x.label: [] for x in blend.layers}
+    for _ in range(2):  # two steps: the maps are summed
+        for x in blend.layers:
+            probs = torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1)
+            blend.add(x, probs)
+            stored[x.label].append(probs)
+    x_t = torch.randn((2, 4, h, h), generator=g)
+    assert blend.on_step_end(1, 0, x_t) is None  # counter 2 ≤ start
+    ours = blend.on_step_end(2, 0, x_t)
+    summed = [sum(stored[x.label]).reshape(16, x.tokens, 77) for x in blend.layers]
+    ref = official_local_blend(x_t, summed, blend.alphas.reshape(2, 1, 1, 1, 1, 77), h // 4, 0.3)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert 0 < (ours[1] != x_t[1]).float().mean() < 1  # part of the target was reset to the source
+
+
+def test_p2p_local_blend_option_runs_and_bounds(tiny_pipe, make_method):
+    from evaluation.datasets import EditExample
+
+    ex = EditExample("x", "a red car", "a blue car")
+    plain = make_method("p2p", num_inference_steps=2)(tiny_pipe, ex, 5)
+    none_kept = make_method("p2p", num_inference_steps=2, local_blend={"threshold": 1.5, "start_blend": 0.0})
+    src, edited = none_kept(tiny_pipe, ex, 5)
+    torch.testing.assert_close(edited, src)  # empty mask: the target is the source after every step
+    all_kept = make_method("p2p", num_inference_steps=2, local_blend={"threshold": -1.0, "start_blend": 0.0})
+    torch.testing.assert_close(all_kept(tiny_pipe, ex, 5)[1], plain[1])  # full mask: plain P2P
+    with pytest.raises(UserError, match="no blend word"):
+        make_method("p2p", num_inference_steps=2, local_blend={"words": ["dog", "cat"], "threshold": 0.3,
+                                                               "start_blend": 0.2})(tiny_pipe, ex, 5)
