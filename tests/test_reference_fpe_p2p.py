@@ -276,3 +276,67 @@ def test_p2p_local_blend_option_runs_and_bounds(tiny_pipe, make_method):
     with pytest.raises(UserError, match="no blend word"):
         make_method("p2p", num_inference_steps=2, local_blend={"words": ["dog", "cat"], "threshold": 0.3,
                                                                "start_blend": 0.2})(tiny_pipe, ex, 5)
+
+
+# --- null-text inversion --------------------------------------------------------------------------------------
+def official_null_text(pipe, latents: list[torch.Tensor], prompt: str, guidance: float, num_inner_steps: int,
+                       epsilon: float) -> list[torch.Tensor]:
+    """NullInversion.null_optimization (null_text_w_ptp.ipynb, verbatim in null_text_w_FPE.ipynb), with its
+    own ``prev_step`` (α_prev = α[t − 1000/T], else the final α)."""
+    sched = ddim_scheduler(pipe)
+    sched.set_timesteps(len(latents) - 1)
+    ratio = sched.config.num_train_timesteps // (len(latents) - 1)
+
+    def prev_step(eps, t, x):
+        a_t = sched.alphas_cumprod[t]
+        a_prev = sched.alphas_cumprod[t - ratio] if t - ratio >= 0 else sched.final_alpha_cumprod
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+    def noise(x, t, ctx):
+        return pipe.unet(x, t, encoder_hidden_states=ctx).sample
+
+    cond, uncond = encode_prompts(pipe, [prompt]), encode_prompts(pipe, [""])
+    out, latent_cur = [], latents[-1]
+    for i in range(len(latents) - 1):
+        uncond = uncond.clone().detach()
+        uncond.requires_grad = True
+        optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+        latent_prev, t = latents[len(latents) - i - 2], sched.timesteps[i]
+        with torch.no_grad():
+            noise_cond = noise(latent_cur, t, cond)
+        for _ in range(num_inner_steps):
+            noise_uncond = noise(latent_cur, t, uncond)
+            pred = noise_uncond + guidance * (noise_cond - noise_uncond)
+            loss = torch.nn.functional.mse_loss(prev_step(pred, t, latent_cur), latent_prev)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if loss.item() < epsilon + i * 2e-5:
+                break
+        out.append(uncond[:1].detach())
+        with torch.no_grad():
+            noise_uncond = noise(latent_cur, t, uncond)
+            latent_cur = prev_step(noise_uncond + guidance * (noise_cond - noise_uncond), t, latent_cur)
+    pipe.unet.zero_grad(set_to_none=True)
+    return out
+
+
+def test_null_text_inversion_matches_the_official_loop(tiny_pipe):
+    from editing.inversion import ddim_invert, null_text_inversion, null_text_schedule
+
+    steps, prompt = 2, "a white car"
+    schedule = null_text_schedule()
+    assert schedule == {"inner_steps": 10, "lr": 1e-2, "lr_decay": 1e-2, "early_stop": 1e-5, "early_stop_growth": 2e-5}
+    z0 = torch.randn((1, 4, *latent_size(tiny_pipe)), generator=torch.Generator().manual_seed(1))
+    traj = ddim_invert(tiny_pipe, z0, prompt, steps, progress=False)
+    ours = null_text_inversion(tiny_pipe, traj, prompt, 7.5, progress=False, inner_steps=3)
+    ref = official_null_text(tiny_pipe, traj, prompt, 7.5, 3, 1e-5)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # a constant lr (no decay) is off by 3e-4
+    # the early stop at early_stop + growth·i: a huge threshold stops after one update per step
+    once = null_text_inversion(tiny_pipe, traj, prompt, 7.5, progress=False, inner_steps=3, early_stop=1e9)
+    ref_once = official_null_text(tiny_pipe, traj, prompt, 7.5, 1, 1e-5)
+    torch.testing.assert_close(once[-1], ref_once[-1], rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="not a null-text setting"):
+        null_text_inversion(tiny_pipe, traj, prompt, 7.5, progress=False, inner_step=2)
