@@ -91,7 +91,7 @@ def blend_words(source_prompt: str, target_prompt: str) -> tuple[list[str], list
 
 
 def make_local_blend(pipe, source_prompt: str, target_prompt: str, num_inference_steps: int, *, words=None,
-                threshold: float, start_blend: float) -> LocalBlend:
+                     threshold: float, start_blend: float) -> LocalBlend:
     """LocalBlend for one pair. ``words``: [source word(s), target word(s)] (the official argument), or
     None for the words that change (:func:`blend_words`, our rule for benchmarks); ``start_blend``: a
     fraction of the steps (official ``int(0.2·50)``: blending after step 10)."""
