@@ -11,9 +11,10 @@ google/prompt-to-prompt ``AttentionControlEdit`` / ``AttentionReplace`` / ``Atte
 import pytest
 import torch
 
-from editing.baselines.p2p import make_local_blend, p2p_hooks
+from editing.baselines.p2p import make_local_blend, p2p_hooks, p2p_self_layers, per_pair_kind
 from editing.fpe import self_replace_hooks
 from editing.seq_aligner import aligned_sources, global_align, refinement_mapper, replacement_mapper
+from editing.two_branch import model_layers
 from sdattn.errors import UserError
 from sdattn.hooks import BatchLayout, HookSet, installed
 from sdattn.sampling import ddim_scheduler, encode_prompts, latent_size
@@ -340,3 +341,14 @@ def test_null_text_inversion_matches_the_official_loop(tiny_pipe):
     torch.testing.assert_close(once[-1], ref_once[-1], rtol=0, atol=1e-6)
     with pytest.raises(UserError, match="not a null-text setting"):
         null_text_inversion(tiny_pipe, traj, prompt, 7.5, progress=False, inner_step=2)
+
+
+def test_p2p_self_settings_follow_the_two_official_notebooks(tiny_pipe):
+    layers = model_layers(tiny_pipe)
+    assert [x.index for x in p2p_self_layers(layers, "stable")] == list(range(5, 11))  # SD: ≤ 16² at 512 px
+    assert [x.index for x in p2p_self_layers(layers, "official")] == list(range(3, 14))  # ≤ 32²
+    setting = {"generated": 0.4, "real": 0.5}
+    assert per_pair_kind(setting, "generated") == 0.4 and per_pair_kind(setting, "real") == 0.5
+    assert per_pair_kind(0.3, "real") == 0.3
+    with pytest.raises(UserError, match="exactly the keys"):
+        per_pair_kind({"generated": 0.4}, "real")

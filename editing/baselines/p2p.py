@@ -8,13 +8,13 @@ the official replacement mapper accepts), else refine."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, StepState
-from sdattn.layers import LayerId
+from sdattn.layers import LayerId, LayerSelector
 from sdattn.sampling import check_prompts, decode, encode_image, initial_latents, latent_size
 
 from ..inversion import ddim_invert, null_text_inversion
@@ -27,6 +27,26 @@ MapEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (A_src, A_tgt)
 # ``attention_store["down_cross"][2:4] + attention_store["up_cross"][:3]``)
 BLEND_SIDE_DIVISOR = 4
 BLEND_POOL = 3  # the official 3×3 max-pool (k = 1) of the word maps
+# self-layer preset "stable": query tokens ≤ 1/16 of the latent's (prompt-to-prompt_stable.ipynb: ≤ 16² at 512 px)
+STABLE_TOKEN_DIVISOR = 16
+KINDS_OF_PAIR = ("generated", "real")
+
+
+def per_pair_kind(setting, kind: str):
+    """A setting given once, or as {generated: ..., real: ...} (the two official notebooks differ)."""
+    if isinstance(setting, Mapping):
+        if set(setting) != set(KINDS_OF_PAIR):
+            raise UserError(f"p2p setting {setting!r} must have exactly the keys {list(KINDS_OF_PAIR)}")
+        return setting[kind]
+    return setting
+
+
+def p2p_self_layers(layers: list[LayerId], spec) -> list[LayerId]:
+    """Self layers: ``stable`` (≤ 1/16 of the latent's tokens) or any :func:`select_layers` preset."""
+    if spec == "stable":
+        largest = max(x.tokens for x in layers if x.kind == "self")
+        return LayerSelector(kinds="self", max_tokens=largest // STABLE_TOKEN_DIVISOR).select(layers)
+    return select_layers(layers, spec, "self")
 
 
 def p2p_mode(source_prompt: str, target_prompt: str) -> str:
@@ -160,7 +180,7 @@ def p2p_hooks(pipe, source_prompt: str, target_prompt: str, num_inference_steps:
     for layer in [x for x in layers if x in edited or x in recorded]:
         steps, store = (cross if layer in edited else set()), (blend if layer in recorded else None)
         hooks[layer] = lambda lay, st, steps=steps, store=store: CrossMapEdit(lay, st, steps, edit, store)
-    for layer in select_layers(layers, self_layers, "self"):
+    for layer in p2p_self_layers(layers, self_layers):
         hooks[layer] = lambda lay, st: AttentionReplace(lay, st, [(SOURCE, TARGET)], self_steps)
     return hooks, mode
 
@@ -168,16 +188,18 @@ def p2p_hooks(pipe, source_prompt: str, target_prompt: str, num_inference_steps:
 def edit_p2p(pipe, example, seed: int, image: torch.Tensor | None = None, *, cross_replace_steps,
              self_replace_steps, cross_layers, self_layers, refine: bool, local_blend: dict | None,
              null_text: dict | None, num_inference_steps: int, guidance_scale: float) -> Images:
-    """Benchmark entry (``configs/method/p2p.yaml``): one pair → (source, edited). Real images: DDIM
-    inversion and null-text inversion (``null_text``: overrides of the official schedule) with the
-    pair's source prompt (official ``null_text_w_ptp.ipynb``)."""
+    """Benchmark entry (``configs/method/p2p.yaml``): one pair → (source, edited). ``self_replace_steps``
+    and ``self_layers``: one value, or {generated, real} (official: the stable and the null-text
+    notebook). Real images: DDIM inversion and null-text inversion (``null_text``: overrides of the
+    official schedule) with the pair's source prompt (official ``null_text_w_ptp.ipynb``)."""
     steps, guidance = int(num_inference_steps), float(guidance_scale)
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])
+    kind = "generated" if image is None else "real"
     blend = make_local_blend(pipe, src, tgt, steps, **local_blend) if local_blend is not None else None
     hooks, _ = p2p_hooks(pipe, src, tgt, steps, cross_replace_steps=cross_replace_steps,
-                         self_replace_steps=self_replace_steps, cross_layers=cross_layers, self_layers=self_layers,
-                         refine=refine, blend=blend)
+                         self_replace_steps=per_pair_kind(self_replace_steps, kind), cross_layers=cross_layers,
+                         self_layers=per_pair_kind(self_layers, kind), refine=refine, blend=blend)
     callbacks = [blend] if blend is not None else []
     if image is None:
         out = replacement_edit(pipe, src, tgt, initial_latents(pipe, [seed]), hooks, steps, guidance,
