@@ -18,7 +18,7 @@ INVERSIONS = ("ddim", "null_text")
 REAL_SOURCE_PROMPTS = ("empty", "dataset")
 
 
-def self_replace_hooks(pipe, layers="paper", steps=0.8, num_inference_steps: int = 50) -> dict:
+def self_replace_hooks(pipe, layers="official", steps=0.8, num_inference_steps: int = 50) -> dict:
     """FPE's hooks: self-attention map of the target ← source on ``layers`` during ``steps``."""
     chosen = select_layers(model_layers(pipe), layers, "self")
     active = step_range(steps, num_inference_steps)
@@ -30,7 +30,7 @@ def fpe_generated(
     source_prompt: str,
     target_prompt: str,
     seed: int,
-    layers="paper",
+    layers="official",
     self_replace_steps=0.8,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
@@ -54,7 +54,7 @@ def fpe_real(
     target_prompt: str,
     source_prompt: str = "",
     inversion: str = "ddim",
-    layers="paper",
+    layers="official",
     self_replace_steps=0.8,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
@@ -65,11 +65,15 @@ def fpe_real(
 
     ``inversion="ddim"``: DDIM inversion with ``source_prompt`` (default: empty, as the paper)
     and the source branch re-anchored to the trajectory at each step (official code).
-    ``inversion="null_text"``: DDIM inversion with the source prompt, then null-text inversion;
-    the source branch follows the trajectory through the optimised unconditional embeddings.
+    ``inversion="null_text"`` (official ``null_text_w_FPE.ipynb``): DDIM inversion with the source
+    caption, then null-text inversion with the official schedule (``configs/null_text/official.yaml``,
+    ``null_text`` overrides keys); the source branch is not anchored but follows the trajectory
+    through the optimised unconditional embeddings.
     """
     if inversion not in INVERSIONS:
         raise UserError(f"edit.inversion {inversion!r} is not one of {list(INVERSIONS)}")
+    if inversion == "null_text" and not source_prompt.strip():
+        raise UserError("null-text inversion needs the source caption (edit.source_prompt), as the official code")
     check_prompts(pipe.tokenizer, [source_prompt, target_prompt])
     z0 = encode_image(pipe, image)
     traj = ddim_invert(pipe, z0, source_prompt, num_inference_steps, progress)
@@ -95,8 +99,9 @@ def edit_fpe(pipe, example, seed: int, image: torch.Tensor | None = None, *, lay
              guidance_scale: float) -> Images:
     """Benchmark entry: FPE on one pair → (source, edited). Generated pairs (``image is None``): Alg. 1
     from ``seed``; real pairs: Alg. 2 on ``image`` (1, 3, H, W), which is returned as the source.
-    ``real_source_prompt``: ``empty`` inverts with "" and uses it for the source branch (paper);
-    ``dataset`` uses the pair's source prompt."""
+    ``real_source_prompt`` (``inversion=ddim``): ``empty`` inverts with "" and uses it for the source
+    branch (paper and official code); ``dataset`` uses the pair's source prompt. ``inversion=null_text``
+    always inverts with the pair's source prompt (official ``null_text_w_FPE.ipynb``)."""
     if real_source_prompt not in REAL_SOURCE_PROMPTS:
         raise UserError(f"method.real_source_prompt {real_source_prompt!r} is not one of {list(REAL_SOURCE_PROMPTS)}")
     common = dict(layers=layers, self_replace_steps=self_replace_steps, num_inference_steps=int(num_inference_steps),
@@ -104,6 +109,6 @@ def edit_fpe(pipe, example, seed: int, image: torch.Tensor | None = None, *, lay
     if image is None:
         r = fpe_generated(pipe, example.source_prompt, example.target_prompt, seed, **common)
         return r.images["source"], r.images["edited"]
-    src = example.source_prompt if real_source_prompt == "dataset" else ""
+    src = example.source_prompt if real_source_prompt == "dataset" or inversion == "null_text" else ""
     r = fpe_real(pipe, image, example.target_prompt, src, inversion, null_text=null_text, **common)
     return image, r.images["edited"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+import yaml
 from diffusers import DDIMInverseScheduler
 from tqdm.auto import tqdm
 
+from sdattn.errors import UserError
+from sdattn.files import REPO_ROOT
 from sdattn.sampling import ddim_scheduler, default_size, encode_prompts
 
 from .images import load_image  # noqa: F401  (re-exported: the runner and tasks load images through here)
@@ -40,23 +43,38 @@ def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_ste
     return traj
 
 
+NULL_TEXT_SCHEDULE = REPO_ROOT / "configs" / "null_text" / "official.yaml"  # the one definition of the schedule
+
+
+def null_text_schedule(overrides: Mapping | None = None) -> dict:
+    """The official null-text schedule (``configs/null_text/official.yaml``) updated with ``overrides``."""
+    schedule = yaml.safe_load(NULL_TEXT_SCHEDULE.read_text(encoding="utf-8"))
+    unknown = sorted(set(overrides or {}) - set(schedule))
+    if unknown:
+        raise UserError(f"null_text.{unknown[0]} is not a null-text setting; settings: {', '.join(schedule)}")
+    return {**schedule, **(overrides or {})}
+
+
 def null_text_inversion(
     pipe,
     trajectory: Sequence[torch.Tensor],
     prompt: str,
     guidance_scale: float,
-    inner_steps: int = 10,
-    lr: float = 1e-2,
-    early_stop: float = 1e-5,
     progress: bool = True,
+    **schedule,
 ) -> list[torch.Tensor]:
-    """Null-text inversion (Mokady et al.): per sampling step, optimise the unconditional
-    embedding so that guided DDIM with ``prompt`` follows the inversion ``trajectory``.
+    """Null-text inversion (Mokady et al.) as the official ``NullInversion``: per sampling step i,
+    optimise the unconditional embedding (starting from step i-1's) so that guided DDIM with
+    ``prompt`` (the source caption) follows the inversion ``trajectory``: a fresh Adam with
+    lr·(1 − lr_decay·i), at most ``inner_steps`` updates, stopping once the loss (computed before
+    the update) is < early_stop + early_stop_growth·i. ``schedule``: keys of
+    ``configs/null_text/official.yaml`` to override.
 
     Returns one unconditional embedding (1, L, D) per sampling step, in the UNet's dtype. The latents,
     the scheduler maths, the loss and the optimised embedding stay float32 whatever the UNet's dtype
     (Adam on a float16 tensor underflows); the UNet sees its own dtype.
     """
+    s = null_text_schedule(schedule)
     unet = pipe.unet
     steps = len(trajectory) - 1
     scheduler = ddim_scheduler(pipe)
@@ -75,8 +93,8 @@ def null_text_inversion(
         with torch.no_grad():
             noise_c = eps(z, t, cond)
         uncond = uncond.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([uncond], lr=lr)
-        for _ in range(inner_steps):
+        opt = torch.optim.Adam([uncond], lr=s["lr"] * (1.0 - s["lr_decay"] * i))
+        for _ in range(int(s["inner_steps"])):
             noise_u = eps(z, t, uncond)
             noise = noise_u + guidance_scale * (noise_c - noise_u)
             prev = scheduler.step(noise, t, z).prev_sample
@@ -84,7 +102,7 @@ def null_text_inversion(
             # gradient for the embedding only: the shared UNet's weights get no .grad (nor its cost)
             (uncond.grad,) = torch.autograd.grad(loss, [uncond])
             opt.step()
-            if loss.item() < early_stop:
+            if loss.item() < s["early_stop"] + s["early_stop_growth"] * i:
                 break
         uncond = uncond.detach()
         out.append(uncond.to(unet.dtype))

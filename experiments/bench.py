@@ -199,7 +199,7 @@ def measure_edit_variant(pipe, cfg, variant: str, steps: int | None = None, repe
     steps = steps or int(cfg.model.steps)
     guidance = float(cfg.model.guidance_scale)
     src, tgt = str(cfg.model.examples.edit_source), str(cfg.model.examples.edit_target)
-    layers = str(cfg.edit.layers) if cfg.get("edit") else str(cfg.model.get("fpe_layers", "paper"))
+    layers = str(cfg.edit.layers) if cfg.get("edit") else str(cfg.model.fpe_layers)
     image = torch.rand((1, 3, *image_size(pipe)), generator=torch.Generator().manual_seed(0))
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, progress=False)
     calls = {

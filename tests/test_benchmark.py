@@ -11,8 +11,9 @@ from PIL import Image
 
 import editing.fpe
 from editing.baselines.masactrl import MutualSelfAttention, masactrl_layers
-from editing.baselines.p2p import p2p_hooks, refinement_mapping
+from editing.baselines.p2p import p2p_hooks
 from editing.img2img import sdedit_start
+from editing.seq_aligner import refinement_mapper
 from evaluation import runner as R
 from evaluation.datasets import EditExample
 from evaluation.records import read_pairs
@@ -211,8 +212,9 @@ def test_masactrl_inactive_equals_plain_pair_sampling(tiny_pipe):
 
 def test_p2p_modes_and_refinement_mapping(tiny_pipe):
     tok = tiny_pipe.tokenizer
-    src, tgt = refinement_mapping(tok, "a red car", "a photo of a red car")
-    assert list(zip(src, tgt))[:4] == [(0, 0), (1, 4), (2, 5), (3, 6)]  # start, a, red, car
+    mapper, alphas = refinement_mapper("a red car", "a photo of a red car", tok, tok.model_max_length)
+    assert mapper[:8].tolist() == [0, 1, -1, -1, -1, 2, 3, 4]  # start, a (the first: NW's tie order), red, car, end
+    assert alphas[:8].tolist() == [1, 1, 0, 0, 0, 1, 1, 1]
     cfg = dict(cross_replace_steps=0.8, self_replace_steps=0.4, cross_layers="all", self_layers="official", refine=True)
     assert p2p_hooks(tiny_pipe, "a red car", "a blue car", 2, **cfg)[1] == "replace"
     assert p2p_hooks(tiny_pipe, "a red car", "a photo of a red car", 2, **cfg)[1] == "refine"

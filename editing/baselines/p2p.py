@@ -1,104 +1,213 @@
-"""Prompt-to-Prompt (Hertz et al., ICLR 2023) on the shared hook layer: the target's cross-attention
-maps ← the source's ("replace" for equal token counts, "refine" otherwise) plus self-attention maps;
-real images through DDIM + null-text inversion. Every map replacement is the SDPA identity
-softmax(Q_a K_bᵀ/√d)·V_c = SDPA(q_a, k_b, v_c)."""
+"""Prompt-to-Prompt (Hertz et al., ICLR 2023) on the shared hook layer, as google/prompt-to-prompt
+runs it: the target's cross-attention maps ← the source's through ``seq_aligner``'s mappers ("replace":
+the word-level mapper, prompts with the same number of words; "refine": Needleman–Wunsch token
+alignment, new tokens keep their own map) plus self-attention maps; real images through DDIM +
+null-text inversion with the source prompt. The official code lets the user choose replace or
+refine; here the rule is: replace when the prompts have the same number of words (the only case
+the official replacement mapper accepts), else refine."""
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Callable, Mapping
 
 import torch
 
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, StepState
-from sdattn.layers import LayerId
-from sdattn.sampling import check_prompts, decode, encode_image, initial_latents
+from sdattn.layers import LayerId, LayerSelector
+from sdattn.sampling import check_prompts, decode, encode_image, initial_latents, latent_size
 
 from ..inversion import ddim_invert, null_text_inversion
 from ..replace import AttentionReplace, select_layers, step_range
+from ..seq_aligner import refinement_mapper, replacement_mapper, word_positions
 from ..two_branch import SOURCE, TARGET, Images, model_layers, replacement_edit
 
-
-def padded_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True).input_ids
-
-
-def refinement_mapping(tokenizer, source_prompt: str, target_prompt: str) -> tuple[list[int], list[int]]:
-    """Token positions (source, target) with a counterpart in the other prompt: difflib matching blocks
-    over the padded token-id sequences (start, words, end and padding all align). Target positions
-    not listed keep their own map (P2P "refine")."""
-    a, b = padded_ids(tokenizer, source_prompt), padded_ids(tokenizer, target_prompt)
-    src, tgt = [], []
-    for block in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks():
-        src += range(block.a, block.a + block.size)
-        tgt += range(block.b, block.b + block.size)
-    return src, tgt
+MapEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (A_src, A_tgt) (H, N, L) → new A_tgt
+# LocalBlend reads the cross maps whose side is 1/4 of the latent's (official: the 16² maps at 512 px,
+# ``attention_store["down_cross"][2:4] + attention_store["up_cross"][:3]``)
+BLEND_SIDE_DIVISOR = 4
+BLEND_POOL = 3  # the official 3×3 max-pool (k = 1) of the word maps
+# self-layer preset "stable": query tokens ≤ 1/16 of the latent's (prompt-to-prompt_stable.ipynb: ≤ 16² at 512 px)
+STABLE_TOKEN_DIVISOR = 16
+KINDS_OF_PAIR = ("generated", "real")
 
 
-class CrossRefine(AttentionHook):
-    """P2P refine on a cross layer (conditional branch): the target's map columns that have a source
-    counterpart are the source's columns, the others stay the target's; then · V_target."""
+def per_pair_kind(setting, kind: str):
+    """A setting given once, or as {generated: ..., real: ...} (the two official notebooks differ)."""
+    if isinstance(setting, Mapping):
+        if set(setting) != set(KINDS_OF_PAIR):
+            raise UserError(f"p2p setting {setting!r} must have exactly the keys {list(KINDS_OF_PAIR)}")
+        return setting[kind]
+    return setting
 
-    def __init__(self, layer: LayerId, state: StepState, steps: set[int], src_pos, tgt_pos):
+
+def p2p_self_layers(layers: list[LayerId], spec) -> list[LayerId]:
+    """Self layers: ``stable`` (≤ 1/16 of the latent's tokens) or any :func:`select_layers` preset."""
+    if spec == "stable":
+        largest = max(x.tokens for x in layers if x.kind == "self")
+        return LayerSelector(kinds="self", max_tokens=largest // STABLE_TOKEN_DIVISOR).select(layers)
+    return select_layers(layers, spec, "self")
+
+
+def p2p_mode(source_prompt: str, target_prompt: str) -> str:
+    """``replace`` when the prompts have the same number of words (split on " ", as seq_aligner), else ``refine``."""
+    return "replace" if len(source_prompt.split(" ")) == len(target_prompt.split(" ")) else "refine"
+
+
+def cross_map_edit(tokenizer, source_prompt: str, target_prompt: str, mode: str) -> MapEdit:
+    """The official ``replace_cross_attention`` of AttentionReplace / AttentionRefine as a function."""
+    n = tokenizer.model_max_length
+    if mode == "replace":
+        mapper = replacement_mapper(source_prompt, target_prompt, tokenizer, n)  # (L, L)
+        return lambda a_src, a_tgt: a_src @ mapper.to(a_src)
+    index, alphas = refinement_mapper(source_prompt, target_prompt, tokenizer, n)  # (L,), (L,)
+    return lambda a_src, a_tgt: a_src[..., index.to(a_src.device)] * alphas.to(a_src) + a_tgt * (1 - alphas.to(a_src))
+
+
+class LocalBlend:
+    """P2P's LocalBlend (official ``null_text_w_ptp.ipynb``), a sampler callback: the conditional cross
+    maps of both prompts on :attr:`layers` are summed over steps (the target's *after* the P2P edit: the
+    official AttentionStore keeps the tensor the controller then edits in place); after each step
+    from ``start`` on, the mask of the blend words (word maps averaged over heads and layers, 3×3
+    max-pooled, nearest-upsampled to the latent, divided by their maximum, > ``threshold``; source
+    mask OR target mask) decides where the target keeps its latent: z_tgt ← z_src + mask·(z_tgt − z_src)."""
+
+    def __init__(self, layers: list[LayerId], alphas: torch.Tensor, threshold: float, start: int):
+        self.layers, self.alphas = layers, alphas  # alphas (2, L): 1 on the blend words' tokens
+        self.threshold, self.start = threshold, start
+        self.maps: dict[str, torch.Tensor] = {}  # layer label → (2, H, N, L) summed over steps
+
+    def add(self, layer: LayerId, probs: torch.Tensor) -> None:
+        self.maps[layer.label] = probs + self.maps[layer.label] if layer.label in self.maps else probs
+
+    def mask(self, size: tuple[int, int]) -> torch.Tensor:
+        """(2, 1, h, w) bool: where the blend words are, source OR target (the target's row)."""
+        maps = torch.cat([self.maps[x.label].reshape(2, -1, 1, x.height, x.width, self.alphas.shape[-1])
+                          for x in self.layers], 1)  # (2, H·layers, 1, h', w', L)
+        words = (maps * self.alphas.to(maps)[:, None, None, None, None]).sum(-1).mean(1)  # (2, 1, h', w')
+        words = torch.nn.functional.max_pool2d(words, BLEND_POOL, 1, padding=BLEND_POOL // 2)
+        words = torch.nn.functional.interpolate(words, size=size)
+        words = words / words.amax((2, 3), keepdim=True)
+        mask = words > self.threshold
+        return mask[:1] | mask
+
+    def on_step_begin(self, step, timestep, num_steps, layout):
+        return None
+
+    def on_step_end(self, step, timestep, latents):  # latents (2, C, h, w): [source, target]
+        if step + 1 <= self.start:
+            return None
+        mask = self.mask(tuple(latents.shape[2:])).to(latents)
+        return latents[:1] + mask * (latents - latents[:1])
+
+
+def blend_words(source_prompt: str, target_prompt: str) -> tuple[list[str], list[str]]:
+    """The words that change: at equal word index (same word count), else those not in the other prompt."""
+    a, b = source_prompt.split(" "), target_prompt.split(" ")
+    if len(a) == len(b):
+        pairs = [(x, y) for x, y in zip(a, b) if x != y]
+        return [x for x, _ in pairs], [y for _, y in pairs]
+    return [x for x in a if x not in b], [y for y in b if y not in a]
+
+
+def make_local_blend(pipe, source_prompt: str, target_prompt: str, num_inference_steps: int, *, words=None,
+                     threshold: float, start_blend: float) -> LocalBlend:
+    """LocalBlend for one pair. ``words``: [source word(s), target word(s)] (the official argument), or
+    None for the words that change (:func:`blend_words`, our rule for benchmarks); ``start_blend``: a
+    fraction of the steps (official ``int(0.2·50)``: blending after step 10)."""
+    tok = pipe.tokenizer
+    if words is None:
+        words = blend_words(source_prompt, target_prompt)
+    if len(words) != 2:
+        raise UserError(f"method.local_blend.words {words!r} must be [source word(s), target word(s)]")
+    alphas = torch.zeros(2, tok.model_max_length)
+    for row, (prompt, chosen) in enumerate(zip((source_prompt, target_prompt), words)):
+        for word in [chosen] if isinstance(chosen, str) else list(chosen):
+            alphas[row, word_positions(prompt, str(word), tok)] = 1.0
+    if not alphas.any():
+        raise UserError(f"local blend: no blend word of {words!r} is in {source_prompt!r} / {target_prompt!r}")
+    h, _ = latent_size(pipe)
+    layers = [x for x in model_layers(pipe) if x.kind == "cross" and x.height * BLEND_SIDE_DIVISOR == h]
+    if not layers:
+        raise UserError(f"local blend needs cross-attention layers at 1/{BLEND_SIDE_DIVISOR} of the latent's side")
+    return LocalBlend(layers, alphas, float(threshold), int(float(start_blend) * num_inference_steps))
+
+
+class CrossMapEdit(AttentionHook):
+    """P2P on a cross layer, conditional branch, active steps: the target's attention map becomes
+    ``edit(A_src, A_tgt)`` (maps (H, N, L)), then · V_target; every other row is plain attention.
+    With ``blend``, the conditional maps of both prompts (the target's after the edit) go to the LocalBlend
+    on every step."""
+
+    def __init__(self, layer: LayerId, state: StepState, steps: set[int], edit: MapEdit,
+                 blend: LocalBlend | None = None):
         super().__init__(layer, state)
-        self.steps = steps
-        self.src_pos, self.tgt_pos = torch.tensor(src_pos), torch.tensor(tgt_pos)
+        self.steps, self.edit, self.blend = steps, edit, blend
 
     def attend(self, attn, query, key, value, mask):
         out = super().attend(attn, query, key, value, mask)
-        if self.state.step not in self.steps:
+        active = self.state.step in self.steps
+        if not active and self.blend is None:
             return out
         lay = self.state.layout
         rs, rt = lay.cond_row(SOURCE), lay.cond_row(TARGET)
-        probs = torch.softmax(query[[rs, rt]] @ key[[rs, rt]].transpose(-1, -2) * attn.scale, -1)
-        new = probs[1].clone()
-        new[..., self.tgt_pos] = probs[0][..., self.src_pos]
-        out = out.clone()
-        out[rt] = new @ value[rt]
+        probs = torch.softmax(query[[rs, rt]] @ key[[rs, rt]].transpose(-1, -2) * attn.scale, -1)  # (2, H, N, L)
+        if active:
+            probs = torch.stack([probs[0], self.edit(probs[0], probs[1])])
+            out = out.clone()
+            out[rt] = probs[1] @ value[rt]
+        if self.blend is not None:
+            self.blend.add(self.layer, probs)
         return out
 
 
 def p2p_hooks(pipe, source_prompt: str, target_prompt: str, num_inference_steps: int, *, cross_replace_steps,
-              self_replace_steps, cross_layers, self_layers, refine: bool) -> tuple[dict, str]:
-    """{layer: factory} for P2P: cross maps (replace or refine) + self maps; and the mode used."""
+              self_replace_steps, cross_layers, self_layers, refine: bool,
+              blend: LocalBlend | None = None) -> tuple[dict, str]:
+    """{layer: factory} for P2P: cross maps (replace or refine, :func:`p2p_mode`) + self maps, and the
+    ``blend``'s layers recorded; and the mode."""
     layers = model_layers(pipe)
     cross = step_range(cross_replace_steps, num_inference_steps)
     self_steps = step_range(self_replace_steps, num_inference_steps)
-    pair = [(SOURCE, TARGET)]
-    tok = pipe.tokenizer
-    same_len = len(tok(source_prompt).input_ids) == len(tok(target_prompt).input_ids)
-    mode = "replace" if same_len else "refine"
+    mode = p2p_mode(source_prompt, target_prompt)
     if mode == "refine" and not refine:
         raise UserError(f"p2p refine is off (method.refine=false) and {source_prompt!r} → {target_prompt!r} "
-                        "differ in token count")
+                        "differ in word count")
+    edit = cross_map_edit(pipe.tokenizer, source_prompt, target_prompt, mode)
     hooks: dict = {}
-    for layer in select_layers(layers, cross_layers, "cross"):
-        if mode == "replace":
-            hooks[layer] = lambda lay, st: AttentionReplace(lay, st, pair, cross)
-        else:
-            s, t = refinement_mapping(tok, source_prompt, target_prompt)
-            hooks[layer] = lambda lay, st, s=s, t=t: CrossRefine(lay, st, cross, s, t)
-    for layer in select_layers(layers, self_layers, "self"):
-        hooks[layer] = lambda lay, st: AttentionReplace(lay, st, pair, self_steps)
+    edited = select_layers(layers, cross_layers, "cross")
+    recorded = blend.layers if blend is not None else []
+    for layer in [x for x in layers if x in edited or x in recorded]:
+        steps, store = (cross if layer in edited else set()), (blend if layer in recorded else None)
+        hooks[layer] = lambda lay, st, steps=steps, store=store: CrossMapEdit(lay, st, steps, edit, store)
+    for layer in p2p_self_layers(layers, self_layers):
+        hooks[layer] = lambda lay, st: AttentionReplace(lay, st, [(SOURCE, TARGET)], self_steps)
     return hooks, mode
 
 
 def edit_p2p(pipe, example, seed: int, image: torch.Tensor | None = None, *, cross_replace_steps,
-             self_replace_steps, cross_layers, self_layers, refine: bool, null_text: dict | None,
-             num_inference_steps: int, guidance_scale: float) -> Images:
-    """Benchmark entry (``configs/method/p2p.yaml``): one pair → (source, edited)."""
+             self_replace_steps, cross_layers, self_layers, refine: bool, local_blend: dict | None,
+             null_text: dict | None, num_inference_steps: int, guidance_scale: float) -> Images:
+    """Benchmark entry (``configs/method/p2p.yaml``): one pair → (source, edited). ``self_replace_steps``
+    and ``self_layers``: one value, or {generated, real} (official: the stable and the null-text
+    notebook). Real images: DDIM inversion and null-text inversion (``null_text``: overrides of the
+    official schedule) with the pair's source prompt (official ``null_text_w_ptp.ipynb``)."""
     steps, guidance = int(num_inference_steps), float(guidance_scale)
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])
+    kind = "generated" if image is None else "real"
+    blend = make_local_blend(pipe, src, tgt, steps, **local_blend) if local_blend is not None else None
     hooks, _ = p2p_hooks(pipe, src, tgt, steps, cross_replace_steps=cross_replace_steps,
-                         self_replace_steps=self_replace_steps, cross_layers=cross_layers, self_layers=self_layers,
-                         refine=refine)
+                         self_replace_steps=per_pair_kind(self_replace_steps, kind), cross_layers=cross_layers,
+                         self_layers=per_pair_kind(self_layers, kind), refine=refine, blend=blend)
+    callbacks = [blend] if blend is not None else []
     if image is None:
-        out = replacement_edit(pipe, src, tgt, initial_latents(pipe, [seed]), hooks, steps, guidance, progress=False)
+        out = replacement_edit(pipe, src, tgt, initial_latents(pipe, [seed]), hooks, steps, guidance,
+                               callbacks=callbacks, progress=False)
         images = decode(pipe, out)
         return images[:1], images[1:]
     traj = ddim_invert(pipe, encode_image(pipe, image), src, steps, progress=False)
     uncond = null_text_inversion(pipe, traj, src, guidance, progress=False, **(null_text or {}))
-    out = replacement_edit(pipe, src, tgt, traj[-1], hooks, steps, guidance, uncond=uncond, progress=False)
+    out = replacement_edit(pipe, src, tgt, traj[-1], hooks, steps, guidance, uncond=uncond, callbacks=callbacks,
+                           progress=False)
     return image, decode(pipe, out[1:])
