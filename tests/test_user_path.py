@@ -32,7 +32,7 @@ def test_settings_come_with_the_weights(compose_cfg, sd_folder):
     # the default preset (toy) with another model's folder: that folder's settings, never the toy's
     other = compose_cfg("model=toy", "edit=fpe", f"model.path={sd_folder}")
     assert (other.model.name, other.edit.num_inference_steps, other.edit.guidance_scale, other.edit.layers) == \
-        ("my-sd-model", 50, 7.5, "paper")
+        ("my-sd-model", 50, 7.5, "official")
     assert other.model.clip == "openai/clip-vit-large-patch14" and other.model.families.color == "color_car"
     local = compose_cfg("model=local", "edit=fpe", f"model.path={sd_folder}")
     assert local.edit == other.edit and local.model.name == "my-sd-model"
@@ -42,7 +42,7 @@ def test_settings_come_with_the_weights(compose_cfg, sd_folder):
 
 
 def test_edit_on_a_folder_without_preset_equals_model_local(compose_cfg, sd_folder):
-    """``edit=fpe model.path=<SD folder>`` (no model=) = the same edit with model=local: 50 steps, 7.5, 4-14."""
+    """``edit=fpe model.path=<SD folder>`` (no model=) = the same edit with model=local: 50 steps, 7.5, 3-13."""
     runs = {}
     for preset in ("toy", "local"):
         cfg = compose_cfg(f"model={preset}", "edit=fpe", f"model.path={sd_folder}", "seed=3")
