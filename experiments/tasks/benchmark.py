@@ -22,7 +22,7 @@ from evaluation.metric_models import load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
 from evaluation.runner import run_pairs
 from evaluation.structure import load_structure
-from evaluation.tables import write_tables
+from evaluation.tables import table5_groups, write_tables
 from experiments.common import close_logger, instantiate, load_model, make_logger, plain
 from sdattn.errors import UserError, first_line
 from toyworld.edit_benchmark import toy_scores
@@ -138,6 +138,8 @@ def run(cfg: DictConfig) -> dict:
     name, edit = build_method(method_cfg)  # a bad setting or target → one-line error before any loading
     dataset = load_data(cfg.data)
     bench = (plain(cfg.get("benchmark")) or {})
+    layout = bench.get("table5") or {}
+    groups = table5_groups(layout.get("groups")) if layout.get("groups") is not None else None
     clip_name = str((plain(cfg.get("metrics")) or {}).get("clip") or DEFAULT_CLIP_MODEL)
     root = Path(bench.get("root") or Path(cfg.paths.log_dir) / "benchmark")
     out_dir = Path(bench.get("out_dir") or root / str(cfg.data.name) / name)
@@ -157,7 +159,8 @@ def run(cfg: DictConfig) -> dict:
     scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores]
     summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed), run_id=run_id(),
                         resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers, on_record=panel)
-    tables = write_tables(root, clip_name, str(cfg.model.name), table5_too=bench.get("table") == "table5")
+    tables = write_tables(root, clip_name, str(cfg.model.name), table5_too=bench.get("table") == "table5",
+                          table5_layout=groups, compare_paper=bool(bench.get("compare_paper", False)))
     if logger is not None:
         _log(logger, panel, tables, str(cfg.data.name), name)
     print(dataset.summary())
