@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +288,8 @@ def load_pie_bench(root: str | Path | None, limit: int | None = None,
         for k in ("editing_instruction", "blended_word"):
             if k in entry:
                 extra[k] = entry[k]
+        if entry.get("mask") is not None:  # decoded when an editor asks (Shape-Guided's object mask)
+            extra["object_mask"] = partial(decode_rle_mask, entry["mask"])
         examples.append(EditExample(f"pie_bench/{key}", src, tgt, str(img), None, extra))
     return finish_dataset("pie_bench", examples, limit)
 

@@ -28,12 +28,13 @@ def write_plan(out_dir: str | Path, dataset, shard: Shard | None) -> None:
     atomic_write_text(out / PLAN, json.dumps(plan, indent=1))
 
 
-def write_tables_locked(root: str | Path, clip_name: str, model_name: str = "", table5_too: bool = True) -> dict:
-    """:func:`evaluation.tables.write_tables` while holding ``<root>/.tables.lock``."""
+def write_tables_locked(root: str | Path, clip_name: str, model_name: str = "", **options) -> dict:
+    """:func:`evaluation.tables.write_tables` (``options``: its keyword arguments) while holding
+    ``<root>/.tables.lock``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / TABLES_LOCK)):
-        return write_tables(root, clip_name, model_name, table5_too=table5_too)
+        return write_tables(root, clip_name, model_name, **options)
 
 
 def progress(root: str | Path) -> pd.DataFrame:

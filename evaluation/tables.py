@@ -1,5 +1,6 @@
-"""Benchmark tables: Table 4 (rows = methods, per dataset) and Table 5 (rows = methods × columns =
-dataset × {CLIP score, CLIP dir. sim.}) from the record store, written as CSV, Markdown and LaTeX by
+"""Benchmark tables: Table 4 (rows = methods, per dataset) and Table 5 (the paper's layout: rows =
+methods × columns = configured groups × {fake, real} × {CS, CDS}, then editing time fake, real) from the
+record store, written as CSV, Markdown and LaTeX by
 the project's one table writer (:func:`sdattn.tables.write_table`)::
 
     <root>/<data>/table4.{csv,md,tex}     rows = methods of that dataset
@@ -9,11 +10,15 @@ the project's one table writer (:func:`sdattn.tables.write_table`)::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from sdattn.errors import UserError
+from sdattn.files import REPO_ROOT
 from sdattn.tables import write_table
 
 from .metric_models import TINY_CLIP
@@ -86,16 +91,114 @@ def table4(rows_by_method: dict[str, list[dict]]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(data, orient="index")
 
 
-def table5(collected: dict[str, dict[str, list[dict]]]) -> pd.DataFrame:
-    """Rows = methods; columns = "<dataset> <metric>" for CLIP score and CLIP dir. sim."""
-    methods = row_order({m for d in collected.values() for m in d})
-    data = {m: {} for m in methods}
-    for ds in sorted(collected):
-        for m in methods:
-            rows = collected[ds].get(m)
-            for k in TABLE5_METRICS:
-                data[m][f"{ds} {COLUMNS[k]}"] = cell(*mean_std([r.get(k) for r in rows]), DIGITS[k]) if rows else "–"
+# Table 5 in the paper's layout (presentation only: which methods exist is configs/method/).
+TABLE5_ROWS = {"sdedit_0.5": "SDEdit (0.5)", "sdedit_0.75": "SDEdit (0.75)", "shape_guided": "Shape-Guided",
+               "diffedit": "DiffEdit", "pix2pix_zero": "Pix2pixzero", "p2p": "P2P", "pnp": "PnP",
+               "masactrl": "MasaCtrl", "fpe": "FPE"}  # method config name → the paper's row label, in its order
+TABLE5_SHORT = {"clip_score": "CS", "clip_directional": "CDS"}
+KINDS = ("fake", "real")  # generated / real source images
+TIME = "Editing time (s)"
+
+
+@dataclass(frozen=True)
+class Table5Group:
+    """One column group of Table 5: a label and the dataset (record-store ``data`` name) of each image
+    kind (None: the group has no such kind); ``paper``: the paper's group label its numbers compare to."""
+
+    label: str
+    fake: str | None = None
+    real: str | None = None
+    paper: str | None = None
+
+
+def table5_groups(groups) -> list[Table5Group]:
+    """The ``benchmark.table5.groups`` config (a list of {label, fake, real, paper}) → groups; bad → UserError."""
+    if not isinstance(groups, (list, tuple)) or not groups:
+        raise UserError("benchmark.table5.groups must be a non-empty list of {label, fake, real, paper}")
+    out = []
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not g.get("label"):
+            raise UserError(f"benchmark.table5.groups[{i}] needs a label (and fake/real dataset names)")
+        unknown = sorted(set(g) - {"label", *KINDS, "paper"})
+        if unknown:
+            raise UserError(f"benchmark.table5.groups[{i}].{unknown[0]} is not a key; keys: label, fake, real, paper")
+        if not any(g.get(k) for k in KINDS):
+            raise UserError(f"benchmark.table5.groups[{i}] ({g['label']}) names no dataset: give fake and/or real")
+        out.append(Table5Group(str(g["label"]), *(None if g.get(k) is None else str(g[k]) for k in KINDS),
+                               None if g.get("paper") is None else str(g["paper"])))
+    return out
+
+
+def groups_from_records(collected: dict[str, dict[str, list[dict]]]) -> list[Table5Group]:
+    """Without a configured layout: one group per dataset, its kind read from the records (real when
+    they carry an image path)."""
+    def real(ds):
+        return any(r.get("image_path") for rows in collected[ds].values() for r in rows)
+
+    return [Table5Group(ds, **{"real" if real(ds) else "fake": ds}) for ds in sorted(collected)]
+
+
+def table5_row_order(methods) -> list[str]:
+    """The paper's Table 5 order, then any other method by name."""
+    order = list(TABLE5_ROWS)
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
+
+
+def paper_value(paper: dict | None, method: str, group: str | None, kind: str, metric: str):
+    """The paper's published number (``datasets/paper/table5.yaml``) or None where it has none."""
+    if not paper or (group is None and metric != "time_s"):
+        return None
+    entry = (paper.get("methods") or {}).get(method) or {}
+    if metric == "time_s":
+        return (entry.get("time_s") or {}).get(kind)
+    return (((entry.get("scores") or {}).get(group) or {}).get(kind) or {}).get(metric)
+
+
+def with_paper(ours: str, value, digits: int) -> str:
+    return f"{ours} ({'–' if value is None else f'{value:.{digits}f}'})"
+
+
+def table5(collected: dict[str, dict[str, list[dict]]], groups: list[Table5Group] | None = None,
+           paper: dict | None = None) -> pd.DataFrame:
+    """The paper's Table 5: rows = methods (its labels and order); per group and image kind "CS", "CDS";
+    then "Editing time (s)" fake, real (mean over that kind's datasets); "–" where a method has no such
+    setting. With ``paper`` (``datasets/paper/table5.yaml``) each cell is "ours (paper)"; the paper's
+    times are shown only when some group maps to one of its groups (``paper``)."""
+    groups = groups or groups_from_records(collected)
+    methods = table5_row_order({m for d in collected.values() for m in d})
+    paper_layout = any(g.paper for g in groups)
+    data = {}
+    for m in methods:
+        cells = {}
+        for g in groups:
+            for kind in KINDS:
+                ds = getattr(g, kind)
+                if ds is None:
+                    continue
+                rows = collected.get(ds, {}).get(m)
+                for k in TABLE5_METRICS:
+                    ours = cell(*mean_std([r.get(k) for r in rows]), DIGITS[k]) if rows else "–"
+                    if paper is not None:
+                        ours = with_paper(ours, paper_value(paper, m, g.paper, kind, k), DIGITS[k])
+                    cells[f"{g.label} {kind} {TABLE5_SHORT[k]}"] = ours
+        for kind in KINDS:
+            rows = [r for g in groups if getattr(g, kind) is not None
+                    for r in collected.get(getattr(g, kind), {}).get(m, [])]
+            ours = cell(*mean_std([r.get("time_s") for r in rows]), DIGITS["time_s"]) if rows else "–"
+            if paper is not None:
+                value = paper_value(paper, m, None, kind, "time_s") if paper_layout else None
+                ours = with_paper(ours, value, DIGITS["time_s"])
+            cells[f"{TIME} {kind}"] = ours
+        data[TABLE5_ROWS.get(m, m)] = cells
     return pd.DataFrame.from_dict(data, orient="index")
+
+
+def load_paper_table5(path: str | Path | None = None) -> dict:
+    """The paper's published Table 5 numbers (``datasets/paper/table5.yaml``; null = not transcribed)."""
+    path = Path(path) if path else REPO_ROOT / "datasets" / "paper" / "table5.yaml"
+    if not path.is_file():
+        raise UserError(f"benchmark.compare_paper: the paper's numbers file {path} does not exist")
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def caption(what: str, clip_name: str) -> str:
@@ -105,9 +208,11 @@ def caption(what: str, clip_name: str) -> str:
     return text
 
 
-def write_tables(root: str | Path, clip_name: str, model_name: str = "", table5_too: bool = True) -> dict:
+def write_tables(root: str | Path, clip_name: str, model_name: str = "", table5_too: bool = True,
+                 table5_layout: list[Table5Group] | None = None, compare_paper: bool = False) -> dict:
     """Aggregate everything under ``root`` scored with ``clip_name``; write Table 4 per dataset and (with
-    ``table5_too``: the Table 5 experiment) Table 5 across datasets.
+    ``table5_too``: the Table 5 experiment) Table 5 across datasets, in ``table5_layout``'s column groups
+    (default: one per dataset), with the paper's numbers beside ours when ``compare_paper``.
     Returns {"table4": {data: (DataFrame, paths, caption)}, "table5": (DataFrame, paths, caption) or None}."""
     root = Path(root)
     collected = collect(root, clip_name)
@@ -119,7 +224,9 @@ def write_tables(root: str | Path, clip_name: str, model_name: str = "", table5_
                       "rows timed in the same run (– = not timed together)", clip_name)
         result["table4"][ds] = (t, write_table(t, root / ds, "table4", cap, index_label="method"), cap)
     if collected and table5_too:
-        t = table5(collected)
-        cap = caption(f"Table 5 — methods × datasets{model}: mean ± std over pairs", clip_name)
+        t = table5(collected, table5_layout, load_paper_table5() if compare_paper else None)
+        vs = "; cells: ours (paper, – = not published for this setting)" if compare_paper else ""
+        cap = caption(f"Table 5 — methods × datasets{model}: mean ± std over pairs, CS = CLIP score, "
+                      f"CDS = CLIP dir. sim., editing time = s/image (warm){vs}", clip_name)
         result["table5"] = (t, write_table(t, root, "table5", cap, index_label="method"), cap)
     return result

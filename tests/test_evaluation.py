@@ -170,6 +170,7 @@ def test_pie_bench(tmp_path):
     assert a.extra["editing_type_id"] == "0" and a.extra["editing_prompt_raw"].startswith("a [black]")
     assert a.image_path == str(tmp_path / "annotation_images" / "0_random_140" / "000000000000.jpg")
     assert np.array_equal(example_mask(a), truth)
+    assert np.array_equal(a.extra["object_mask"](), truth)  # Shape-Guided's object mask, decoded on demand
     assert not example_mask(b).any()
     assert ds.missing_images == [b.image_path] and len(ds.available()) == 1
     with pytest.raises(UserError, match="data.root"):

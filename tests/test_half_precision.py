@@ -15,6 +15,7 @@ FAST = ["model=toy", "experiment=table4", "data=toy_edit", "data.limit=4", "mode
         "method.num_inference_steps=3"]
 EXTRA = {"p2p": ["method.null_text.inner_steps=2"], "diffedit": ["method.num_maps_per_mask=2"],
          "instructpix2pix": ["method.model=tiny"]}
+REAL_ONLY = {"shape_guided"}  # refuses generated pairs (as in its paper)
 
 
 def _edits(compose_cfg, method, dtype):
@@ -25,7 +26,7 @@ def _edits(compose_cfg, method, dtype):
     real = next(x for x in data.available() if x.image_path is not None)
     _, edit = build_method(cfg.method)
     out = {}
-    for ex in (fake, real):
+    for ex in (real,) if method in REAL_ONLY else (fake, real):
         image = load_image(ex.image_path, image_size(pipe)) if ex.image_path else None
         _, edited = edit(pipe, ex, 0, image)
         out[ex.image_path is None] = edited.float()
@@ -36,7 +37,7 @@ def _edits(compose_cfg, method, dtype):
 def test_every_method_in_float16_is_finite_and_close_to_float32(method, compose_cfg):
     full = _edits(compose_cfg, method, "float32")
     half = _edits(compose_cfg, method, "float16")
-    for generated in (True, False):
+    for generated in full:
         assert torch.isfinite(half[generated]).all(), (method, generated)
         # images in [0, 1]: a dtype bug gives noise or a blank; rounding gives a small mean difference
         diff = (half[generated] - full[generated]).abs().mean().item()
