@@ -115,7 +115,7 @@ class RowInjection(AttentionHook):
 
     def attend(self, attn, query, key, value, mask):
         if torch.compiler.is_compiling():
-            index = self._table[self.state.step_index]  # (B,): identity on inactive steps
+            index = self._table.index_select(0, self.state.step_index)[0]  # (B,): identity on inactive steps
         elif self.active():
             self._build(query.device)  # a no-op after prepare()
             index = self._index

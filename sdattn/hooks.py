@@ -49,8 +49,8 @@ class StepState:
     num_steps: int | None = None
     layout: BatchLayout | None = None
     extra: dict = field(default_factory=dict)
-    # the step again, as a 0-dim int64 tensor on the UNet's device, updated in place: compiled hooks
-    # index per-step tables with it, so the step's value never becomes a recompile guard
+    # the step again, as a (1,) int64 tensor on the UNet's device, updated in place: compiled hooks
+    # gather per-step tables with it (index_select, never int()), so the step's value is no recompile guard
     step_index: torch.Tensor | None = None
 
 
@@ -166,7 +166,7 @@ class HookSet:
 
     def __init__(self, unet, layers: Sequence[LayerId], factory: Callable[[LayerId, StepState], AttentionHook]):
         self.unet = unet
-        self.state = StepState(step_index=torch.zeros((), dtype=torch.long, device=unet.device))
+        self.state = StepState(step_index=torch.zeros(1, dtype=torch.long, device=unet.device))
         self.hooks: dict[str, AttentionHook] = {layer.name: factory(layer, self.state) for layer in layers}
         self._ctx = None
 
