@@ -5,8 +5,13 @@ heads, mean over the word's tokens, averaged over the capture steps, reshaped to
 (h, w) grid and bilinearly resized to ``grid × grid`` → ``grid²`` features.
 
 Self-attention: the (hw × hw) map of the conditional branch, mean over heads, average-pooled over
-query positions *and* key positions to ``pool × pool`` grids → ``pool⁴`` features, computed in
-query chunks so the full map is never held (memory does not grow with 4096² maps).
+query positions *and* key positions to ``pool × pool`` grids → ``pool⁴`` features.
+
+No map is ever materialised: pooling is linear, so the key-pooled map of every head is one SDPA call
+with the key-pooling matrix as its values, softmax(QKᵀ/√d)·P (B, H, N, pool²), and the cross maps
+of words are SDPA with the token weights as values; the query pooling is one matmul. The extra
+memory is (B, H, N, pool²) (or (B, H, N, words)) instead of (B, H, N, N); sums over the capture
+steps stay on the device until the end (no host sync per layer and step).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class _Accumulator:
         self.counts: dict[str, int] = {}
 
     def add(self, key: str, value: torch.Tensor) -> None:
-        value = value.detach().float().cpu()
+        value = value.detach().float()  # stays on its device: no host sync per call
         if key in self.sums:
             self.sums[key] += value
             self.counts[key] += 1
@@ -54,7 +59,29 @@ class _Accumulator:
             self.sums[key], self.counts[key] = value.clone(), 1
 
     def means(self) -> dict[str, torch.Tensor]:
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
+        """Mean of each feature over the captured steps, float32 on CPU."""
+        return {k: (v / self.counts[k]).cpu() for k, v in self.sums.items()}
+
+
+def attend_to(query: torch.Tensor, key: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(QKᵀ·scale)·values without materialising the map, mean over heads.
+
+    query (B, H, N, d), key (B, H, M, d), values (B or 1, M, V) shared by the heads → (B, N, V) float32.
+    The values' width is padded to a multiple of 8 so fused SDPA kernels accept it.
+    """
+    b, heads = query.shape[:2]
+    width = values.shape[-1]
+    values = F.pad(values.to(query.dtype), (0, -width % 8))
+    out = F.scaled_dot_product_attention(query, key, values[:, None].expand(b, heads, -1, -1), scale=scale)
+    return out[..., :width].float().mean(1)
+
+
+def pooling_matrix(hw: tuple[int, int], pool: int, device=None) -> torch.Tensor:
+    """(h·w, pool²) float32: column (i, j) averages the grid cells of ``adaptive_avg_pool2d``'s bin (i, j)."""
+    h, w = hw
+    ph = F.adaptive_avg_pool1d(torch.eye(h, device=device)[:, None], pool)[:, 0]  # (h, pool)
+    pw = F.adaptive_avg_pool1d(torch.eye(w, device=device)[:, None], pool)[:, 0]  # (w, pool)
+    return torch.einsum("yi,xj->yxij", ph, pw).reshape(h * w, pool * pool)
 
 
 def token_maps(attn, query, key, rows: slice, weights: torch.Tensor, layer: LayerId,
@@ -63,8 +90,8 @@ def token_maps(attn, query, key, rows: slice, weights: torch.Tensor, layer: Laye
 
     query (B', H, N, d), key (B', H, L, d), ``rows`` of the batch to use, weights (B, T, L) → (B, T, *size).
     """
-    probs = torch.softmax(query[rows].float() @ key[rows].float().transpose(-1, -2) * attn.scale, -1)
-    maps = torch.einsum("bnl,btl->btn", probs.mean(1), weights.to(probs.device))  # (B, T, N)
+    maps = attend_to(query[rows], key[rows], weights.to(query.device).transpose(1, 2), attn.scale)  # (B, N, T)
+    maps = maps.transpose(1, 2)  # (B, T, N)
     b, t, _ = maps.shape
     maps = maps.reshape(b * t, 1, layer.height, layer.width)
     if tuple(maps.shape[-2:]) != tuple(size):
@@ -91,23 +118,16 @@ class CrossMapCapture(AttentionHook):
 
 def pooled_self_attention(query, key, scale: float, hw: tuple[int, int], pool: int,
                           chunk: int = 1024) -> torch.Tensor:
-    """Mean-over-heads self-attention map pooled to (pool², pool²), without holding it whole.
+    """Mean-over-heads self-attention map pooled to (pool², pool²), without ever holding a map:
+    per chunk of queries one SDPA call with the key-pooling matrix as values.
 
-    query/key: (B, H, N, d) → (B, pool⁴).
+    query/key: (B, H, N, d) → (B, pool⁴) float32, ordered (query bin, key bin).
     """
     b, _, n, _ = query.shape
-    h, w = hw
-    rows = []
-    for start in range(0, n, chunk):
-        probs = torch.softmax(query[:, :, start:start + chunk].float() @ key.float().transpose(-1, -2) * scale, -1)
-        p = probs.mean(1)  # (B, c, N)
-        c = p.shape[1]
-        p = F.adaptive_avg_pool2d(p.reshape(b * c, 1, h, w), pool).reshape(b, c, pool * pool)
-        rows.append(p)
-    m = torch.cat(rows, 1)  # (B, N, pool²): key-pooled
-    m = m.transpose(1, 2).reshape(b * pool * pool, 1, h, w)
-    m = F.adaptive_avg_pool2d(m, pool).reshape(b, pool * pool, pool * pool)  # (B, keys, queries)
-    return m.transpose(1, 2).reshape(b, -1)
+    pooling = pooling_matrix(hw, pool, query.device)  # (N, pool²)
+    key_pooled = torch.cat([attend_to(query[:, :, s:s + chunk], key, pooling[None], scale)
+                            for s in range(0, n, chunk)], 1)  # (B, N queries, pool² keys)
+    return (pooling.T @ key_pooled).reshape(b, -1)  # (B, pool² queries, pool² keys)
 
 
 class SelfMapCapture(AttentionHook):

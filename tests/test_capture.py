@@ -97,3 +97,13 @@ def test_feature_store_resumes_and_is_keyed_by_config(tmp_path):
     assert torch.equal(again.load(["y", "x"])["f"], torch.tensor([[2.0, 3.0], [0.0, 1.0]]))
     assert FeatureStore(tmp_path, {"a": 2}).missing(["x"]) == ["x"]
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_pooled_self_attention_equals_adaptive_pooling_on_uneven_grids():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 30, 8, generator=g), torch.randn(2, 4, 30, 8, generator=g)  # a 5×6 grid
+    full = (q @ k.transpose(-1, -2) * 0.3).softmax(-1).mean(1)  # (B, 30 q, 30 k)
+    by_keys = F.adaptive_avg_pool2d(full.reshape(60, 1, 5, 6), 4).reshape(2, 30, 16)
+    expected = F.adaptive_avg_pool2d(by_keys.transpose(1, 2).reshape(32, 1, 5, 6), 4).reshape(2, 16, 16)
+    got = pooled_self_attention(q, k, 0.3, (5, 6), pool=4, chunk=7)
+    assert torch.allclose(got, expected.transpose(1, 2).reshape(2, -1), atol=1e-6)
