@@ -32,4 +32,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) -m experiments.bench capture
+	$(PY) -m experiments.perf all
