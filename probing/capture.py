@@ -7,11 +7,12 @@ heads, mean over the word's tokens, averaged over the capture steps, reshaped to
 Self-attention: the (hw × hw) map of the conditional branch, mean over heads, average-pooled over
 query positions *and* key positions to ``pool × pool`` grids → ``pool⁴`` features.
 
-No map is ever materialised: pooling is linear, so the key-pooled map of every head is one SDPA call
-with the key-pooling matrix as its values, softmax(QKᵀ/√d)·P (B, H, N, pool²), and the cross maps
-of words are SDPA with the token weights as values; the query pooling is one matmul. The extra
-memory is (B, H, N, pool²) (or (B, H, N, words)) instead of (B, H, N, N); sums over the capture
-steps stay on the device until the end (no host sync per layer and step).
+No full map is ever held: pooling is linear, so the key-pooled map of all heads is either one SDPA
+call with the key-pooling matrix as its values, softmax(QKᵀ/√d)·P (CUDA: fused kernels, no map at
+all), or, per query chunk of bounded size, the chunk's probabilities averaged over heads times P
+(CPU: fewer FLOPs with narrow heads); the query pooling is one matmul. Cross maps of words are SDPA
+with the token weights as values. Sums over the capture steps stay on the device until the end (no
+host sync per layer and step).
 """
 
 from __future__ import annotations
@@ -116,17 +117,34 @@ class CrossMapCapture(AttentionHook):
         return out
 
 
-def pooled_self_attention(query, key, scale: float, hw: tuple[int, int], pool: int,
-                          chunk: int = 1024) -> torch.Tensor:
-    """Mean-over-heads self-attention map pooled to (pool², pool²), without ever holding a map:
-    per chunk of queries one SDPA call with the key-pooling matrix as values.
+def pooled_self_attention(query, key, scale: float, hw: tuple[int, int], pool: int, chunk: int | None = None,
+                          method: str | None = None, chunk_bytes: int = 64 * 2 ** 20) -> torch.Tensor:
+    """Mean-over-heads self-attention map pooled to (pool², pool²), never holding a map per head.
+
+    ``method="sdpa"``: per query chunk, one SDPA call with the key-pooling matrix as values (fused
+    kernels, no map at all: compute-bound; the default on CUDA). ``"chunked"``: per query chunk the
+    (B, H, c, N) probabilities in the input dtype (``c`` from ``chunk``, else the most rows within
+    ``chunk_bytes``), mean over heads, then one matmul with the pooling matrix (fewer FLOPs when heads
+    are narrow: the default elsewhere). Both pool the queries with one matmul at the end.
 
     query/key: (B, H, N, d) → (B, pool⁴) float32, ordered (query bin, key bin).
     """
-    b, _, n, _ = query.shape
+    b, heads, n, _ = query.shape
+    method = method or ("sdpa" if query.is_cuda else "chunked")
+    if method not in ("sdpa", "chunked"):
+        raise UserError(f"pooled self-attention method {method!r} is not one of ['sdpa', 'chunked']")
     pooling = pooling_matrix(hw, pool, query.device)  # (N, pool²)
-    key_pooled = torch.cat([attend_to(query[:, :, s:s + chunk], key, pooling[None], scale)
-                            for s in range(0, n, chunk)], 1)  # (B, N queries, pool² keys)
+    if chunk is None:
+        chunk = n if method == "sdpa" else max(1, chunk_bytes // (b * heads * n * query.element_size()))
+    parts = []
+    for s in range(0, n, chunk):
+        q = query[:, :, s:s + chunk]
+        if method == "sdpa":
+            parts.append(attend_to(q, key, pooling[None], scale))
+        else:
+            probs = torch.softmax(q @ key.transpose(-1, -2) * scale, -1)  # (B, H, c, N): one chunk
+            parts.append(probs.float().mean(1) @ pooling)  # (B, c, pool²)
+    key_pooled = torch.cat(parts, 1)  # (B, N queries, pool² keys)
     return (pooling.T @ key_pooled).reshape(b, -1)  # (B, pool² queries, pool² keys)
 
 

@@ -64,8 +64,10 @@ def test_pooled_self_attention_equals_pooling_the_full_map():
     q, k = torch.randn(2, 3, 64, 8, generator=g), torch.randn(2, 3, 64, 8, generator=g)
     full = (q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(-1).mean(1)  # (B, 64 q, 64 k) on an 8×8 grid
     pooled = full.reshape(2, 4, 2, 4, 2, 4, 2, 4, 2).mean((2, 4, 6, 8)).reshape(2, -1)
-    got = pooled_self_attention(q, k, 8 ** -0.5, (8, 8), pool=4, chunk=10)
-    assert torch.allclose(got, pooled, atol=1e-6)
+    for method in ("sdpa", "chunked"):
+        got = pooled_self_attention(q, k, 8 ** -0.5, (8, 8), pool=4, chunk=10, method=method)
+        assert torch.allclose(got, pooled, atol=1e-6)
+    assert torch.allclose(pooled_self_attention(q, k, 8 ** -0.5, (8, 8), pool=4, chunk_bytes=4096), pooled, atol=1e-6)
 
 
 def test_self_capture_shape(tiny_pipe):
@@ -105,5 +107,6 @@ def test_pooled_self_attention_equals_adaptive_pooling_on_uneven_grids():
     full = (q @ k.transpose(-1, -2) * 0.3).softmax(-1).mean(1)  # (B, 30 q, 30 k)
     by_keys = F.adaptive_avg_pool2d(full.reshape(60, 1, 5, 6), 4).reshape(2, 30, 16)
     expected = F.adaptive_avg_pool2d(by_keys.transpose(1, 2).reshape(32, 1, 5, 6), 4).reshape(2, 16, 16)
-    got = pooled_self_attention(q, k, 0.3, (5, 6), pool=4, chunk=7)
-    assert torch.allclose(got, expected.transpose(1, 2).reshape(2, -1), atol=1e-6)
+    for method in ("sdpa", "chunked"):
+        got = pooled_self_attention(q, k, 0.3, (5, 6), pool=4, chunk=7, method=method)
+        assert torch.allclose(got, expected.transpose(1, 2).reshape(2, -1), atol=1e-6)
