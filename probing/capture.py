@@ -118,14 +118,14 @@ class CrossMapCapture(AttentionHook):
 
 
 def pooled_self_attention(query, key, scale: float, hw: tuple[int, int], pool: int, chunk: int | None = None,
-                          method: str | None = None, chunk_bytes: int = 64 * 2 ** 20) -> torch.Tensor:
+                          method: str | None = None, chunk_bytes: int = 2 ** 20) -> torch.Tensor:
     """Mean-over-heads self-attention map pooled to (pool², pool²), never holding a map per head.
 
     ``method="sdpa"``: per query chunk, one SDPA call with the key-pooling matrix as values (fused
     kernels, no map at all: compute-bound; the default on CUDA). ``"chunked"``: per query chunk the
     (B, H, c, N) probabilities in the input dtype (``c`` from ``chunk``, else the most rows within
-    ``chunk_bytes``), mean over heads, then one matmul with the pooling matrix (fewer FLOPs when heads
-    are narrow: the default elsewhere). Both pool the queries with one matmul at the end.
+    ``chunk_bytes``), mean over heads, keys average-pooled (fewer FLOPs when heads are narrow: the
+    default elsewhere). Both pool the queries with one matmul at the end.
 
     query/key: (B, H, N, d) → (B, pool⁴) float32, ordered (query bin, key bin).
     """
@@ -142,8 +142,9 @@ def pooled_self_attention(query, key, scale: float, hw: tuple[int, int], pool: i
         if method == "sdpa":
             parts.append(attend_to(q, key, pooling[None], scale))
         else:
-            probs = torch.softmax(q @ key.transpose(-1, -2) * scale, -1)  # (B, H, c, N): one chunk
-            parts.append(probs.float().mean(1) @ pooling)  # (B, c, pool²)
+            probs = torch.softmax(q @ key.transpose(-1, -2) * scale, -1).float().mean(1)  # (B, c, N): one chunk
+            c = probs.shape[1]
+            parts.append(F.adaptive_avg_pool2d(probs.reshape(b * c, 1, *hw), pool).reshape(b, c, pool * pool))
     key_pooled = torch.cat(parts, 1)  # (B, N queries, pool² keys)
     return (pooling.T @ key_pooled).reshape(b, -1)  # (B, pool² queries, pool² keys)
 
