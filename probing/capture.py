@@ -149,20 +149,50 @@ def pooled_self_attention(query, key, scale: float, hw: tuple[int, int], pool: i
     return (pooling.T @ key_pooled).reshape(b, -1)  # (B, pool² queries, pool² keys)
 
 
+def attention_with_pooled_map(query, key, value, scale: float, hw: tuple[int, int], pool: int,
+                              chunk_bytes: int = 2 ** 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and the pooled map of the same probabilities, per query chunk of at most
+    ``chunk_bytes`` of probabilities (the map is computed once and used twice).
+
+    query/key/value: (B, H, N, d) → ((B, H, N, d) output, (B, pool⁴) as :func:`pooled_self_attention`).
+    """
+    b, heads, n, _ = query.shape
+    chunk = max(1, chunk_bytes // (b * heads * n * query.element_size()))
+    outs, parts = [], []
+    for s in range(0, n, chunk):
+        probs = torch.softmax(query[:, :, s:s + chunk] @ key.transpose(-1, -2) * scale, -1)  # (B, H, c, N)
+        outs.append(probs @ value)
+        mean = probs.float().mean(1)  # (B, c, N)
+        c = mean.shape[1]
+        parts.append(F.adaptive_avg_pool2d(mean.reshape(b * c, 1, *hw), pool).reshape(b, c, pool * pool))
+    pooling = pooling_matrix(hw, pool, query.device)  # (N, pool²)
+    return torch.cat(outs, 2), (pooling.T @ torch.cat(parts, 1)).reshape(b, -1)
+
+
 class SelfMapCapture(AttentionHook):
-    """Records pooled self-attention maps of the conditional branch; output unchanged (SDPA)."""
+    """Records pooled self-attention maps of the conditional branch; output unchanged (SDPA; off CUDA
+    the conditional rows' output comes from the same probabilities the map is pooled from, equal to
+    SDPA up to float rounding, so the map costs no second QKᵀ)."""
 
     def __init__(self, layer: LayerId, state: StepState, acc: _Accumulator, steps: set[int], pool: int):
         super().__init__(layer, state)
         self.acc, self.steps, self.pool = acc, steps, pool
 
     def attend(self, attn, query, key, value, mask):
-        out = super().attend(attn, query, key, value, mask)
-        if self.state.step in self.steps:
-            rows = self.state.layout.cond_rows
-            feat = pooled_self_attention(query[rows], key[rows], attn.scale, (self.layer.height, self.layer.width),
-                                         self.pool)
-            self.acc.add(self.layer.label, feat)
+        if self.state.step not in self.steps:
+            return super().attend(attn, query, key, value, mask)
+        rows, hw = self.state.layout.cond_rows, (self.layer.height, self.layer.width)
+        if query.is_cuda or mask is not None:  # fused kernels: SDPA, plus SDPA with pooling values
+            out = super().attend(attn, query, key, value, mask)
+            feat = pooled_self_attention(query[rows], key[rows], attn.scale, hw, self.pool)
+        else:
+            out_cond, feat = attention_with_pooled_map(query[rows], key[rows], value[rows], attn.scale, hw,
+                                                       self.pool)
+            out = out_cond
+            if self.state.layout.cfg:  # rows [uncond × n, cond × n]: plain SDPA for the uncond half
+                uncond = slice(0, rows.start)
+                out = torch.cat([super().attend(attn, query[uncond], key[uncond], value[uncond], mask), out_cond])
+        self.acc.add(self.layer.label, feat)
         return out
 
 

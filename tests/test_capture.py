@@ -110,3 +110,13 @@ def test_pooled_self_attention_equals_adaptive_pooling_on_uneven_grids():
     for method in ("sdpa", "chunked"):
         got = pooled_self_attention(q, k, 0.3, (5, 6), pool=4, chunk=7, method=method)
         assert torch.allclose(got, expected.transpose(1, 2).reshape(2, -1), atol=1e-6)
+
+
+def test_attention_with_pooled_map_equals_sdpa_and_the_pooled_map():
+    from probing.capture import attention_with_pooled_map
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 36, 8, generator=g) for _ in range(3))  # a 6×6 grid
+    out, feat = attention_with_pooled_map(q, k, v, 0.35, (6, 6), pool=3, chunk_bytes=2048)  # several chunks
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, scale=0.35), atol=1e-6)
+    assert torch.allclose(feat, pooled_self_attention(q, k, 0.35, (6, 6), pool=3, method="sdpa"), atol=1e-6)
