@@ -149,14 +149,16 @@ def edit_calls(pipe, cfg, steps: int) -> dict[str, Callable[[], object]]:
     reference = StableDiffusionPipeline(**components, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, progress=False)
+
+    def inverted():  # (1, C, h, w): z_T of the image, inverted with the empty prompt
+        return ddim_invert(pipe, encode_image(pipe, image), "", steps, False)[-1]
+
     return {
         "diffusers": lambda: reference(prompt=[src, tgt], latents=z.to(pipe.unet.device, pipe.unet.dtype),
                                        num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images,
         "plain": lambda: sample(pipe, [src, tgt], latents=z, **kw).images,
         "fpe": lambda: fpe_generated(pipe, src, tgt, 0, layers=layers, **kw),
-        "invert+sample": lambda: sample(
-            pipe, ["", tgt], latents=ddim_invert(pipe, encode_image(pipe, image), "", steps, False)[-1].repeat(2, 1, 1, 1),
-            **kw),
+        "invert+sample": lambda: sample(pipe, ["", tgt], latents=inverted().repeat(2, 1, 1, 1), **kw),
         "fpe_real": lambda: fpe_real(pipe, image, tgt, layers=layers, **kw),
     }
 
@@ -320,7 +322,8 @@ def _machine(device) -> str:
 def render(result: dict) -> str:
     """The Markdown report of one run: a header line and one table per group."""
     head = (f"model {result['model']} on {result['device']} ({result['machine']}), {result['dtype']}"
-            f"{', compiled' if result['compile'] else ''}, {result['steps']} DDIM steps, CFG {result['guidance_scale']}; "
+            f"{', compiled' if result['compile'] else ''}, {result['steps']} DDIM steps, "
+            f"CFG {result['guidance_scale']}; "
             f"median of {result['rounds']} alternating rounds after a warm-up; memory: {result['memory']}; "
             f"torch threads {result['threads']}")
     parts = [head]

@@ -75,7 +75,8 @@ def build_tiny_pipeline(
     device, dtype = torch.device(device), parse_dtype(dtype)
     tokenizer = build_word_tokenizer(read_vocab(vocab_file), model_max_length)
     if text_vocab_size is not None and text_vocab_size < len(tokenizer):
-        raise ModelLoadError(f"text_vocab_size {text_vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        raise ModelLoadError(f"text_vocab_size {text_vocab_size} is smaller than the tokenizer's "
+                             f"{len(tokenizer)} tokens")
 
     def build(offset: int, make):
         torch.manual_seed(seed + offset)
