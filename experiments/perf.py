@@ -19,7 +19,9 @@ Method: everything runs in ONE process on one loaded model. Each variant runs on
 ``--rounds`` rounds run every variant once, in an order rotated each round (so drifts of a shared
 machine hit all variants alike). Time: median over the rounds (CUDA synchronised before and after each
 call); the ratio of a variant to its baseline is the median of the per-round ratios (paired, so a slow
-round slows both), with the range over rounds. Memory, per call, max over the rounds:
+round slows both), with the range over rounds. On CPU also the calling thread's CPU time
+(``time.thread_time``; with one torch thread the work runs in the caller), which a busy shared
+machine disturbs far less than wall time. Memory, per call, max over the rounds:
 
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensors PyTorch
   allocated, not the caching allocator's reserve); "extra" = peak − memory allocated before the call.
@@ -214,7 +216,7 @@ def measure_rounds(calls: dict[str, Callable[[], object]], device, rounds: int) 
     import torch
 
     names = list(calls)
-    out = {n: {"seconds": [], "peak": [], "extra": []} for n in names}
+    out = {n: {"seconds": [], "cpu_seconds": [], "peak": [], "extra": []} for n in names}
     for name in names:
         calls[name]()
     for r in range(rounds):
@@ -222,12 +224,13 @@ def measure_rounds(calls: dict[str, Callable[[], object]], device, rounds: int) 
             with PeakMemory(device) as mem:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 calls[name]()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                seconds = time.perf_counter() - t0
+                seconds, cpu_seconds = time.perf_counter() - t0, time.thread_time() - c0
             out[name]["seconds"].append(seconds)
+            out[name]["cpu_seconds"].append(cpu_seconds)
             out[name]["peak"].append(mem.peak)
             out[name]["extra"].append(mem.extra)
     return out
@@ -239,6 +242,7 @@ def summarise(raw: dict[str, dict], baselines: dict[str, str]) -> list[dict]:
     for name, r in raw.items():
         base = raw[baselines[name]]
         ratios = [a / b for a, b in zip(r["seconds"], base["seconds"])]
+        cpu_ratios = [a / b for a, b in zip(r["cpu_seconds"], base["cpu_seconds"])]
         peak, extra = max(r["peak"]), max(r["extra"])
         base_peak, base_extra = max(base["peak"]), max(base["extra"])
         rows.append({
@@ -246,21 +250,27 @@ def summarise(raw: dict[str, dict], baselines: dict[str, str]) -> list[dict]:
             "seconds": statistics.median(r["seconds"]), "seconds_min": min(r["seconds"]),
             "seconds_max": max(r["seconds"]), "rounds": r["seconds"],
             "time_ratio": statistics.median(ratios), "time_ratio_min": min(ratios), "time_ratio_max": max(ratios),
+            "cpu_seconds": statistics.median(r["cpu_seconds"]), "cpu_ratio": statistics.median(cpu_ratios),
+            "cpu_ratio_min": min(cpu_ratios), "cpu_ratio_max": max(cpu_ratios),
             "peak": peak, "peak_ratio": peak / base_peak,
             "extra": extra, "extra_ratio": extra / base_extra if base_extra > 0 else float("nan"),
         })
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """A Markdown table of the summarised rows."""
+def format_table(rows: list[dict], cpu: bool = False) -> str:
+    """A Markdown table of the summarised rows; ``cpu``: with the calling thread's CPU time, which a
+    busy shared machine disturbs far less than wall time (one torch thread runs in the caller)."""
     mib = 2 ** 20
-    out = ["| variant | time s (min–max) | × baseline (range) | peak MiB | × | extra MiB | × |",
-           "|---|---|---|---|---|---|---|"]
+    cpu_head = " thread CPU s | × baseline (range) |" if cpu else ""
+    out = [f"| variant | time s (min–max) | × baseline (range) |{cpu_head} peak MiB | × | extra MiB | × |",
+           "|---|---|---|" + ("---|---|" if cpu else "") + "---|---|---|---|"]
     for r in rows:
         base = "" if r["baseline"] == r["variant"] else f" {r['baseline']}"
+        cpu_cells = (f" {r['cpu_seconds']:.3f} | {r['cpu_ratio']:.3f} ({r['cpu_ratio_min']:.2f}–"
+                     f"{r['cpu_ratio_max']:.2f}){base} |") if cpu else ""
         out.append(f"| {r['variant']} | {r['seconds']:.3f} ({r['seconds_min']:.3f}–{r['seconds_max']:.3f}) | "
-                   f"{r['time_ratio']:.3f} ({r['time_ratio_min']:.2f}–{r['time_ratio_max']:.2f}){base} | "
+                   f"{r['time_ratio']:.3f} ({r['time_ratio_min']:.2f}–{r['time_ratio_max']:.2f}){base} |{cpu_cells} "
                    f"{r['peak'] / mib:.0f} | {r['peak_ratio']:.3f} | {r['extra'] / mib:.1f} | "
                    f"{r['extra_ratio']:.3f} |")
     return "\n".join(out)
@@ -330,7 +340,7 @@ def render(result: dict) -> str:
     for group, g in result["groups"].items():
         what = (f"edit: one pair, FPE layers {g['fpe_layers']}, images decoded" if group == "edit" else
                 f"capture: {g['prompts']} prompts, probe layers {g['layers']}, not decoded")
-        parts += ["", f"**{what}**", "", format_table(g["rows"])]
+        parts += ["", f"**{what}**", "", format_table(g["rows"], cpu=result["device"] == "cpu")]
     return "\n".join(parts)
 
 

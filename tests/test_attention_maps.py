@@ -132,7 +132,7 @@ def test_perf_variants_in_one_process(compose_cfg, tiny_pipe):
     raw = perf.measure_rounds(calls, tiny_pipe.unet.device, rounds=2)
     rows = perf.summarise(raw, perf.CAPTURE_BASELINE)
     assert [r["variant"] for r in rows] == ["plain", "cross", "self"]
-    assert all(len(r["rounds"]) == 2 and r["seconds"] > 0 and r["peak"] > 0 for r in rows)
+    assert all(len(r["rounds"]) == 2 and r["seconds"] > 0 and r["cpu_seconds"] > 0 and r["peak"] > 0 for r in rows)
     self_row = rows[2]
     assert rows[0]["time_ratio"] == 1.0
     assert self_row["time_ratio_min"] <= self_row["time_ratio"] <= self_row["time_ratio_max"]
