@@ -43,4 +43,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) -m experiments.bench capture
+	$(PY) -m experiments.perf all

@@ -60,6 +60,11 @@ class RowInjection(AttentionHook):
 
     Subclasses give :meth:`active` (default: ``state.step in steps``) and :meth:`rows` → [(from, to)]
     batch rows for the current :class:`~sdattn.hooks.BatchLayout`.
+
+    Cost: one ``index_select`` (a gather along the batch) per injected tensor on active steps, with a
+    row index built once per run on the tensors' device; nothing on inactive steps. Under
+    ``torch.compile`` the step is read from ``state.step_index`` (a tensor) through a per-step table,
+    so compiled code never branches on, or guards, the step number.
     """
 
     tensors: tuple[str, ...] = ("query", "key")
@@ -67,6 +72,9 @@ class RowInjection(AttentionHook):
     def __init__(self, layer: LayerId, state: StepState, steps: set[int] | None = None):
         super().__init__(layer, state)
         self.steps = steps
+        self._built: tuple | None = None  # (layout, num_steps) the index tensors below are for
+        self._index: torch.Tensor | None = None  # (B,) int64: row r reads row _index[r]
+        self._table: torch.Tensor | None = None  # (num_steps, B) int64: _index on active steps, identity elsewhere
 
     def active(self) -> bool:
         return self.state.step in self.steps
@@ -74,16 +82,49 @@ class RowInjection(AttentionHook):
     def rows(self, layout) -> list[tuple[int, int]]:
         raise NotImplementedError
 
+    def _active_steps(self, num_steps: int) -> list[bool]:
+        """:meth:`active` at every step of the run (evaluated once per run, in Python)."""
+        step = self.state.step
+        try:
+            flags = []
+            for s in range(num_steps):
+                self.state.step = s
+                flags.append(bool(self.active()))
+            return flags
+        finally:
+            self.state.step = step
+
+    def _build(self, device) -> None:
+        """The row index (and per-step table) for the current layout, once per run."""
+        layout, num_steps = self.state.layout, self.state.num_steps
+        if self._built is not None and self._built[0] is layout and self._built[1] == num_steps:
+            return  # same run (the sampler makes one layout per run; held here, so its id is not reused)
+        batch = 2 * layout.n if layout.cfg else layout.n
+        index = list(range(batch))
+        for src, dst in self.rows(layout):
+            index[dst] = src
+        table = [index if on else list(range(batch)) for on in self._active_steps(num_steps or 0)]
+        with torch.inference_mode(False):  # ordinary tensors, usable by any later caller
+            self._index = torch.tensor(index, dtype=torch.long, device=device)
+            self._table = torch.tensor(table, dtype=torch.long, device=device).reshape(len(table), batch)
+        self._built = (layout, num_steps)
+
+    def prepare(self) -> None:
+        if self.state.step_index is not None and self.state.layout is not None:
+            self._build(self.state.step_index.device)
+
     def attend(self, attn, query, key, value, mask):
-        if self.active():
-            qkv = {"query": query, "key": key, "value": value}
-            src, dst = zip(*self.rows(self.state.layout))
-            for name in self.tensors:
-                x = qkv[name].clone()
-                x[list(dst)] = qkv[name][list(src)]
-                qkv[name] = x
-            query, key, value = qkv["query"], qkv["key"], qkv["value"]
-        return super().attend(attn, query, key, value, mask)
+        if torch.compiler.is_compiling():
+            index = self._table.index_select(0, self.state.step_index)[0]  # (B,): identity on inactive steps
+        elif self.active():
+            self._build(query.device)  # a no-op after prepare()
+            index = self._index
+        else:
+            return super().attend(attn, query, key, value, mask)
+        qkv = {"query": query, "key": key, "value": value}
+        for name in self.tensors:
+            qkv[name] = qkv[name].index_select(0, index)
+        return super().attend(attn, qkv["query"], qkv["key"], qkv["value"], mask)
 
 
 class AttentionReplace(RowInjection):

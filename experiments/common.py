@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdattn.errors import UserError
 from sdattn.models import load_pipeline
+from sdattn.speed import accelerate
 
 
 def instantiate(node, *args, **kwargs):
@@ -36,7 +37,8 @@ def load_model(cfg: DictConfig):
     else:
         pipe = instantiate(m.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(cfg.device)
+    pipe = pipe.to(cfg.device)
+    return accelerate(pipe) if cfg.get("compile") else pipe
 
 
 def model_identity(cfg: DictConfig) -> dict:

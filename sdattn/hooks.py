@@ -1,8 +1,9 @@
 """Attention hooks: diffusers attention processors installed on selected layers, restored after.
 
 A hook is an :class:`AttentionHook` (a diffusers processor computing exactly what
-``AttnProcessor2_0`` computes) whose :meth:`AttentionHook.attend` step a subclass overrides. The
-sampler tells hooks the current step and the batch layout through a shared :class:`StepState`.
+``AttnProcessor2_0`` computes, or ``FusedAttnProcessor2_0`` after ``unet.fuse_qkv_projections()``)
+whose :meth:`AttentionHook.attend` step a subclass overrides. The sampler tells hooks the current
+step and the batch layout through a shared :class:`StepState`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class StepState:
     timestep: int | None = None  # the scheduler's timestep value
     num_steps: int | None = None
     layout: BatchLayout | None = None
+    # the step again, as a (1,) int64 tensor on the UNet's device, updated in place: compiled hooks
+    # gather per-step tables with it (index_select, never int()), so the step's value is no recompile guard
+    step_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -67,6 +71,10 @@ class AttentionHook:
     def __init__(self, layer: LayerId, state: StepState):
         self.layer = layer
         self.state = state
+
+    def prepare(self) -> None:
+        """Called by :class:`HookSet` before each UNet call, outside any compiled region: build
+        per-run tensors here (e.g. per-step index tables). Default: nothing."""
 
     def attend(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
         """(B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d) → (B, H, Nq, d)."""
@@ -96,13 +104,20 @@ def project_qkv(attn, hidden_states, encoder_hidden_states=None, attention_mask=
         attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    query = attn.to_q(hidden_states)
-    if encoder_hidden_states is None:
-        encoder_hidden_states = hidden_states
-    elif attn.norm_cross:
-        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key = attn.to_k(encoder_hidden_states)
-    value = attn.to_v(encoder_hidden_states)
+    fused = getattr(attn, "fused_projections", False)  # after unet.fuse_qkv_projections(): one GEMM
+    if encoder_hidden_states is None and fused:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if fused:
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
     head_dim = key.shape[-1] // attn.heads
     query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
     key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -150,7 +165,7 @@ class HookSet:
 
     def __init__(self, unet, layers: Sequence[LayerId], factory: Callable[[LayerId, StepState], AttentionHook]):
         self.unet = unet
-        self.state = StepState()
+        self.state = StepState(step_index=torch.zeros(1, dtype=torch.long, device=unet.device))
         self.hooks: dict[str, AttentionHook] = {layer.name: factory(layer, self.state) for layer in layers}
         self._ctx = None
 
@@ -167,6 +182,9 @@ class HookSet:
     def on_step_begin(self, step: int, timestep: int, num_steps: int, layout: BatchLayout) -> None:
         self.state.step, self.state.timestep = step, timestep
         self.state.num_steps, self.state.layout = num_steps, layout
+        self.state.step_index.fill_(step)  # in place, asynchronous: no host sync, no new tensor
+        for hook in self.hooks.values():
+            hook.prepare()
 
     def on_step_end(self, step: int, timestep: int, latents: torch.Tensor) -> torch.Tensor | None:
         return None

@@ -51,20 +51,43 @@ def build_tiny_pipeline(
     cross_attention_dim: int = 32,
     norm_num_groups: int = 8,
     vae_channels: tuple[int, ...] = (16, 32),
+    vae_layers_per_block: int = 1,
     text_layers: int = 2,
+    text_heads: int = 4,
+    text_intermediate_size: int | None = None,
+    text_vocab_size: int | None = None,
     model_max_length: int = 77,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
 ) -> StableDiffusionPipeline:
     """An SD-1.x-shaped pipeline with seeded random weights (no download).
 
     Default: the UNet has SD 1.5's block layout (3 cross-attention down blocks, mid, 3 cross-attention
     up blocks, ``layers_per_block=2``) so its 16 self + 16 cross layers follow SD's numbering, at
-    16×16 latents (32 px images through a 2× VAE).
+    16×16 latents (32 px images through a 2× VAE). ``configs/model/sd15_shaped.yaml`` gives SD 1.5's
+    exact shapes (for timing and memory only: random weights make meaningless images).
+
+    Each part is created directly on ``device`` (weights initialised there, never a CPU copy) and
+    cast to ``dtype`` before the next part is built, so at most one part is held in float32.
+    ``text_intermediate_size`` defaults to 2 × ``cross_attention_dim``; ``text_vocab_size`` (≥ the
+    tokenizer's size; extra rows are never looked up) to the tokenizer's size.
     """
     block_out_channels, vae_channels = tuple(block_out_channels), tuple(vae_channels)
     n = len(block_out_channels)
+    device, dtype = torch.device(device), parse_dtype(dtype)
     tokenizer = build_word_tokenizer(read_vocab(vocab_file), model_max_length)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    if text_vocab_size is not None and text_vocab_size < len(tokenizer):
+        raise ModelLoadError(f"text_vocab_size {text_vocab_size} is smaller than the tokenizer's "
+                             f"{len(tokenizer)} tokens")
+
+    def build(offset: int, make):
+        torch.manual_seed(seed + offset)
+        with device:
+            part = make()
+        # nn.Module.to: casts floating-point tensors only (diffusers' own .to warns about fp32-kept modules)
+        return torch.nn.Module.to(part, dtype=dtype).eval()
+
+    unet = build(0, lambda: UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -75,37 +98,36 @@ def build_tiny_pipeline(
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+    ))
+    vae = build(1, lambda: AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=vae_channels,
+        layers_per_block=vae_layers_per_block,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
         latent_channels=4,
         norm_num_groups=norm_num_groups,
         sample_size=sample_size * 2 ** (len(vae_channels) - 1),
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
+    ))
+    text_encoder = build(2, lambda: CLIPTextModel(
         CLIPTextConfig(
             hidden_size=cross_attention_dim,
-            intermediate_size=2 * cross_attention_dim,
-            num_attention_heads=4,
+            intermediate_size=text_intermediate_size or 2 * cross_attention_dim,
+            num_attention_heads=text_heads,
             num_hidden_layers=text_layers,
-            vocab_size=len(tokenizer),
+            vocab_size=text_vocab_size or len(tokenizer),
             max_position_embeddings=model_max_length,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-    )
+    ))
     return StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet.eval(),
+        unet=unet,
         scheduler=DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,

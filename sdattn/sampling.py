@@ -114,20 +114,31 @@ def encode_image(pipe, images: torch.Tensor) -> torch.Tensor:
     return (dist.mean * vae.config.scaling_factor).float()
 
 
-@torch.no_grad()
-def guided_noise(unet, scheduler, latents: torch.Tensor, timestep, cond: torch.Tensor, uncond: torch.Tensor | None,
-                 guidance_scale: float) -> torch.Tensor:
-    """The noise prediction of one sampling step: one UNet call on rows ``[uncond × n, cond × n]`` and
-    classifier-free guidance, or on ``cond`` alone when ``uncond`` is None. latents (n, C, h, w),
-    cond (n, L, D), uncond (1 or n, L, D) → (n, C, h, w) float32."""
-    cfg = uncond is not None
-    context = torch.cat([uncond.expand(cond.shape[0], -1, -1), cond]) if cfg else cond
+def guidance_context(cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+    """The UNet's text context: rows ``[uncond × n, cond × n]`` with CFG, else ``cond``.
+    cond (n, L, D), uncond (1 or n, L, D) or None → (2n or n, L, D)."""
+    return torch.cat([uncond.expand(cond.shape[0], -1, -1), cond]) if uncond is not None else cond
+
+
+def _unet_noise(unet, scheduler, latents: torch.Tensor, timestep, context: torch.Tensor,
+                guidance_scale: float) -> torch.Tensor:
+    """One UNet call on ``context``'s rows and classifier-free guidance when it has two rows per latent."""
+    cfg = context.shape[0] == 2 * latents.shape[0]
     model_in = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, timestep)
     noise = unet(model_in.to(unet.dtype), timestep, encoder_hidden_states=context).sample.float()
     if cfg:
         noise_u, noise_c = noise.chunk(2)
         noise = noise_u + guidance_scale * (noise_c - noise_u)
     return noise
+
+
+@torch.no_grad()
+def guided_noise(unet, scheduler, latents: torch.Tensor, timestep, cond: torch.Tensor, uncond: torch.Tensor | None,
+                 guidance_scale: float) -> torch.Tensor:
+    """The noise prediction of one sampling step: one UNet call on rows ``[uncond × n, cond × n]`` and
+    classifier-free guidance, or on ``cond`` alone when ``uncond`` is None. latents (n, C, h, w),
+    cond (n, L, D), uncond (1 or n, L, D) → (n, C, h, w) float32."""
+    return _unet_noise(unet, scheduler, latents, timestep, guidance_context(cond, uncond), guidance_scale)
 
 
 def denoise(
@@ -145,6 +156,10 @@ def denoise(
 
     ``cond``: (B, L, D). ``uncond``: (B or 1, L, D), or one such tensor per step (null-text
     inversion), or None for no guidance.
+
+    Runs under ``torch.inference_mode`` (the result is a normal tensor again). No host syncs per step:
+    the text context is built once, the timesteps go to the device once (the callbacks get Python ints
+    from the CPU copy), and the scheduler steps with CPU scalars.
     """
     unet = pipe.unet
     scheduler = scheduler or ddim_scheduler(pipe)
@@ -152,20 +167,24 @@ def denoise(
     cfg = uncond is not None
     layout = BatchLayout(n=latents.shape[0], cfg=cfg)
     per_step = cfg and not torch.is_tensor(uncond)
-    cond = cond.to(unet.device, unet.dtype)
-    latents = latents.to(unet.device, torch.float32) * scheduler.init_noise_sigma
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(tqdm(timesteps, desc="DDIM", disable=not progress, leave=False)):
-        for cb in callbacks:
-            cb.on_step_begin(i, int(t), len(timesteps), layout)
-        u = (uncond[i] if per_step else uncond).to(unet.device, unet.dtype) if cfg else None
-        latents = scheduler.step(guided_noise(unet, scheduler, latents, t, cond, u, guidance_scale), t,
-                                 latents).prev_sample
-        for cb in callbacks:
-            replaced = cb.on_step_end(i, int(t), latents)
-            if replaced is not None:
-                latents = replaced
-    return latents
+    timesteps = scheduler.timesteps  # on CPU: int(t) costs no sync
+    with torch.inference_mode():
+        cond = cond.to(unet.device, unet.dtype)
+        context = None if per_step else guidance_context(cond, uncond.to(cond) if cfg else None)
+        on_device = timesteps.to(unet.device)
+        latents = latents.to(unet.device, torch.float32) * scheduler.init_noise_sigma
+        for i, t in enumerate(tqdm(timesteps, desc="DDIM", disable=not progress, leave=False)):
+            step_t = int(t)
+            for cb in callbacks:
+                cb.on_step_begin(i, step_t, len(timesteps), layout)
+            ctx = guidance_context(cond, uncond[i].to(cond)) if per_step else context
+            noise = _unet_noise(unet, scheduler, latents, on_device[i], ctx, guidance_scale)
+            latents = scheduler.step(noise, t, latents).prev_sample
+            for cb in callbacks:
+                replaced = cb.on_step_end(i, step_t, latents)
+                if replaced is not None:
+                    latents = replaced
+    return latents.clone()  # outside inference mode: an ordinary tensor for the caller
 
 
 @torch.no_grad()
@@ -193,6 +212,6 @@ def sample(
     if guidance_scale < 1:
         raise UserError(f"guidance_scale {guidance_scale} is below 1; allowed: ≥ 1 (1 disables guidance)")
     cond = encode_prompts(pipe, prompts)
-    uncond = encode_prompts(pipe, [negative_prompt] * len(prompts)) if guidance_scale > 1 else None
+    uncond = encode_prompts(pipe, [negative_prompt]) if guidance_scale > 1 else None  # expanded to every row
     final = denoise(pipe, latents, cond, uncond, num_inference_steps, guidance_scale, callbacks, progress)
     return SampleOutput(final, decode(pipe, final) if decode_images else None)

@@ -1,5 +1,6 @@
 """Figure 3 (attention maps) task, its capture against explicit attention probabilities, and the bench."""
 
+import json
 import os
 import subprocess
 import sys
@@ -118,26 +119,43 @@ def test_bad_words_and_layers_are_user_errors(compose_cfg, tiny_pipe):
         select_cross_layers(layers, "1-4", 5, 16)
 
 
-def test_bench_capture_variants(compose_cfg, tiny_pipe):
-    from experiments import bench
+def test_perf_variants_in_one_process(compose_cfg, tiny_pipe):
+    from experiments import perf
 
     cfg = compose_cfg("model=tiny", "probe.layers=[3,14]")
-    rows = [bench.measure_capture_variant(tiny_pipe, cfg, v, n_prompts=2, steps=2) for v in bench.CAPTURE_VARIANTS]
+    calls, layers = perf.capture_calls(tiny_pipe, cfg, steps=2, n_prompts=2)
+    edits = perf.edit_calls(tiny_pipe, cfg, steps=2)
+    assert list(calls) == ["plain", "cross", "self"] and layers == [3, 14]
+    assert list(edits) == ["diffusers", "plain", "fpe", "invert+sample", "fpe_real"]
+    # the anchor: diffusers' own pipeline on the same latents gives our sampler's images
+    assert torch.allclose(edits["diffusers"](), edits["plain"](), atol=1e-4)
+    raw = perf.measure_rounds(calls, tiny_pipe.unet.device, rounds=2)
+    rows = perf.summarise(raw, perf.CAPTURE_BASELINE)
     assert [r["variant"] for r in rows] == ["plain", "cross", "self"]
-    assert all(r["seconds"] > 0 and r["peak"] > 0 and r["prompts"] == 2 and r["steps"] == 2 for r in rows)
-    assert rows[0]["layers"] == [3, 14]
-    table = bench.format_capture_table(rows).splitlines()
-    assert table[0].split()[:3] == ["variant", "time", "s"]
-    assert [x.split()[0] for x in table[1:]] == ["plain", "cross", "self"]
-    args = bench.build_parser().parse_args(["capture", "--model", "tiny", "--prompts", "3", "device=cpu"])
-    assert (args.func, args.model, args.prompts, args.overrides) == (bench.cmd_capture, "tiny", 3, ["device=cpu"])
+    assert all(len(r["rounds"]) == 2 and r["seconds"] > 0 and r["cpu_seconds"] > 0 and r["peak"] > 0 for r in rows)
+    self_row = rows[2]
+    assert rows[0]["time_ratio"] == 1.0
+    assert self_row["time_ratio_min"] <= self_row["time_ratio"] <= self_row["time_ratio_max"]
+    table = perf.format_table(rows).splitlines()
+    assert table[0].startswith("| variant | time s") and [x.split("|")[1].strip() for x in table[2:]] == [
+        "plain", "cross", "self"]
+    args = perf.build_parser().parse_args(["capture", "--model", "tiny", "--prompts", "3", "device=cpu"])
+    assert (args.command, args.model, args.prompts, args.rounds, args.overrides) == ("capture", "tiny", 3, 5,
+                                                                                     ["device=cpu"])
 
 
 @pytest.mark.slow
-def test_bench_capture_cli():
+def test_perf_cli_writes_json_and_markdown(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "experiments.bench", "capture", "--prompts", "2", "--steps", "2"],
+    r = subprocess.run([sys.executable, "-m", "experiments.perf", "all", "--prompts", "2", "--steps", "2",
+                        "--rounds", "1", "--out", str(tmp_path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "capture benchmark: model toy" in r.stdout  # the default model
-    assert [line.split()[0] for line in r.stdout.splitlines()[-3:]] == ["plain", "cross", "self"]
+    assert r.stdout.startswith("model toy on cpu")  # the default model
+    result = json.loads((tmp_path / "perf_all_toy_cpu.json").read_text())
+    edit_rows = result["groups"]["edit"]["rows"]
+    assert [x["variant"] for x in edit_rows] == ["diffusers", "plain", "fpe", "invert+sample", "fpe_real"]
+    assert (tmp_path / "perf_all_toy_cpu.md").read_text().strip() == r.stdout.split("\n\nwrote")[0].strip()
+    bad = subprocess.run([sys.executable, "-m", "experiments.perf", "edit", "--rounds", "0"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -64,8 +64,10 @@ def test_pooled_self_attention_equals_pooling_the_full_map():
     q, k = torch.randn(2, 3, 64, 8, generator=g), torch.randn(2, 3, 64, 8, generator=g)
     full = (q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(-1).mean(1)  # (B, 64 q, 64 k) on an 8×8 grid
     pooled = full.reshape(2, 4, 2, 4, 2, 4, 2, 4, 2).mean((2, 4, 6, 8)).reshape(2, -1)
-    got = pooled_self_attention(q, k, 8 ** -0.5, (8, 8), pool=4, chunk=10)
-    assert torch.allclose(got, pooled, atol=1e-6)
+    for method in ("sdpa", "chunked"):
+        got = pooled_self_attention(q, k, 8 ** -0.5, (8, 8), pool=4, chunk=10, method=method)
+        assert torch.allclose(got, pooled, atol=1e-6)
+    assert torch.allclose(pooled_self_attention(q, k, 8 ** -0.5, (8, 8), pool=4, chunk_bytes=4096), pooled, atol=1e-6)
 
 
 def test_self_capture_shape(tiny_pipe):
@@ -97,3 +99,24 @@ def test_feature_store_resumes_and_is_keyed_by_config(tmp_path):
     assert torch.equal(again.load(["y", "x"])["f"], torch.tensor([[2.0, 3.0], [0.0, 1.0]]))
     assert FeatureStore(tmp_path, {"a": 2}).missing(["x"]) == ["x"]
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_pooled_self_attention_equals_adaptive_pooling_on_uneven_grids():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 30, 8, generator=g), torch.randn(2, 4, 30, 8, generator=g)  # a 5×6 grid
+    full = (q @ k.transpose(-1, -2) * 0.3).softmax(-1).mean(1)  # (B, 30 q, 30 k)
+    by_keys = F.adaptive_avg_pool2d(full.reshape(60, 1, 5, 6), 4).reshape(2, 30, 16)
+    expected = F.adaptive_avg_pool2d(by_keys.transpose(1, 2).reshape(32, 1, 5, 6), 4).reshape(2, 16, 16)
+    for method in ("sdpa", "chunked"):
+        got = pooled_self_attention(q, k, 0.3, (5, 6), pool=4, chunk=7, method=method)
+        assert torch.allclose(got, expected.transpose(1, 2).reshape(2, -1), atol=1e-6)
+
+
+def test_attention_with_pooled_map_equals_sdpa_and_the_pooled_map():
+    from probing.capture import attention_with_pooled_map
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 36, 8, generator=g) for _ in range(3))  # a 6×6 grid
+    out, feat = attention_with_pooled_map(q, k, v, 0.35, (6, 6), pool=3, chunk_bytes=2048)  # several chunks
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, scale=0.35), atol=1e-6)
+    assert torch.allclose(feat, pooled_self_attention(q, k, 0.35, (6, 6), pool=3, method="sdpa"), atol=1e-6)

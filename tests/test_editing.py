@@ -187,17 +187,19 @@ def test_toy_edit_evaluation_runs(compose_cfg, tmp_path):
     assert 0 <= metrics["iou_source_vs_fpe"] <= 1 and 0 <= metrics["fpe_color_accuracy"] <= 1
 
 
-def test_bench_edit_variants(compose_cfg, tiny_pipe):
-    import experiments.bench as bench
+def test_perf_edit_variants(compose_cfg, tiny_pipe):
+    from experiments import perf
 
-    cfg = compose_cfg()
-    rows = [bench.measure_edit_variant(tiny_pipe, cfg, v, steps=2) for v in bench.EDIT_VARIANTS]
-    assert [r["variant"] for r in rows] == ["plain", "fpe", "invert+sample", "fpe_real"]
-    assert all(r["seconds"] > 0 and r["peak"] > 0 and r["steps"] == 2 for r in rows)
-    table = bench.format_capture_table(rows, bench.EDIT_BASELINE).splitlines()
-    assert [x.split()[0] for x in table[1:]] == ["plain", "fpe", "invert+sample", "fpe_real"]
-    assert table[3].split()[2] == "1.00"  # invert+sample is its own baseline
-    assert bench.build_parser().parse_args(["edit"]).func is bench.cmd_edit
+    calls = perf.edit_calls(tiny_pipe, compose_cfg(), steps=2)
+    rows = perf.summarise(perf.measure_rounds(calls, tiny_pipe.unet.device, rounds=1), perf.EDIT_BASELINE)
+    assert [r["variant"] for r in rows] == ["diffusers", "plain", "fpe", "invert+sample", "fpe_real"]
+    assert all(r["seconds"] > 0 and r["peak"] > 0 for r in rows)
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["fpe_real"]["baseline"] == "invert+sample" and by_name["fpe"]["baseline"] == "plain"
+    real = by_name["fpe_real"]
+    assert real["time_ratio"] == pytest.approx(real["seconds"] / by_name["invert+sample"]["seconds"])
+    table = perf.format_table(rows).splitlines()
+    assert [x.split("|")[1].strip() for x in table[2:]] == ["diffusers", "plain", "fpe", "invert+sample", "fpe_real"]
 
 
 def test_toy_model_rejects_words_outside_its_vocabulary(compose_cfg):

@@ -57,3 +57,39 @@ def test_bad_single_file_and_folder(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelLoadError, match="could not load model.path"):
         load_pipeline(path=str(tmp_path / "w.safetensors"), config=str(tmp_path))
+
+
+# SD 1.5's parameter counts (runwayml/stable-diffusion-v1-5: unet, vae, text_encoder)
+SD15_PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+
+
+def test_sd15_shaped_has_sd15s_exact_shapes(compose_cfg):
+    from experiments.common import load_model
+    from sdattn.layers import enumerate_layers
+
+    pipe = load_model(compose_cfg("model=sd15_shaped", "device=meta", "dtype=float16"))  # shapes only, no memory
+    for part, count in SD15_PARAMS.items():
+        params = list(getattr(pipe, part).parameters())
+        assert sum(p.numel() for p in params) == count, part
+        assert {(p.device.type, p.dtype) for p in params} == {("meta", torch.float16)}
+    unet, text = pipe.unet, pipe.text_encoder.config
+    assert unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2").to_k.weight.shape == (320, 768)
+    assert (text.hidden_size, text.num_attention_heads, text.intermediate_size, text.num_hidden_layers) == (
+        768, 12, 3072, 12)
+    assert pipe.vae.config.layers_per_block == 2 and pipe.vae.config.block_out_channels == (128, 256, 512, 512)
+    layers = enumerate_layers(unet)
+    assert len(layers) == 32 and max(x.tokens for x in layers) == 64 * 64  # 512 px: 64² latents
+
+
+def test_tiny_builds_in_the_requested_dtype_with_the_float32_weights_cast(compose_cfg):
+    from experiments.common import load_model
+
+    full = load_model(compose_cfg("model=tiny"))
+    half = load_model(compose_cfg("model=tiny", "dtype=bfloat16"))
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(full, part).state_dict(), getattr(half, part).state_dict()
+        assert all(b[k].dtype == (torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in a.items())
+        assert all(torch.equal(v.to(b[k].dtype), b[k]) for k, v in a.items())
+    kw = dict(num_inference_steps=2, progress=False, decode_images=False)
+    z = sample(half, ["a red car"], seeds=[0], **kw).latents
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
