@@ -174,11 +174,18 @@ def test_diffedit_empty_mask_returns_the_inverted_source(tiny_pipe):
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     z0 = encode_image(tiny_pipe, image)
     mask = torch.zeros(1, 1, *z0.shape[-2:])
-    out = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS,
-                           inpaint_strength=DIFFEDIT.inpaint_strength)
-    assert torch.equal(out, z0)
+    kw = dict(inpaint_strength=DIFFEDIT.inpaint_strength, inversion_guidance_scale=7.5)
+    post = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS, **kw,
+                            blend_latent="post_step")
+    assert torch.equal(post, z0)
+    # the reference pipeline's blend: the last step keeps the level-1 inverted latent (guided inversion)
+    pre = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS, **kw,
+                           blend_latent="pre_step")
+    level1 = ddim_invert(tiny_pipe, z0, EX.source_prompt, STEPS["num_inference_steps"], progress=False, until=1,
+                         guidance_scale=7.5)[1]
+    assert torch.equal(pre, level1) and (pre - z0).abs().max() > 1e-4
     full = diffedit_inpaint(tiny_pipe, z0, torch.ones_like(mask), EX.source_prompt, EX.target_prompt, **STEPS,
-                            inpaint_strength=DIFFEDIT.inpaint_strength)
+                            **kw, blend_latent=DIFFEDIT.blend_latent)
     assert (full - z0).abs().max() > 1e-3
 
 
