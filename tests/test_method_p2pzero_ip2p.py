@@ -177,13 +177,13 @@ def test_instruction_template():
 
 def test_ip2p_tiny_generated_and_real(tiny_pipe, make_method, real_image):
     before = _processors(tiny_pipe)
-    method = make_method("instructpix2pix", model="tiny", num_inference_steps=STEPS)
+    method = make_method("instructpix2pix", model="tiny", num_inference_steps=STEPS, source_num_inference_steps=STEPS)
     src, edited = method(tiny_pipe, EX, 5)
     _check(src), _check(edited, src)
     ref = sample(tiny_pipe, ["a black car"], seeds=[5], num_inference_steps=STEPS, progress=False).images
     torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)  # source from the base pipe
     ip2p = method.pipe
-    assert ip2p.unet.config.in_channels == 8 and type(ip2p.scheduler).__name__ == "DDIMScheduler"
+    assert ip2p.unet.config.in_channels == 8 and type(ip2p.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
     again = method(tiny_pipe, EX, 5)[1]
     assert method.pipe is ip2p  # loaded once, kept on the instance
     torch.testing.assert_close(again, edited)  # seeded
@@ -205,9 +205,11 @@ def test_ip2p_resizes_to_its_own_size(tiny_pipe, make_method, real_image):
 def test_ip2p_loads_a_local_folder(tiny_pipe, make_method, tmp_path):
     build_tiny_ip2p(tiny_pipe).save_pretrained(tmp_path / "ip2p")
     folder = str(tmp_path / "ip2p")
-    from_folder = make_method("instructpix2pix", num_inference_steps=2, model=folder)(tiny_pipe, EX, 1)[1]
+    from_folder = make_method("instructpix2pix", num_inference_steps=2, model=folder,
+                              source_num_inference_steps=2)(tiny_pipe, EX, 1)[1]
     torch.testing.assert_close(from_folder,
-                               make_method("instructpix2pix", num_inference_steps=2, model="tiny")(tiny_pipe, EX, 1)[1])
+                               make_method("instructpix2pix", num_inference_steps=2, model="tiny",
+                                           source_num_inference_steps=2)(tiny_pipe, EX, 1)[1])
 
 
 def test_ip2p_load_errors(tmp_path, make_method, tiny_pipe):
