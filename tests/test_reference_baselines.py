@@ -121,6 +121,23 @@ def test_masactrl_unet_call_matches_official(tiny_pipe):
     torch.testing.assert_close(official[[0, 2]], plain[[0, 2]], **TOL)  # the source rows were not
 
 
+def test_masactrl_real_image_source_branch_is_free_unless_anchored(tiny_pipe, make_method):
+    """playground_real.ipynb: ``model(prompts, latents=start_code, guidance_scale=7.5)`` from the inverted
+    z_T, the ``ref_intermediate_latents`` call commented out: both branches sampled freely by default."""
+    from editing.inversion import ddim_invert
+    from editing.two_branch import replacement_edit
+
+    steps, kw = 4, dict(num_inference_steps=4, start_step=1)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    free = make_method("masactrl", **kw)(tiny_pipe, EX, 0, image=image)[1]
+    anchored = make_method("masactrl", **kw, anchor_source=True)(tiny_pipe, EX, 0, image=image)[1]
+    traj = ddim_invert(tiny_pipe, encode_image(tiny_pipe, image), "", steps, progress=False)
+    hooks = {x: (lambda lay, st: MutualSelfAttention(lay, st, 1)) for x in masactrl_layers(tiny_pipe, 10)}
+    out = replacement_edit(tiny_pipe, "", EX.target_prompt, traj[-1], hooks, steps, 7.5, progress=False)
+    torch.testing.assert_close(free, decode(tiny_pipe, out[1:]), **TOL)
+    assert (free - anchored).abs().max() > 1e-4
+
+
 # ------------------------------------------------------------------------------------------------- PnP
 
 def test_pnp_unet_call_matches_official(tiny_pipe):
