@@ -145,6 +145,18 @@ def test_sentence_banks_are_the_template_output_and_give_the_direction(tiny_pipe
     torch.testing.assert_close(fallback, edit_direction(tiny_pipe, "a dog", "a cat in the park", "prompts"))
 
 
+def test_official_inversion_schedule(tiny_pipe):
+    from editing.baselines.pix2pix_zero import inversion_steps
+
+    alphas = ddim_scheduler(tiny_pipe).alphas_cumprod
+    steps = inversion_steps(tiny_pipe, 50, "official")  # pix2pix-zero ddim_inv.py: timesteps.flip(0)[1:-1]
+    assert [t for t, _, _ in steps] == list(range(21, 962, 20))
+    assert steps[0][1:] == (float(alphas[20]), float(alphas[40])) and steps[-1][2] == float(alphas[980])
+    assert [t for t, _, _ in inversion_steps(tiny_pipe, 50, "full")] == list(range(1, 982, 20))
+    with pytest.raises(UserError, match="inversion_schedule"):
+        inversion_steps(tiny_pipe, 50, "nope")
+
+
 def test_regularized_inversion_without_regularization_is_ddim(tiny_pipe, real_image):
     from sdattn.sampling import encode_image
 
@@ -152,8 +164,9 @@ def test_regularized_inversion_without_regularization_is_ddim(tiny_pipe, real_im
     plain = ddim_invert(tiny_pipe, z0, "a black car", STEPS, progress=False)[-1]
     yaml = OmegaConf.load(ROOT / "configs" / "method" / "pix2pix_zero.yaml").noise_regularization
     off = {**yaml, "num_reg_steps": 0}
-    torch.testing.assert_close(regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0, **off), plain)
-    reg = regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0,
+    full = regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0, schedule="full", **off)
+    torch.testing.assert_close(full, plain, atol=1e-5, rtol=1e-5)
+    reg = regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0, schedule="full",
                                 **{**yaml, "num_reg_steps": 1, "num_auto_corr_rolls": 1})
     assert torch.isfinite(reg).all() and (reg - plain).abs().max() > 0
 

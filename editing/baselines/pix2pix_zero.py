@@ -24,7 +24,7 @@ so the method is written here on :class:`~sdattn.hooks.HookSet` hooks and our DD
 The two passes run in lock-step (reference step i, then edit step i), so only one step's maps are held.
 Real images: the negative prompt is the caption (official ``edit_real.py``: ``negative_prompt=prompt_str``),
 so the reference pass is plain ε(c); z_T from DDIM inversion of ``encode_image(image)`` with the
-source prompt and the paper's noise regularisation (auto-correlation + KL on the predicted noise,
+source prompt on the official 48-step schedule (``inversion_schedule``) and the paper's noise regularisation (auto-correlation + KL on the predicted noise,
 ``noise_regularization.num_reg_steps: 0`` turns it off).
 """
 
@@ -323,27 +323,49 @@ def regularize_noise(noise: torch.Tensor, generator: torch.Generator, lambda_aut
     return noise
 
 
+INVERSION_SCHEDULES = ("official", "full")
+
+
+def inversion_steps(pipe, num_inference_steps: int, schedule: str) -> list[tuple[int, float, float]]:
+    """(UNet timestep, ᾱ from, ᾱ to) per inversion step. ``official`` (pix2pix-zero ``utils/ddim_inv.py``
+    with ``utils/scheduler.py: step(reverse=True)``): the sampling timesteps ascending without the first
+    and last (N − 2 steps, SD: t = 21 … 961), each from ᾱ[t − 1] to ᾱ[t − 1 + 1000/N]; ``full``: diffusers'
+    ``DDIMInverseScheduler`` (N steps, t = 1 … 981, from the level of t − 1000/N to t)."""
+    if schedule not in INVERSION_SCHEDULES:
+        raise UserError(f"method.inversion_schedule {schedule!r} is not one of {', '.join(INVERSION_SCHEDULES)}")
+    sampler = ddim_scheduler(pipe)
+    sampler.set_timesteps(num_inference_steps)
+    alphas = sampler.alphas_cumprod
+    ratio = sampler.config.num_train_timesteps // num_inference_steps
+    if schedule == "official":
+        return [(t, float(alphas[t - 1]), float(alphas[t - 1 + ratio])) for t in sampler.timesteps.flip(0)[1:-1].tolist()]
+    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    inverse.set_timesteps(num_inference_steps)
+    first = float(inverse.initial_alpha_cumprod)
+    return [(t, float(alphas[t - ratio]) if t - ratio >= 0 else first, float(alphas[t])) for t in inverse.timesteps.tolist()]
+
+
 @torch.no_grad()
 def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, *, seed: int,
-                          lambda_auto_corr: float, lambda_kl: float, num_reg_steps: int,
+                          schedule: str, lambda_auto_corr: float, lambda_kl: float, num_reg_steps: int,
                           num_auto_corr_rolls: int) -> torch.Tensor:
-    """DDIM inversion (no guidance, ``DDIMInverseScheduler``) with pix2pix-zero's noise regularisation.
-    latents z_0 (B, C, h, w) → z_T. ``num_reg_steps=0`` is plain ``editing.inversion.ddim_invert``."""
+    """DDIM inversion (no guidance, ``prompt``) with pix2pix-zero's noise regularisation, on the
+    ``schedule`` of :func:`inversion_steps`. latents z_0 (B, C, h, w) → z_T. ``full`` with
+    ``num_reg_steps=0`` is plain ``editing.inversion.ddim_invert``."""
     unet = pipe.unet
-    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
-    if num_reg_steps > 0 and inverse.config.prediction_type != "epsilon":
+    if num_reg_steps > 0 and pipe.scheduler.config.prediction_type != "epsilon":
         raise UserError(f"pix2pix-zero noise regularisation needs an epsilon-prediction model, this one predicts "
-                        f"{inverse.config.prediction_type!r}: set method.noise_regularization.num_reg_steps=0")
-    inverse.set_timesteps(num_inference_steps)
+                        f"{pipe.scheduler.config.prediction_type!r}: set method.noise_regularization.num_reg_steps=0")
     generator = torch.Generator().manual_seed(int(seed))
     context = encode_prompts(pipe, [prompt] * latents.shape[0]).to(unet.device, unet.dtype)
     z = latents.to(unet.device, torch.float32)
-    for t in inverse.timesteps:
+    for t, a_from, a_to in inversion_steps(pipe, num_inference_steps, schedule):
         noise = unet(z.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
         if num_reg_steps > 0:
             noise = regularize_noise(noise, generator, lambda_auto_corr, lambda_kl, num_reg_steps,
                                      num_auto_corr_rolls)
-        z = inverse.step(noise, t, z).prev_sample
+        pred_x0 = (z - (1 - a_from) ** 0.5 * noise) / a_from ** 0.5
+        z = a_to ** 0.5 * pred_x0 + (1 - a_to) ** 0.5 * noise
     return z
 
 
@@ -365,8 +387,8 @@ def check_noise_regularization(given: dict) -> dict:
 
 def edit_pix2pix_zero(pipe, example, seed: int, image: torch.Tensor | None = None, *, direction: str,
                       sentence_banks: str, missing_bank: str, source_sentences, target_sentences,
-                      cross_attention_guidance_amount: dict, real_negative_prompt: str, noise_regularization: dict,
-                      num_inference_steps: int, guidance_scale: float) -> Images:
+                      cross_attention_guidance_amount: dict, real_negative_prompt: str, inversion_schedule: str,
+                      noise_regularization: dict, num_inference_steps: int, guidance_scale: float) -> Images:
     """Benchmark entry (``configs/method/pix2pix_zero.yaml``): edit direction Δ added to the source
     embedding, x_t steered so the edited cross-attention maps follow the reference pass's → (source, edited).
     ``cross_attention_guidance_amount``: {real, generated}; ``real_negative_prompt``: caption | empty."""
@@ -374,6 +396,7 @@ def edit_pix2pix_zero(pipe, example, seed: int, image: torch.Tensor | None = Non
     amounts = dict(cross_attention_guidance_amount or {})
     if set(amounts) != {"real", "generated"}:
         raise UserError(f"method.cross_attention_guidance_amount needs the keys real and generated; got {sorted(amounts)}")
+    inversion_steps(pipe, steps, inversion_schedule)  # a bad schedule fails before any sampling
     if real_negative_prompt not in REAL_NEGATIVES:
         raise UserError(f"method.real_negative_prompt {real_negative_prompt!r} is not one of {', '.join(REAL_NEGATIVES)}")
     amount = float(amounts["generated" if image is None else "real"])
@@ -387,6 +410,7 @@ def edit_pix2pix_zero(pipe, example, seed: int, image: torch.Tensor | None = Non
     if image is None:
         z_T = initial_latents(pipe, [seed])
     else:
-        z_T = regularized_inversion(pipe, encode_image(pipe, image), src, steps, seed=seed, **regularization)
+        z_T = regularized_inversion(pipe, encode_image(pipe, image), src, steps, seed=seed, schedule=inversion_schedule,
+                                    **regularization)
     z_src, z_edit, _ = pix2pix_zero_sample(pipe, z_T, cond, cond + delta, uncond, steps, guidance, amount)
     return (decode(pipe, z_src) if image is None else image), decode(pipe, z_edit)
