@@ -6,11 +6,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    EulerAncestralDiscreteScheduler,
-    StableDiffusionImg2ImgPipeline,
-)
+from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from omegaconf import OmegaConf
 

@@ -24,7 +24,8 @@ so the method is written here on :class:`~sdattn.hooks.HookSet` hooks and our DD
 The two passes run in lock-step (reference step i, then edit step i), so only one step's maps are held.
 Real images: the negative prompt is the caption (official ``edit_real.py``: ``negative_prompt=prompt_str``),
 so the reference pass is plain ε(c); z_T from DDIM inversion of ``encode_image(image)`` with the
-source prompt on the official 48-step schedule (``inversion_schedule``) and the paper's noise regularisation (auto-correlation + KL on the predicted noise,
+source prompt on the official 48-step schedule (``inversion_schedule``) and the paper's noise
+regularisation (auto-correlation + KL on the predicted noise,
 ``noise_regularization.num_reg_steps: 0`` turns it off).
 """
 
@@ -338,11 +339,13 @@ def inversion_steps(pipe, num_inference_steps: int, schedule: str) -> list[tuple
     alphas = sampler.alphas_cumprod
     ratio = sampler.config.num_train_timesteps // num_inference_steps
     if schedule == "official":
-        return [(t, float(alphas[t - 1]), float(alphas[t - 1 + ratio])) for t in sampler.timesteps.flip(0)[1:-1].tolist()]
+        ascending = sampler.timesteps.flip(0)[1:-1].tolist()
+        return [(t, float(alphas[t - 1]), float(alphas[t - 1 + ratio])) for t in ascending]
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(num_inference_steps)
     first = float(inverse.initial_alpha_cumprod)
-    return [(t, float(alphas[t - ratio]) if t - ratio >= 0 else first, float(alphas[t])) for t in inverse.timesteps.tolist()]
+    return [(t, float(alphas[t - ratio]) if t - ratio >= 0 else first, float(alphas[t]))
+            for t in inverse.timesteps.tolist()]
 
 
 @torch.no_grad()
@@ -395,10 +398,12 @@ def edit_pix2pix_zero(pipe, example, seed: int, image: torch.Tensor | None = Non
     steps, guidance = int(num_inference_steps), float(guidance_scale)
     amounts = dict(cross_attention_guidance_amount or {})
     if set(amounts) != {"real", "generated"}:
-        raise UserError(f"method.cross_attention_guidance_amount needs the keys real and generated; got {sorted(amounts)}")
+        raise UserError(f"method.cross_attention_guidance_amount needs the keys real and generated; "
+                        f"got {sorted(amounts)}")
     inversion_steps(pipe, steps, inversion_schedule)  # a bad schedule fails before any sampling
     if real_negative_prompt not in REAL_NEGATIVES:
-        raise UserError(f"method.real_negative_prompt {real_negative_prompt!r} is not one of {', '.join(REAL_NEGATIVES)}")
+        raise UserError(f"method.real_negative_prompt {real_negative_prompt!r} is not one of "
+                        f"{', '.join(REAL_NEGATIVES)}")
     amount = float(amounts["generated" if image is None else "real"])
     regularization = check_noise_regularization(noise_regularization)
     src, tgt = example.source_prompt, example.target_prompt

@@ -32,9 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdattn.errors import UserError
+from sdattn.files import atomic_save
 from sdattn.hooks import BatchLayout
 from sdattn.layers import LayerId
-from sdattn.files import atomic_save
 from sdattn.sampling import check_prompts, ddim_scheduler, decode, encode_image, encode_prompts, initial_latents
 
 from ..inversion import ddim_invert
