@@ -23,8 +23,11 @@ def image_size(pipe, height: int | None = None, width: int | None = None) -> tup
 
 @torch.no_grad()
 def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_steps: int = 50,
-                progress: bool = True, until: int | None = None) -> list[torch.Tensor]:
-    """DDIM inversion (no guidance) with diffusers' ``DDIMInverseScheduler``.
+                progress: bool = True, until: int | None = None, guidance_scale: float = 1.0,
+                negative_prompt: str = "") -> list[torch.Tensor]:
+    """DDIM inversion with diffusers' ``DDIMInverseScheduler``: unguided by default; with
+    ``guidance_scale`` > 1 each step's noise is ε_u + g·(ε_c − ε_u), ε_u from ``negative_prompt`` (one UNet
+    call on ``[uncond, cond]``, as diffusers' DiffEdit ``invert``).
 
     latents (B, C, h, w) → trajectory [z_0, z_1, ..., z_T] (T = num_inference_steps), where
     z_T pairs with the sampler's first step and z_{T-i-1} is what the sampler's step i should reach.
@@ -33,11 +36,17 @@ def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_ste
     unet = pipe.unet
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(num_inference_steps)
-    context = encode_prompts(pipe, [prompt] * latents.shape[0]).to(unet.device, unet.dtype)
+    n = latents.shape[0]
+    cfg = guidance_scale > 1
+    context = encode_prompts(pipe, ([negative_prompt] * n if cfg else []) + [prompt] * n).to(unet.device, unet.dtype)
     z = latents.to(unet.device, torch.float32)
     traj = [z]
     for t in tqdm(inverse.timesteps[:until], desc="DDIM inversion", disable=not progress, leave=False):
-        noise = unet(z.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        model_in = inverse.scale_model_input(torch.cat([z, z]) if cfg else z, t)
+        noise = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        if cfg:
+            noise_u, noise_c = noise.chunk(2)
+            noise = noise_u + guidance_scale * (noise_c - noise_u)
         z = inverse.step(noise, t, z).prev_sample
         traj.append(z)
     return traj

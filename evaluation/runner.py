@@ -149,6 +149,7 @@ def _run_locked(store, pipe, dataset, method, edit, clip, meta, seed, run_id, re
             "psnr": finite_or_none(float(psnr(edited, src)[0])), "ssim": float(ssim(edited, src)[0]),
             "time_s": float(dt), "timed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **timing,
         }
+        rec.update(getattr(edit, "info", {}))  # what an editor reports of its last edit (PnP: inversion cached?)
         for scorer in scorers:
             rec.update(scorer(ex, src, edited))
         store.save_images(ex.id, src, edited)

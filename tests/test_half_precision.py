@@ -14,7 +14,7 @@ METHODS = sorted(p.stem for p in (ROOT / "configs" / "method").glob("*.yaml"))  
 FAST = ["model=toy", "experiment=table4", "data=toy_edit", "data.limit=4", "model.steps=3",
         "method.num_inference_steps=3"]
 EXTRA = {"p2p": ["method.null_text.inner_steps=2"], "diffedit": ["method.num_maps_per_mask=2"],
-         "instructpix2pix": ["method.model=tiny"]}
+         "instructpix2pix": ["method.model=tiny"], "pnp": ["method.inversion_steps=3"]}  # official 999: slow
 REAL_ONLY = {"shape_guided"}  # refuses generated pairs (as in its paper)
 
 

@@ -13,6 +13,8 @@ from editing.baselines.pix2pix_zero import (
     guidance_step,
     mean_embedding,
     regularized_inversion,
+    template_sentences,
+    write_sentence_banks,
 )
 from editing.inversion import ddim_invert
 from evaluation.datasets import EditExample
@@ -22,6 +24,7 @@ from sdattn.sampling import ddim_scheduler, encode_prompts, initial_latents, sam
 from .conftest import ROOT
 
 STEPS = 4
+P2PZ = OmegaConf.load(ROOT / "configs" / "method" / "pix2pix_zero.yaml")
 EX = EditExample(id="0", source_prompt="a black car", target_prompt="a red car")
 
 
@@ -52,7 +55,8 @@ def test_p2pzero_generated_and_real(tiny_pipe, make_method, real_image):
     edit = make_method("pix2pix_zero", **cfg)
     src, edited = edit(tiny_pipe, EX, 5)
     _check(src), _check(edited, src)
-    ref = sample(tiny_pipe, ["a black car"], seeds=[5], num_inference_steps=STEPS, progress=False).images
+    ref = sample(tiny_pipe, ["a black car"], seeds=[5], num_inference_steps=STEPS, guidance_scale=P2PZ.guidance_scale,
+                 progress=False).images
     torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)  # source = plain generation
     assert (edited - src).abs().max() > 1e-4
     src, edited = edit(tiny_pipe, EX, 5, image=real_image)
@@ -63,9 +67,10 @@ def test_p2pzero_generated_and_real(tiny_pipe, make_method, real_image):
 
 def test_p2pzero_zero_direction_reproduces_source(tiny_pipe, make_method):
     same = EditExample(id="1", source_prompt="a black car", target_prompt="a black car")
-    ref = sample(tiny_pipe, ["a black car"], seeds=[2], num_inference_steps=STEPS, progress=False).images
+    ref = sample(tiny_pipe, ["a black car"], seeds=[2], num_inference_steps=STEPS, guidance_scale=P2PZ.guidance_scale,
+                 progress=False).images
     src, edited = make_method("pix2pix_zero", num_inference_steps=STEPS,
-                              cross_attention_guidance_amount=0.0)(tiny_pipe, same, 2)
+                              cross_attention_guidance_amount={"real": 0.0, "generated": 0.0})(tiny_pipe, same, 2)
     torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(edited, ref, atol=1e-5, rtol=1e-5)
     # with guidance on, equal maps give (numerically) zero gradient: still the source
@@ -86,8 +91,8 @@ def test_cross_attention_guidance_moves_latents(tiny_pipe):
         cfg_step(unet, sched, hooks, 0, t, STEPS, z, src, None, 1.0)  # reference maps of the source
         store.mode = "off"
         n_layers = len(store.ref)
-        same, loss0 = guidance_step(unet, sched, hooks, store, 0, t, STEPS, z, src, 0.1)
-        moved, loss1 = guidance_step(unet, sched, hooks, store, 0, t, STEPS, z, tgt, 0.1)
+        same, loss0 = guidance_step(unet, sched, hooks, store, 0, t, STEPS, z, src, None, 0.1)
+        moved, loss1 = guidance_step(unet, sched, hooks, store, 0, t, STEPS, z, tgt, None, 0.1)
     assert n_layers == 16 and store.mode == "off"
     assert loss0 < 1e-8 and (same - z).abs().max() < 1e-6
     assert loss1 > 0 and (moved - z).abs().max() > 0
@@ -114,7 +119,42 @@ def test_direction_is_mean_difference(tiny_pipe, make_method, tmp_path):
         with pytest.raises(UserError):
             edit_direction(tiny_pipe, "a black car", "a red car", **{"direction": "prompts", **bad})
     with pytest.raises(UserError, match="negative"):
-        make_method("pix2pix_zero", num_inference_steps=1, cross_attention_guidance_amount=-1)(tiny_pipe, EX, 0)
+        make_method("pix2pix_zero", num_inference_steps=1,
+                    cross_attention_guidance_amount={"real": -1, "generated": -1})(tiny_pipe, EX, 0)
+
+
+def test_sentence_banks_are_the_template_output_and_give_the_direction(tiny_pipe, tmp_path):
+    import yaml
+
+    world = yaml.safe_load((ROOT / "datasets" / "toy_world.yaml").read_text())
+    shipped = sorted((ROOT / "datasets" / "pix2pix_zero").glob("*.txt"))
+    assert {"red", "black", "car", "circle", "silver"} <= {p.stem for p in shipped}
+    for path in write_sentence_banks(tmp_path, world, [p.stem for p in shipped]):
+        assert path.read_text() == (ROOT / "datasets" / "pix2pix_zero" / path.name).read_text(), path.name
+    assert "an orange star in the park" in template_sentences("orange", world)
+    assert len(template_sentences("car", world)) == len(world["colors"]) * len(world["backgrounds"])
+    banks = ROOT / "datasets" / "pix2pix_zero"
+    d = edit_direction(tiny_pipe, "a black car", "a red car", "banks", sentence_banks=banks, missing_bank="error")
+    want = (encode_prompts(tiny_pipe, template_sentences("red", world)).mean(0, keepdim=True)
+            - encode_prompts(tiny_pipe, template_sentences("black", world)).mean(0, keepdim=True))
+    torch.testing.assert_close(d, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="no sentence banks"):
+        edit_direction(tiny_pipe, "a black dog", "a red cat", "banks", sentence_banks=banks, missing_bank="error")
+    fallback = edit_direction(tiny_pipe, "a dog", "a cat in the park", "banks", sentence_banks=banks,
+                              missing_bank="prompts")
+    torch.testing.assert_close(fallback, edit_direction(tiny_pipe, "a dog", "a cat in the park", "prompts"))
+
+
+def test_official_inversion_schedule(tiny_pipe):
+    from editing.baselines.pix2pix_zero import inversion_steps
+
+    alphas = ddim_scheduler(tiny_pipe).alphas_cumprod
+    steps = inversion_steps(tiny_pipe, 50, "official")  # pix2pix-zero ddim_inv.py: timesteps.flip(0)[1:-1]
+    assert [t for t, _, _ in steps] == list(range(21, 962, 20))
+    assert steps[0][1:] == (float(alphas[20]), float(alphas[40])) and steps[-1][2] == float(alphas[980])
+    assert [t for t, _, _ in inversion_steps(tiny_pipe, 50, "full")] == list(range(1, 982, 20))
+    with pytest.raises(UserError, match="inversion_schedule"):
+        inversion_steps(tiny_pipe, 50, "nope")
 
 
 def test_regularized_inversion_without_regularization_is_ddim(tiny_pipe, real_image):
@@ -124,8 +164,9 @@ def test_regularized_inversion_without_regularization_is_ddim(tiny_pipe, real_im
     plain = ddim_invert(tiny_pipe, z0, "a black car", STEPS, progress=False)[-1]
     yaml = OmegaConf.load(ROOT / "configs" / "method" / "pix2pix_zero.yaml").noise_regularization
     off = {**yaml, "num_reg_steps": 0}
-    torch.testing.assert_close(regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0, **off), plain)
-    reg = regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0,
+    full = regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0, schedule="full", **off)
+    torch.testing.assert_close(full, plain, atol=1e-5, rtol=1e-5)
+    reg = regularized_inversion(tiny_pipe, z0, "a black car", STEPS, seed=0, schedule="full",
                                 **{**yaml, "num_reg_steps": 1, "num_auto_corr_rolls": 1})
     assert torch.isfinite(reg).all() and (reg - plain).abs().max() > 0
 
@@ -149,13 +190,13 @@ def test_instruction_template():
 
 def test_ip2p_tiny_generated_and_real(tiny_pipe, make_method, real_image):
     before = _processors(tiny_pipe)
-    method = make_method("instructpix2pix", model="tiny", num_inference_steps=STEPS)
+    method = make_method("instructpix2pix", model="tiny", num_inference_steps=STEPS, source_num_inference_steps=STEPS)
     src, edited = method(tiny_pipe, EX, 5)
     _check(src), _check(edited, src)
     ref = sample(tiny_pipe, ["a black car"], seeds=[5], num_inference_steps=STEPS, progress=False).images
     torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)  # source from the base pipe
     ip2p = method.pipe
-    assert ip2p.unet.config.in_channels == 8 and type(ip2p.scheduler).__name__ == "DDIMScheduler"
+    assert ip2p.unet.config.in_channels == 8 and type(ip2p.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
     again = method(tiny_pipe, EX, 5)[1]
     assert method.pipe is ip2p  # loaded once, kept on the instance
     torch.testing.assert_close(again, edited)  # seeded
@@ -177,9 +218,11 @@ def test_ip2p_resizes_to_its_own_size(tiny_pipe, make_method, real_image):
 def test_ip2p_loads_a_local_folder(tiny_pipe, make_method, tmp_path):
     build_tiny_ip2p(tiny_pipe).save_pretrained(tmp_path / "ip2p")
     folder = str(tmp_path / "ip2p")
-    from_folder = make_method("instructpix2pix", num_inference_steps=2, model=folder)(tiny_pipe, EX, 1)[1]
+    from_folder = make_method("instructpix2pix", num_inference_steps=2, model=folder,
+                              source_num_inference_steps=2)(tiny_pipe, EX, 1)[1]
     torch.testing.assert_close(from_folder,
-                               make_method("instructpix2pix", num_inference_steps=2, model="tiny")(tiny_pipe, EX, 1)[1])
+                               make_method("instructpix2pix", num_inference_steps=2, model="tiny",
+                                           source_num_inference_steps=2)(tiny_pipe, EX, 1)[1])
 
 
 def test_ip2p_load_errors(tmp_path, make_method, tiny_pipe):

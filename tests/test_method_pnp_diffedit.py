@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from editing.baselines.diffedit import diffedit_inpaint, diffedit_mask
-from editing.baselines.pnp import FeatureInject, QKInject, pnp_feature_module, pnp_layers
+from editing.baselines.pnp import FeatureInject, QKInject, pnp_feature_module, pnp_layers, sampler_trajectory
 from editing.inversion import ddim_invert
 from editing.two_branch import SOURCE, TARGET, replacement_edit
 from evaluation.datasets import EditExample
@@ -22,6 +22,9 @@ EX = EditExample(id="0", source_prompt="a black car", target_prompt="a red car")
 STEPS = dict(num_inference_steps=4, guidance_scale=7.5)
 DIFFEDIT = OmegaConf.load(ROOT / "configs" / "method" / "diffedit.yaml")  # the settings' only defaults
 MASK = {k: DIFFEDIT[k] for k in ("mask_encode_strength", "num_maps_per_mask", "mask_thresholding_ratio")}
+
+
+PNP = dict(inversion_steps=STEPS["num_inference_steps"])  # the official 999 take minutes on the tiny model
 
 
 def _cfg(**kw):
@@ -45,7 +48,7 @@ def _check_pair(src, edited, like=None):
 @pytest.mark.parametrize("name", ["pnp", "diffedit"])
 def test_end_to_end_generated_and_real_and_hooks_removed(tiny_pipe, make_method, name):
     before = _processor_classes(tiny_pipe)
-    edit = make_method(name, **_cfg())
+    edit = make_method(name, **_cfg(**(PNP if name == "pnp" else {})))
     src, edited = edit(tiny_pipe, EX, 0)
     _check_pair(src, edited)
     image = torch.rand(src.shape, generator=torch.Generator().manual_seed(0))
@@ -67,8 +70,10 @@ def test_pnp_presets_derive_from_the_model(tiny_pipe, toy_pipe):
 
 
 def test_pnp_without_injection_equals_plain_pair_and_injection_changes_target(tiny_pipe, make_method):
+    negative = OmegaConf.load(ROOT / "configs" / "model_settings" / "sd1x.yaml").pnp_negative_prompt
+    assert negative == "ugly, blurry, black, low res, unrealistic"  # official, not ""
     plain = replacement_edit(tiny_pipe, EX.source_prompt, EX.target_prompt, initial_latents(tiny_pipe, [5]), {},
-                             progress=False, **STEPS)
+                             negative_prompt=negative, progress=False, **STEPS)
     src, edited = make_method("pnp", **_cfg(feature_steps=0, attn_layers="none"))(tiny_pipe, EX, 5)
     images = decode(tiny_pipe, plain)  # one batch, as edit_pnp decodes it
     assert torch.equal(src, images[:1]) and torch.equal(edited, images[1:])
@@ -126,6 +131,28 @@ def test_pnp_bad_config_names_the_value(tiny_pipe, make_method):
     assert _processor_classes(tiny_pipe) == before and _forward_hooks(tiny_pipe) == []
 
 
+def test_pnp_anchors_from_a_longer_inversion_and_the_cache(tiny_pipe, make_method, tmp_path):
+    z0 = initial_latents(tiny_pipe, [1])
+    traj = ddim_invert(tiny_pipe, z0, "", 8, progress=False)  # levels 1, 126, 251, ..., 876
+    anchors = sampler_trajectory(tiny_pipe, traj, 8, 4)  # sampling at 751, 501, 251, 1
+    assert [a is traj[k] for a, k in zip(anchors, [0, 1, 3, 5, 7])] == [True] * 5
+    with pytest.raises(UserError, match="inversion_steps 3"):
+        sampler_trajectory(tiny_pipe, ddim_invert(tiny_pipe, z0, "", 3, progress=False), 3, 4)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cache = tmp_path / "pnp_inversion"
+    edit = make_method("pnp", **_cfg(inversion_steps=8, inversion_cache=str(cache)))
+    first = edit(tiny_pipe, EX, 0, image=image)
+    assert edit.info["pnp_inversion_cached"] is False and edit.info["pnp_inversion_s"] > 0
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    again = edit(tiny_pipe, EX, 0, image=image)
+    assert edit.info["pnp_inversion_cached"] is True and torch.equal(again[1], first[1])
+    other = make_method("pnp", **_cfg(inversion_steps=4, inversion_cache=str(cache)))
+    other(tiny_pipe, EX, 0, image=image)  # another setting: another entry
+    assert other.info["pnp_inversion_cached"] is False and len(list(cache.glob("*.safetensors"))) == 2
+    uncached = make_method("pnp", **_cfg(inversion_steps=8, inversion_cache=None))
+    assert torch.equal(uncached(tiny_pipe, EX, 0, image=image)[1], first[1])
+
+
 def test_ddim_invert_until_is_a_prefix(tiny_pipe):
     z0 = initial_latents(tiny_pipe, [1])
     full = ddim_invert(tiny_pipe, z0, "a red car", 4, progress=False)
@@ -147,11 +174,18 @@ def test_diffedit_empty_mask_returns_the_inverted_source(tiny_pipe):
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     z0 = encode_image(tiny_pipe, image)
     mask = torch.zeros(1, 1, *z0.shape[-2:])
-    out = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS,
-                           inpaint_strength=DIFFEDIT.inpaint_strength)
-    assert torch.equal(out, z0)
+    kw = dict(inpaint_strength=DIFFEDIT.inpaint_strength, inversion_guidance_scale=7.5)
+    post = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS, **kw,
+                            blend_latent="post_step")
+    assert torch.equal(post, z0)
+    # the reference pipeline's blend: the last step keeps the level-1 inverted latent (guided inversion)
+    pre = diffedit_inpaint(tiny_pipe, z0, mask, EX.source_prompt, EX.target_prompt, **STEPS, **kw,
+                           blend_latent="pre_step")
+    level1 = ddim_invert(tiny_pipe, z0, EX.source_prompt, STEPS["num_inference_steps"], progress=False, until=1,
+                         guidance_scale=7.5)[1]
+    assert torch.equal(pre, level1) and (pre - z0).abs().max() > 1e-4
     full = diffedit_inpaint(tiny_pipe, z0, torch.ones_like(mask), EX.source_prompt, EX.target_prompt, **STEPS,
-                            inpaint_strength=DIFFEDIT.inpaint_strength)
+                            **kw, blend_latent=DIFFEDIT.blend_latent)
     assert (full - z0).abs().max() > 1e-3
 
 
@@ -162,7 +196,8 @@ def test_diffedit_bad_config_names_the_value(tiny_pipe, make_method, key, value)
         make_method("diffedit", **_cfg(**{key: value}))(tiny_pipe, EX, 0)
 
 
-@pytest.mark.parametrize("name,extra", [("pnp", {}), ("diffedit", {"num_maps_per_mask": 2})])
+@pytest.mark.parametrize("name,extra", [("pnp", {**PNP, "negative_prompt": ""}),  # the toy model's setting
+                                        ("diffedit", {"num_maps_per_mask": 2})])
 def test_toy_model_runs(toy_pipe, make_method, name, extra):
     ex = EditExample(id="0", source_prompt=EX.source_prompt, target_prompt=EX.target_prompt)
     src, edited = make_method(name, **_cfg(**extra))(toy_pipe, ex, 0)

@@ -7,14 +7,14 @@ following that pipeline's ``generate_mask`` / ``invert`` / ``__call__`` and thei
 1. mask: the source latent z0 noised (``add_noise``) to the timestep of ``mask_encode_strength``,
    ``num_maps_per_mask`` noise draws; mean over draws and channels of |ε_target − ε_source| (each
    with CFG), clamped at ``mask_thresholding_ratio`` × its mean, normalised, binarised at 0.5;
-2. z0 DDIM-inverted with the source prompt for the first ``int(N·inpaint_strength)`` steps;
-3. denoised from there with the target prompt; after each step the unmasked region is set to the
-   inverted latent of the same noise level.
+2. z0 DDIM-inverted with the source prompt for the first ``int(N·inpaint_strength)`` steps, guided
+   (``inversion_guidance_scale``, diffusers' ``invert`` default 7.5, negative "");
+3. denoised from there with the target prompt; after each step the unmasked region is set to an
+   inverted latent: ``blend_latent: pre_step`` (the reference pipeline, ``image_latents[i]``) takes the
+   one at the step's own timestep t_i, one level noisier than the step's result, so the last step
+   blends with z_1, not z0; ``post_step`` takes the one at the level the step reaches.
 
-Differences from the diffusers pipeline: the inversion runs without guidance (``ddim_invert``;
-diffusers' ``invert`` defaults to CFG 7.5), the VAE posterior mean is used, and step i blends with
-the inversion latent the step reaches (diffusers uses the one a level noisier, so its last step
-blends with z1, not z0).
+Difference from the diffusers pipeline kept: the VAE posterior mean, not a sample, as every method here.
 """
 
 from __future__ import annotations
@@ -83,40 +83,55 @@ def diffedit_mask(pipe, z0: torch.Tensor, source_prompt: str, target_prompt: str
     return (guide.clamp(0, clamp) / clamp > 0.5).float()
 
 
-class MaskBlend:
-    """Sampler callback: after step i keep the edit inside ``mask`` and the inverted latent z_{k-i-1}
-    outside: mask·latents + (1 − mask)·trajectory[-i-2]."""
+BLEND_LATENTS = {"pre_step": 1, "post_step": 2}  # offset from the end of the trajectory at step 0
 
-    def __init__(self, mask: torch.Tensor, trajectory: Sequence[torch.Tensor]):
+
+class MaskBlend:
+    """Sampler callback: after step i keep the edit inside ``mask`` and an inverted latent outside:
+    mask·latents + (1 − mask)·trajectory[-i-offset]; offset 1 (``pre_step``, the reference pipeline's
+    ``image_latents[i]``): the latent at step i's timestep; offset 2 (``post_step``): the one step i reaches."""
+
+    def __init__(self, mask: torch.Tensor, trajectory: Sequence[torch.Tensor], offset: int):
         self.mask, self.trajectory = mask, trajectory  # (1, 1, h, w); [z_0, ..., z_k], each (1, C, h, w)
+        self.offset = offset
 
     def on_step_begin(self, step, timestep, num_steps, layout):
         pass
 
     def on_step_end(self, step, timestep, latents):
         mask = self.mask.to(latents)
-        return mask * latents + (1 - mask) * self.trajectory[-step - 2].to(latents)
+        return mask * latents + (1 - mask) * self.trajectory[-step - self.offset].to(latents)
+
+
+def blend_offset(blend_latent: str) -> int:
+    if blend_latent not in BLEND_LATENTS:
+        raise UserError(f"method.blend_latent {blend_latent!r} is not one of {list(BLEND_LATENTS)}")
+    return BLEND_LATENTS[blend_latent]
 
 
 @torch.no_grad()
 def diffedit_inpaint(pipe, z0: torch.Tensor, mask: torch.Tensor, source_prompt: str, target_prompt: str,
-                     num_inference_steps: int, guidance_scale: float, inpaint_strength: float) -> torch.Tensor:
+                     num_inference_steps: int, guidance_scale: float, inpaint_strength: float,
+                     inversion_guidance_scale: float, blend_latent: str) -> torch.Tensor:
     """Invert ``z0`` (1, C, h, w) with the source prompt up to ``inpaint_strength``, denoise with the
     target prompt keeping the inverted latents outside ``mask`` (1, 1, h, w) → final latents (1, C, h, w)."""
     k = strength_steps("inpaint_strength", inpaint_strength, num_inference_steps)
+    offset = blend_offset(blend_latent)
     if k == 0:
         return z0.clone()
-    traj = ddim_invert(pipe, z0, source_prompt, num_inference_steps, progress=False, until=k)
+    traj = ddim_invert(pipe, z0, source_prompt, num_inference_steps, progress=False, until=k,
+                       guidance_scale=float(inversion_guidance_scale))
     scheduler = FromStep.from_config(pipe.scheduler.config)
     scheduler.t_start = num_inference_steps - k
     uncond = encode_prompts(pipe, [""]) if guidance_scale > 1 else None
     return denoise(pipe, traj[-1], encode_prompts(pipe, [target_prompt]), uncond, num_inference_steps,
-                   guidance_scale, callbacks=[MaskBlend(mask, traj)], progress=False, scheduler=scheduler)
+                   guidance_scale, callbacks=[MaskBlend(mask, traj, offset)], progress=False, scheduler=scheduler)
 
 
 def edit_diffedit(pipe, example, seed: int, image: torch.Tensor | None = None, *, mask_encode_strength: float,
                   num_maps_per_mask: int, mask_thresholding_ratio: float, inpaint_strength: float,
-                  num_inference_steps: int, guidance_scale: float) -> Images:
+                  inversion_guidance_scale: float, blend_latent: str, num_inference_steps: int,
+                  guidance_scale: float) -> Images:
     """Benchmark entry (``configs/method/diffedit.yaml``): mask from noise-prediction differences, then
     masked inpainting from the inversion → (source, edited)."""
     steps, guidance = int(num_inference_steps), float(guidance_scale)
@@ -125,6 +140,7 @@ def edit_diffedit(pipe, example, seed: int, image: torch.Tensor | None = None, *
     strength = float(inpaint_strength)
     check_mask_args(steps, **mask_kw)  # fail before any sampling
     strength_steps("inpaint_strength", strength, steps)
+    blend_offset(blend_latent)
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])
     if image is None:
@@ -133,4 +149,5 @@ def edit_diffedit(pipe, example, seed: int, image: torch.Tensor | None = None, *
     else:
         z0, source = encode_image(pipe, image), image
     mask = diffedit_mask(pipe, z0, src, tgt, seed, steps, guidance, **mask_kw)
-    return source, decode(pipe, diffedit_inpaint(pipe, z0, mask, src, tgt, steps, guidance, strength))
+    return source, decode(pipe, diffedit_inpaint(pipe, z0, mask, src, tgt, steps, guidance, strength,
+                                                      inversion_guidance_scale, blend_latent))

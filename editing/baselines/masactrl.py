@@ -1,6 +1,8 @@
 """MasaCtrl (Cao et al., ICCV 2023): mutual self-attention — from ``start_step`` on, the target
 queries the source's keys and values in the self layers after ``start_layer``; real images are
-DDIM-inverted and the source branch re-anchored to the trajectory (official)."""
+DDIM-inverted with ``""``; the source branch is sampled freely from the inverted latent (official:
+``playground_real.ipynb`` passes no ``ref_intermediate_latents``), or re-anchored to the inversion
+trajectory with ``anchor_source`` (the official pipeline's option, commented out in its notebook)."""
 
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def masactrl_layers(pipe, start_layer: int) -> list[LayerId]:
 
 
 def edit_masactrl(pipe, example, seed: int, image: torch.Tensor | None = None, *, start_step: int,
-                  start_layer: int, real_source_prompt: str, num_inference_steps: int,
+                  start_layer: int, real_source_prompt: str, anchor_source: bool, num_inference_steps: int,
                   guidance_scale: float) -> Images:
     """Benchmark entry (``configs/method/masactrl.yaml``): one pair → (source, edited)."""
     steps, guidance = int(num_inference_steps), float(guidance_scale)
@@ -64,9 +66,11 @@ def edit_masactrl(pipe, example, seed: int, image: torch.Tensor | None = None, *
         out = replacement_edit(pipe, src, tgt, initial_latents(pipe, [seed]), hooks, steps, guidance, progress=False)
         images = decode(pipe, out)
         return images[:1], images[1:]
-    # Official real-image editing: invert with an empty prompt, source branch follows the inversion trajectory.
+    # Official real-image editing: invert with an empty prompt, sample both branches from z_T; the source
+    # branch replays the inversion trajectory only with anchor_source (ref_intermediate_latents).
     inv_prompt = src if real_source_prompt == "dataset" else ""
     traj = ddim_invert(pipe, encode_image(pipe, image), inv_prompt, steps, progress=False)
-    out = replacement_edit(pipe, inv_prompt, tgt, traj[-1], hooks, steps, guidance,
-                           callbacks=[AnchorSource(traj)], progress=False)
+    callbacks = [AnchorSource(traj)] if anchor_source else []
+    out = replacement_edit(pipe, inv_prompt, tgt, traj[-1], hooks, steps, guidance, callbacks=callbacks,
+                           progress=False)
     return image, decode(pipe, out[1:])

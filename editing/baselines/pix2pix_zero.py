@@ -4,24 +4,29 @@ diffusers' ``StableDiffusionPix2PixZeroPipeline`` is deprecated (``diffusers.pip
 so the method is written here on :class:`~sdattn.hooks.HookSet` hooks and our DDIM maths:
 
 1. Edit direction Δ = mean text embedding (full (L, D) token embeddings) of target sentences − mean of
-   source sentences. The paper generates ~1000 sentences per word with a language model; we have no
-   sentence generator, so by default (``direction: prompts``) the "sentences" are the pair's own two
-   prompts and Δ = E(target) − E(source). ``direction: sentences`` takes ``source_sentences`` /
-   ``target_sentences``: lists of sentences, a ``.txt`` file (one per line) or a ``.pt`` file holding a
-   precomputed mean embedding (the official ``assets/embeddings_sd_1.4/*.pt``).
-2. Reference pass: DDIM with CFG and the source embedding c from z_T, recording the cross-attention
-   maps (conditional row, every head, every cross layer, every step).
-3. Edit pass from the same z_T with c_edit = c + Δ: at each step, x_t ← x_t − λ·∇ Σ_layers ‖M_edit − M_ref‖²
-   (maps of a conditional-only UNet call on x_t with c_edit; per layer the squared error is summed over
-   queries and keys and averaged over heads, as in the official code; λ = ``cross_attention_guidance_amount``),
-   then a normal CFG DDIM step with c_edit.
+   source sentences (official ``construct_direction``). ``direction: banks`` (default): the words that
+   differ between the pair's prompts (same word count) each have a sentence bank
+   ``<sentence_banks>/<word>.txt``; Δ = Σ_changed (mean E(bank[new]) − mean E(bank[old])). The official
+   banks are ~1000 LLM sentences per word; ours are small template banks (:func:`template_sentences`,
+   in the official fixed-template spirit, within the toy world's vocabulary so they also work on the
+   toy model). A pair whose words have no bank falls back to ``missing_bank: prompts`` (Δ = E(target) −
+   E(source)) or is an error (``missing_bank: error``). ``direction: prompts`` always uses the prompts;
+   ``direction: sentences`` takes ``source_sentences`` / ``target_sentences`` (lists, a ``.txt`` file
+   or a ``.pt`` mean embedding such as the official ``assets/embeddings_sd_1.4/*.pt``).
+2. Reference pass: DDIM with CFG ``[negative, c]`` from z_T, recording the cross-attention maps of both
+   CFG rows (every head, every cross layer, every step).
+3. Edit pass from the same z_T with ``[negative, c + Δ]`` (Δ on the cond row only), as the official
+   ``edit_pipeline.py``: x_in = [x_t, x_t]; one SGD step x_in ← x_in − λ·∇ Σ_layers mean_{rows·heads}
+   Σ_{queries, keys} (M − M_ref)² (each CFG row steered by its own maps); ε recomputed on x_in with CFG,
+   and the DDIM step taken from the **uncond** copy x_in[0] (official ``latents = x_in.chunk(2)[0]``).
+   λ = ``cross_attention_guidance_amount`` (official 0.1 real, 0.15 generated); CFG 5.0 (official).
 
-The two passes run in lock-step (reference step i, then edit step i), so only one step's maps are
-held. The official code (and diffusers) batches the gradient call as [uncond, cond] and keeps the
-unconditional copy of x_t, i.e. in effect steers with the unconditional row's maps; we follow the
-paper (conditional maps). Real images: z_T from DDIM inversion of ``encode_image(image)`` with the
-source prompt, with the paper's noise regularisation (auto-correlation + KL on the predicted noise,
-diffusers' ``invert`` defaults; ``noise_regularization.num_reg_steps: 0`` turns it off).
+The two passes run in lock-step (reference step i, then edit step i), so only one step's maps are held.
+Real images: the negative prompt is the caption (official ``edit_real.py``: ``negative_prompt=prompt_str``),
+so the reference pass is plain ε(c); z_T from DDIM inversion of ``encode_image(image)`` with the
+source prompt on the official 48-step schedule (``inversion_schedule``) and the paper's noise
+regularisation (auto-correlation + KL on the predicted noise,
+``noise_regularization.num_reg_steps: 0`` turns it off).
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ from sdattn.sampling import ddim_scheduler, decode, encode_image, encode_prompts
 
 from ..two_branch import Images, model_layers
 
-DIRECTIONS = ("prompts", "sentences")
+DIRECTIONS = ("banks", "prompts", "sentences")
+MISSING_BANK = ("prompts", "error")
+REAL_NEGATIVES = ("caption", "empty")
 NOISE_REGULARIZATION = {"lambda_auto_corr": float, "lambda_kl": float, "num_reg_steps": int,
                         "num_auto_corr_rolls": int}  # key → type of ``noise_regularization`` (YAML has the values)
 
@@ -74,17 +81,44 @@ def mean_embedding(pipe, sentences, batch_size: int = 16) -> torch.Tensor:
     return (total / len(sentences)).cpu()
 
 
+def changed_word_pairs(source_prompt: str, target_prompt: str) -> list[tuple[str, str]] | None:
+    """(old, new) word pairs where the prompts differ, for prompts with the same word count; else None."""
+    a, b = source_prompt.lower().split(), target_prompt.lower().split()
+    if len(a) != len(b):
+        return None
+    return [(x, y) for x, y in zip(a, b) if x != y]
+
+
+def bank_direction(pipe, source_prompt: str, target_prompt: str, banks: str | Path,
+                   missing_bank: str) -> torch.Tensor:
+    """Δ (1, L, D) from the sentence banks of the changed words (see the module docstring)."""
+    if missing_bank not in MISSING_BANK:
+        raise UserError(f"method.missing_bank {missing_bank!r} is not one of {', '.join(MISSING_BANK)}")
+    pairs = changed_word_pairs(source_prompt, target_prompt)
+    files = None if not pairs else [(Path(banks) / f"{x}.txt", Path(banks) / f"{y}.txt") for x, y in pairs]
+    if files is None or not all(f.is_file() for pair in files for f in pair):
+        if missing_bank == "error":
+            raise UserError(f"no sentence banks in {str(banks)!r} for the changed words of {source_prompt!r} → "
+                            f"{target_prompt!r} (same word count needed; banks: <word>.txt)")
+        return mean_embedding(pipe, [target_prompt]) - mean_embedding(pipe, [source_prompt])
+    return sum(mean_embedding(pipe, str(new)) - mean_embedding(pipe, str(old)) for old, new in files)
+
+
 def edit_direction(pipe, source_prompt: str, target_prompt: str, direction: str, source_sentences=None,
-                   target_sentences=None) -> torch.Tensor:
+                   target_sentences=None, sentence_banks: str | Path | None = None,
+                   missing_bank: str = "error") -> torch.Tensor:
     """Δ (1, L, D) = mean embedding of target sentences − mean embedding of source sentences
-    (``direction="prompts"``: the pair's own prompts are the sentences)."""
+    (``direction="prompts"``: the pair's own prompts are the sentences; ``"banks"``: the changed words'
+    sentence banks under ``sentence_banks``)."""
     mode, src, tgt = str(direction), source_sentences, target_sentences
     if mode not in DIRECTIONS:
         raise UserError(f"method.direction {mode!r} is not one of {', '.join(DIRECTIONS)}")
+    if mode != "sentences" and (src is not None or tgt is not None):
+        raise UserError(f"method.source_sentences/target_sentences are set but method.direction is {mode!r}: "
+                        "set method.direction=sentences to use them")
+    if mode == "banks":
+        return bank_direction(pipe, source_prompt, target_prompt, sentence_banks, missing_bank)
     if mode == "prompts":
-        if src is not None or tgt is not None:
-            raise UserError("method.source_sentences/target_sentences are set but method.direction is 'prompts': "
-                            "set method.direction=sentences to use them")
         src, tgt = [source_prompt], [target_prompt]
     elif src is None or tgt is None:
         raise UserError("method.direction=sentences needs both method.source_sentences and method.target_sentences "
@@ -92,20 +126,52 @@ def edit_direction(pipe, source_prompt: str, target_prompt: str, direction: str,
     return mean_embedding(pipe, tgt) - mean_embedding(pipe, src)
 
 
+# ------------------------------------------------------------------------------------- sentence banks
+
+def article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def template_sentences(word: str, world: dict) -> list[str]:
+    """A word's template sentence bank in the toy world's grammar (``datasets/toy_world.yaml``:
+    ``<article> <color> <shape> [<background phrase>]``): a shape in every colour and background, any
+    other word (a colour) on every shape in every background."""
+    phrases = [v["phrase"] for v in world["backgrounds"].values()]
+    if word in world["shapes"]:
+        pairs = [(c, word) for c in world["colors"]]
+    else:
+        pairs = [(word, s) for s in world["shapes"]]
+    return [" ".join(f"{article(a)} {a} {b} {p}".split()) for a, b in pairs for p in phrases]
+
+
+def write_sentence_banks(directory: str | Path, world: dict, words) -> list[Path]:
+    """``directory/<word>.txt`` ← :func:`template_sentences` for each word (one sentence per line).
+    The shipped banks: the toy world's colours and shapes, ``datasets/probe/color_car.yaml``'s classes
+    and the words of the official FPE ``Car_fake_edit.json``."""
+    from sdattn.files import atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return [atomic_write_text(directory / f"{w}.txt", "\n".join(template_sentences(w, world)) + "\n")
+            for w in sorted(set(words))]
+
+
 # ---------------------------------------------------------------------------- cross-attention guidance
 
 @dataclass
 class MapStore:
     """Shared by the cross-layer hooks. ``mode``: "record" stores the reference maps, "loss" adds
-    ‖M − M_ref‖² to ``loss``, "off" leaves the call alone."""
+    the official per-layer loss to ``loss``, "off" leaves the call alone."""
 
     mode: str = "off"
-    ref: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name → (H, N, L) maps
+    ref: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name → (R, H, N, L) maps
     loss: torch.Tensor | float = 0.0
 
 
 class CrossMapGuidance(AttentionHook):
-    """A cross layer's conditional-row map softmax(QKᵀ/√d) (H, N, L): recorded or compared; output unchanged."""
+    """A cross layer's maps softmax(QKᵀ·scale) (R, H, N, L) of the rows [uncond, cond] (cond only
+    without CFG): recorded, or compared as ((M − M_ref)²).sum over queries and keys, mean over rows
+    and heads (official ``loss += ((curr-ref)**2).sum((1,2)).mean(0)``); output unchanged."""
 
     def __init__(self, layer: LayerId, state: StepState, store: MapStore):
         super().__init__(layer, state)
@@ -115,8 +181,10 @@ class CrossMapGuidance(AttentionHook):
         out = super().attend(attn, query, key, value, mask)
         if self.store.mode == "off":
             return out
-        row = self.state.layout.cond_row(0)
-        probs = torch.softmax(query[row].float() @ key[row].float().transpose(-1, -2) * attn.scale, -1)  # (H, N, L)
+        layout = self.state.layout
+        rows = [layout.uncond_row(0), layout.cond_row(0)] if layout.cfg else [layout.cond_row(0)]
+        q, k = query[rows].float(), key[rows].float()
+        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1)  # (R, H, N, L)
         if self.store.mode == "record":
             self.store.ref[self.layer.name] = probs.detach()
         else:
@@ -141,19 +209,39 @@ def cfg_step(unet, scheduler, hooks: HookSet, step: int, timestep, num_steps: in
 
 
 def guidance_step(unet, scheduler, hooks: HookSet, store: MapStore, step: int, timestep, num_steps: int,
-                  latents: torch.Tensor, cond: torch.Tensor, amount: float) -> tuple[torch.Tensor, float]:
-    """x_t ← x_t − amount·∇ₓ Σ_layers ‖M(x_t, cond) − M_ref‖² against ``store.ref``. Returns (latents, loss)."""
-    hooks.on_step_begin(step, int(timestep), num_steps, BatchLayout(n=1, cfg=False))
+                  latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+                  amount: float) -> tuple[torch.Tensor, float]:
+    """Official x_in step: x_in = [x_t, x_t] (one row without CFG) with context [uncond, cond];
+    x_in ← x_in − amount·∇ loss against ``store.ref`` (SGD, lr = amount). latents (1, C, h, w) →
+    (x_in (R, C, h, w), loss)."""
+    cfg = uncond is not None
+    hooks.on_step_begin(step, int(timestep), num_steps, BatchLayout(n=1, cfg=cfg))
+    context = torch.cat([uncond, cond]) if cfg else cond
     store.mode, store.loss = "loss", 0.0
     try:
         with torch.enable_grad():
-            x = latents.detach().clone().requires_grad_(True)  # (1, C, h, w)
-            unet(scheduler.scale_model_input(x, timestep).to(unet.dtype), timestep, encoder_hidden_states=cond)
+            x = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, timestep)
+            x = x.detach().clone().requires_grad_(True)  # (R, C, h, w)
+            unet(x.to(unet.dtype), timestep, encoder_hidden_states=context)
             loss = store.loss
             (grad,) = torch.autograd.grad(loss, x)
     finally:
         store.mode = "off"
     return (x - amount * grad.float()).detach(), float(loss)
+
+
+def guided_edit_step(unet, scheduler, hooks: HookSet, step: int, timestep, num_steps: int, x_in: torch.Tensor,
+                     cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    """After :func:`guidance_step`: ε on each steered row of ``x_in`` (R, C, h, w), CFG, and the DDIM step
+    from the first (uncond) row, as the official ``latents = x_in.chunk(2)[0]`` → (1, C, h, w)."""
+    cfg = uncond is not None
+    hooks.on_step_begin(step, int(timestep), num_steps, BatchLayout(n=1, cfg=cfg))
+    context = torch.cat([uncond, cond]) if cfg else cond
+    noise = unet(x_in.to(unet.dtype), timestep, encoder_hidden_states=context).sample.float()
+    if cfg:
+        noise_u, noise_c = noise.chunk(2)
+        noise = noise_u + guidance_scale * (noise_c - noise_u)
+    return scheduler.step(noise, timestep, x_in[:1]).prev_sample
 
 
 @torch.no_grad()
@@ -181,9 +269,13 @@ def pix2pix_zero_sample(pipe, latents: torch.Tensor, cond: torch.Tensor, edit_co
             z_ref = cfg_step(unet, ref_sched, hooks, i, t, len(timesteps), z_ref, cond, uncond, guidance_scale)
             store.mode = "off"
             if amount > 0:
-                z, loss = guidance_step(unet, edit_sched, hooks, store, i, t, len(timesteps), z, edit_cond, amount)
+                x_in, loss = guidance_step(unet, edit_sched, hooks, store, i, t, len(timesteps), z, edit_cond,
+                                           uncond, amount)
                 losses.append(loss)
-            z = cfg_step(unet, edit_sched, hooks, i, t, len(timesteps), z, edit_cond, uncond, guidance_scale)
+                z = guided_edit_step(unet, edit_sched, hooks, i, t, len(timesteps), x_in, edit_cond, uncond,
+                                     guidance_scale)
+            else:
+                z = cfg_step(unet, edit_sched, hooks, i, t, len(timesteps), z, edit_cond, uncond, guidance_scale)
             store.ref.clear()
     return z_ref, z, losses
 
@@ -232,27 +324,51 @@ def regularize_noise(noise: torch.Tensor, generator: torch.Generator, lambda_aut
     return noise
 
 
+INVERSION_SCHEDULES = ("official", "full")
+
+
+def inversion_steps(pipe, num_inference_steps: int, schedule: str) -> list[tuple[int, float, float]]:
+    """(UNet timestep, ᾱ from, ᾱ to) per inversion step. ``official`` (pix2pix-zero ``utils/ddim_inv.py``
+    with ``utils/scheduler.py: step(reverse=True)``): the sampling timesteps ascending without the first
+    and last (N − 2 steps, SD: t = 21 … 961), each from ᾱ[t − 1] to ᾱ[t − 1 + 1000/N]; ``full``: diffusers'
+    ``DDIMInverseScheduler`` (N steps, t = 1 … 981, from the level of t − 1000/N to t)."""
+    if schedule not in INVERSION_SCHEDULES:
+        raise UserError(f"method.inversion_schedule {schedule!r} is not one of {', '.join(INVERSION_SCHEDULES)}")
+    sampler = ddim_scheduler(pipe)
+    sampler.set_timesteps(num_inference_steps)
+    alphas = sampler.alphas_cumprod
+    ratio = sampler.config.num_train_timesteps // num_inference_steps
+    if schedule == "official":
+        ascending = sampler.timesteps.flip(0)[1:-1].tolist()
+        return [(t, float(alphas[t - 1]), float(alphas[t - 1 + ratio])) for t in ascending]
+    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    inverse.set_timesteps(num_inference_steps)
+    first = float(inverse.initial_alpha_cumprod)
+    return [(t, float(alphas[t - ratio]) if t - ratio >= 0 else first, float(alphas[t]))
+            for t in inverse.timesteps.tolist()]
+
+
 @torch.no_grad()
 def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, *, seed: int,
-                          lambda_auto_corr: float, lambda_kl: float, num_reg_steps: int,
+                          schedule: str, lambda_auto_corr: float, lambda_kl: float, num_reg_steps: int,
                           num_auto_corr_rolls: int) -> torch.Tensor:
-    """DDIM inversion (no guidance, ``DDIMInverseScheduler``) with pix2pix-zero's noise regularisation.
-    latents z_0 (B, C, h, w) → z_T. ``num_reg_steps=0`` is plain ``editing.inversion.ddim_invert``."""
+    """DDIM inversion (no guidance, ``prompt``) with pix2pix-zero's noise regularisation, on the
+    ``schedule`` of :func:`inversion_steps`. latents z_0 (B, C, h, w) → z_T. ``full`` with
+    ``num_reg_steps=0`` is plain ``editing.inversion.ddim_invert``."""
     unet = pipe.unet
-    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
-    if num_reg_steps > 0 and inverse.config.prediction_type != "epsilon":
+    if num_reg_steps > 0 and pipe.scheduler.config.prediction_type != "epsilon":
         raise UserError(f"pix2pix-zero noise regularisation needs an epsilon-prediction model, this one predicts "
-                        f"{inverse.config.prediction_type!r}: set method.noise_regularization.num_reg_steps=0")
-    inverse.set_timesteps(num_inference_steps)
+                        f"{pipe.scheduler.config.prediction_type!r}: set method.noise_regularization.num_reg_steps=0")
     generator = torch.Generator().manual_seed(int(seed))
     context = encode_prompts(pipe, [prompt] * latents.shape[0]).to(unet.device, unet.dtype)
     z = latents.to(unet.device, torch.float32)
-    for t in inverse.timesteps:
+    for t, a_from, a_to in inversion_steps(pipe, num_inference_steps, schedule):
         noise = unet(z.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
         if num_reg_steps > 0:
             noise = regularize_noise(noise, generator, lambda_auto_corr, lambda_kl, num_reg_steps,
                                      num_auto_corr_rolls)
-        z = inverse.step(noise, t, z).prev_sample
+        pred_x0 = (z - (1 - a_from) ** 0.5 * noise) / a_from ** 0.5
+        z = a_to ** 0.5 * pred_x0 + (1 - a_to) ** 0.5 * noise
     return z
 
 
@@ -273,20 +389,33 @@ def check_noise_regularization(given: dict) -> dict:
 
 
 def edit_pix2pix_zero(pipe, example, seed: int, image: torch.Tensor | None = None, *, direction: str,
-                      source_sentences, target_sentences, cross_attention_guidance_amount: float,
+                      sentence_banks: str, missing_bank: str, source_sentences, target_sentences,
+                      cross_attention_guidance_amount: dict, real_negative_prompt: str, inversion_schedule: str,
                       noise_regularization: dict, num_inference_steps: int, guidance_scale: float) -> Images:
     """Benchmark entry (``configs/method/pix2pix_zero.yaml``): edit direction Δ added to the source
-    embedding, x_t steered so the edited cross-attention maps follow the reference pass's → (source, edited)."""
+    embedding, x_t steered so the edited cross-attention maps follow the reference pass's → (source, edited).
+    ``cross_attention_guidance_amount``: {real, generated}; ``real_negative_prompt``: caption | empty."""
     steps, guidance = int(num_inference_steps), float(guidance_scale)
-    amount = float(cross_attention_guidance_amount)
+    amounts = dict(cross_attention_guidance_amount or {})
+    if set(amounts) != {"real", "generated"}:
+        raise UserError(f"method.cross_attention_guidance_amount needs the keys real and generated; "
+                        f"got {sorted(amounts)}")
+    inversion_steps(pipe, steps, inversion_schedule)  # a bad schedule fails before any sampling
+    if real_negative_prompt not in REAL_NEGATIVES:
+        raise UserError(f"method.real_negative_prompt {real_negative_prompt!r} is not one of "
+                        f"{', '.join(REAL_NEGATIVES)}")
+    amount = float(amounts["generated" if image is None else "real"])
     regularization = check_noise_regularization(noise_regularization)
     src, tgt = example.source_prompt, example.target_prompt
     cond = encode_prompts(pipe, [src])  # (1, L, D)
-    delta = edit_direction(pipe, src, tgt, direction, source_sentences, target_sentences).to(cond)  # (1, L, D)
-    uncond = encode_prompts(pipe, [""]) if guidance > 1 else None
+    delta = edit_direction(pipe, src, tgt, direction, source_sentences, target_sentences, sentence_banks,
+                           missing_bank).to(cond)  # (1, L, D)
+    negative = src if image is not None and real_negative_prompt == "caption" else ""
+    uncond = encode_prompts(pipe, [negative]) if guidance > 1 else None
     if image is None:
         z_T = initial_latents(pipe, [seed])
     else:
-        z_T = regularized_inversion(pipe, encode_image(pipe, image), src, steps, seed=seed, **regularization)
+        z_T = regularized_inversion(pipe, encode_image(pipe, image), src, steps, seed=seed, schedule=inversion_schedule,
+                                    **regularization)
     z_src, z_edit, _ = pix2pix_zero_sample(pipe, z_T, cond, cond + delta, uncond, steps, guidance, amount)
     return (decode(pipe, z_src) if image is None else image), decode(pipe, z_edit)
