@@ -245,6 +245,7 @@ def test_generated_pair_source_matches_plain_sampling(tiny_pipe, make_method):
         torch.testing.assert_close(src, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # 2 min on 2 cores; every method on a real pair also runs in test_half_precision.py
 def test_real_image_pairs_every_method(bench, tmp_path):
     Image.new("RGB", (36, 32), (200, 30, 30)).save(tmp_path / "car.png")
     data = tmp_path / "real.json"
