@@ -47,10 +47,11 @@ def load_settings(path: str | Path | None, defaults: str | Path) -> dict:
     settings = dict(_read(Path(defaults), Path(defaults).stat().st_mtime))
     own = settings_file(path)
     if own is not None:
-        unknown = sorted(set(_read(own, own.stat().st_mtime)) - set(settings) - {"name"})
+        given = _read(own, own.stat().st_mtime)
+        unknown = sorted(set(given) - set(settings) - {"name"})
         if unknown:
             raise UserError(f"model settings {str(own)!r} have unknown keys {unknown}; allowed: {sorted(settings)}")
-        settings.update(_read(own, own.stat().st_mtime))
+        settings.update(given)
         settings["source"] = str(own)
     else:
         settings["source"] = f"SD-1.x defaults ({Path(defaults).name})"
