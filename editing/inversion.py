@@ -13,8 +13,6 @@ from sdattn.errors import UserError
 from sdattn.files import REPO_ROOT
 from sdattn.sampling import ddim_scheduler, default_size, encode_prompts
 
-from .images import load_image  # noqa: F401  (re-exported: the runner and tasks load images through here)
-
 
 def image_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
     dh, dw = default_size(pipe)

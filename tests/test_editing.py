@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from editing.fpe import fpe_generated, fpe_real
-from editing.inversion import ddim_invert, load_image
+from editing.images import load_image
+from editing.inversion import ddim_invert
 from editing.replace import AttentionReplace, TokenMapEdit, select_layers, step_range
 from editing.two_branch import SOURCE, TARGET, model_layers, replacement_edit
 from sdattn.errors import UserError

@@ -4,7 +4,8 @@ to its float32 result."""
 import pytest
 import torch
 
-from editing.inversion import image_size, load_image
+from editing.images import load_image
+from editing.inversion import image_size
 from experiments.common import load_model
 from experiments.tasks.benchmark import build_method, load_data
 

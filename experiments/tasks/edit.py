@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from editing.fpe import fpe_generated, fpe_real
 from editing.grid import labelled_grid, to_pil
-from editing.inversion import image_size, load_image
+from editing.images import load_image
+from editing.inversion import image_size
 from experiments.common import load_model, output_dir, plain
 from sdattn.errors import UserError
 
