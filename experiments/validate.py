@@ -22,7 +22,8 @@ SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range for non-negative see
 DTYPES = ("float32", "float16", "bfloat16")
 STEP_COUNTS = ("num_inference_steps", "inversion_steps", "model.steps")  # int ≥ 1 (by name, or full key)
 FRACTIONS = ("self_replace_steps", "cross_replace_steps", "feature_steps", "attn_steps", "strength",
-             "inpaint_strength", "mask_encode_strength", "test_fraction", "ablation.steps")
+             "inpaint_strength", "mask_encode_strength", "test_fraction", "ablation.steps",
+             "claims.ablations.cross.steps", "claims.ablations.self.steps", "claims.ablations.tokens.steps")
 POSITIVE_INTS = ("limit", "n_per_class", "batch_size", "per_combo", "n", "threads", "components", "pairs_per_kind")
 GUIDANCE = ("guidance_scale", "image_guidance_scale")
 

@@ -114,3 +114,15 @@ def toy_scores(example: EditExample, source: torch.Tensor, edited: torch.Tensor)
     union = (mask_s | mask_e).sum()
     return {"toy_edit_ok": float(color == target["color"] and shape == target["shape"]),
             "toy_mask_iou": float((mask_s & mask_e).sum() / union) if union else 0.0}
+
+
+def prompt_scores(source_prompt: str, target_prompt: str, source: torch.Tensor, edited: torch.Tensor) -> dict:
+    """:func:`toy_scores` for an edit known only by its prompts (the target's colour, shape and background
+    read from ``target_prompt`` by the world's grammar): ``{"edit_ok": 0/1, "mask_iou": IoU}``.
+
+    source, edited: (1, 3, H, W) in [0, 1]."""
+    world = load_world()
+    example = EditExample(id=f"{source_prompt} -> {target_prompt}", source_prompt=source_prompt,
+                          target_prompt=target_prompt, extra={"target": world.parse_prompt(target_prompt)})
+    scores = toy_scores(example, source, edited)
+    return {"edit_ok": scores["toy_edit_ok"], "mask_iou": scores["toy_mask_iou"]}

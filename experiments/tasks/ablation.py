@@ -15,9 +15,13 @@ from sdattn.errors import UserError
 from sdattn.sampling import decode, initial_latents
 
 
-def _rows(cfg: DictConfig, pipe) -> list[tuple[str, dict]]:
-    """(row label, {layer: hook factory}) for every row of the figure."""
-    a = cfg.ablation
+def ablation_rows(pipe, a: DictConfig, source_prompt: str | None = None,
+                  target_prompt: str | None = None) -> list[tuple[str, dict]]:
+    """(row label, {layer: hook factory}) for every row of the figure described by ``a`` (an
+    ``configs/ablation/*.yaml`` node); token rows find their words in ``source_prompt`` / ``target_prompt``
+    (default: the node's own prompts)."""
+    source_prompt = source_prompt or a.source_prompt
+    target_prompt = target_prompt or a.target_prompt
     layers = model_layers(pipe)
     steps = step_range(plain(a.steps),
                        a.num_inference_steps)
@@ -32,8 +36,8 @@ def _rows(cfg: DictConfig, pipe) -> list[tuple[str, dict]]:
     elif a.kind == "tokens":
         chosen = select_layers(layers, a.layers, "cross")
         for edit in a.tokens:
-            src = word_token_positions(pipe.tokenizer, a.source_prompt, edit.word)
-            tgt = word_token_positions(pipe.tokenizer, a.target_prompt, edit.word)
+            src = word_token_positions(pipe.tokenizer, source_prompt, edit.word)
+            tgt = word_token_positions(pipe.tokenizer, target_prompt, edit.word)
             sign = "-" if edit.mode == "subtract" else "<-"
             rows.append((f"{sign} {edit.word}", {x: (lambda lay, st, s=src, t=tgt, m=edit.mode:
                                                      TokenMapEdit(lay, st, pair, steps, s, t, m)) for x in chosen}))
@@ -46,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     """Writes ``<name>.png`` (labelled grid) and returns the per-row final latents."""
     a = cfg.ablation
     pipe = load_model(cfg)
-    rows = _rows(cfg, pipe)
+    rows = ablation_rows(pipe, a)
     grid_rows, labels, latents = [], [], {}
     seeds = list(a.seeds)
     plain = [replacement_edit(pipe, a.source_prompt, a.target_prompt, initial_latents(pipe, [s]), {},
