@@ -63,11 +63,36 @@ def replacement_edit(
 ) -> torch.Tensor:
     """Sample source and target together from ``latents`` (1, C, h, w) with ``hooks``
     ({layer: factory}); returns final latents (2, C, h, w): [source, target]."""
-    check_prompts(pipe.tokenizer, [source_prompt, target_prompt])
-    cond = encode_prompts(pipe, [source_prompt, target_prompt])
+    return replacement_edits(pipe, [(source_prompt, target_prompt)], latents, hooks, num_inference_steps,
+                             guidance_scale, negative_prompt, uncond, callbacks, progress)
+
+
+def pair_rows(n: int) -> list[tuple[int, int]]:
+    """(source, target) prompt indices of ``n`` pairs batched by :func:`replacement_edits`."""
+    return [(2 * i + SOURCE, 2 * i + TARGET) for i in range(n)]
+
+
+def replacement_edits(
+    pipe,
+    prompt_pairs: Sequence[tuple[str, str]],
+    latents: torch.Tensor,
+    hooks: dict[LayerId, Callable[[LayerId, StepState], AttentionHook]],
+    num_inference_steps: int,
+    guidance_scale: float,
+    negative_prompt: str = "",
+    uncond: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    callbacks: Sequence = (),
+    progress: bool = True,
+) -> torch.Tensor:
+    """:func:`replacement_edit` of n (source, target) pairs in one batch: prompts [s_1, t_1, ..., s_n, t_n]
+    (hooks address pair i as :func:`pair_rows`), pair i from ``latents[i]`` (n, C, h, w); returns the
+    final latents (2n, C, h, w) in prompt order."""
+    prompts = [p for pair in prompt_pairs for p in pair]
+    check_prompts(pipe.tokenizer, prompts)
+    cond = encode_prompts(pipe, prompts)
     if uncond is None and guidance_scale > 1:
         uncond = encode_prompts(pipe, [negative_prompt])
     layers = list(hooks)
     with HookSet(pipe.unet, layers, lambda layer, state: hooks[layer](layer, state)) as hookset:
-        return denoise(pipe, latents.repeat(2, 1, 1, 1), cond, uncond, num_inference_steps, guidance_scale,
+        return denoise(pipe, latents.repeat_interleave(2, 0), cond, uncond, num_inference_steps, guidance_scale,
                        [hookset, *callbacks], progress)

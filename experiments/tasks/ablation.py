@@ -15,17 +15,18 @@ from sdattn.errors import UserError
 from sdattn.sampling import decode, initial_latents
 
 
-def ablation_rows(pipe, a: DictConfig, source_prompt: str | None = None,
-                  target_prompt: str | None = None) -> list[tuple[str, dict]]:
+def ablation_rows(pipe, a: DictConfig, source_prompt: str | None = None, target_prompt: str | None = None,
+                  pairs: list[tuple[int, int]] | None = None) -> list[tuple[str, dict]]:
     """(row label, {layer: hook factory}) for every row of the figure described by ``a`` (an
     ``configs/ablation/*.yaml`` node); token rows find their words in ``source_prompt`` / ``target_prompt``
-    (default: the node's own prompts)."""
+    (default: the node's own prompts). ``pairs``: the (source, target) batch positions the hooks edit
+    (default: one pair, as :func:`~editing.two_branch.replacement_edit` samples)."""
     source_prompt = source_prompt or a.source_prompt
     target_prompt = target_prompt or a.target_prompt
     layers = model_layers(pipe)
     steps = step_range(plain(a.steps),
                        a.num_inference_steps)
-    pair = [(SOURCE, TARGET)]
+    pair = pairs or [(SOURCE, TARGET)]
     rows = []
     if a.kind in ("cross", "self"):
         for spec in a.ranges:

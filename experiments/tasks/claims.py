@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from editing.grid import labelled_grid
-from editing.two_branch import model_layers, replacement_edit
+from editing.two_branch import model_layers, pair_rows, replacement_edits
 from evaluation.claims import Check, Claim, Interval, bootstrap_interval, t_interval
 from evaluation.claims_plots import bars_figure, probe_figure, sweep_figure
 from experiments.common import instantiate, load_model, output_dir, plain
@@ -55,14 +55,12 @@ class ProbeSet:
     word: str | None  # token spec of a cross map ("{cls}" = the colour word); None for self maps
 
 
-def random_split(labels: list[str], n_test: int, seed: int) -> torch.Tensor:
-    """(N,) bool train mask: per class ``n_test`` images drawn at random (by ``seed``) form the test split."""
-    rng = np.random.default_rng(seed)
-    labels_arr = np.asarray(labels)
-    train = np.ones(len(labels), bool)
-    for cls in dict.fromkeys(labels):
-        train[rng.choice(np.flatnonzero(labels_arr == cls), n_test, replace=False)] = False
-    return torch.from_numpy(train)
+def random_split(image_seeds: list[int], n_test: int, seed: int) -> torch.Tensor:
+    """(N,) bool train mask: ``n_test`` of the image seeds, drawn at random by ``seed``, are the test split
+    of every class. Split by image seed, as the probe task's: every class holds out the same noise seeds,
+    so no test image has a training twin from the same noise (one layout, another colour)."""
+    held_out = np.random.default_rng(seed).choice(sorted(set(image_seeds)), n_test, replace=False)
+    return torch.from_numpy(~np.isin(np.asarray(image_seeds), held_out))
 
 
 def _view(cfg: DictConfig, node: DictConfig) -> DictConfig:
@@ -122,13 +120,14 @@ def run_probes(cfg: DictConfig, pipe) -> dict:
     classes = list(dict.fromkeys(x.label for x in prompts))
     labels = [x.label for x in prompts]
     y = torch.tensor([classes.index(x) for x in labels])
-    n_test = sum(1 for x in prompts if x.label == classes[0] and x.split == "test")
+    n_test = sum(1 for x in prompts if x.label == classes[0] and x.split == "test")  # images per class
+    image_seeds = [x.seed for x in prompts]
     feats = capture_all(cfg, pipe, sets, prompts)
     make_trainer = instantiate(cfg.trainer)
     rows = []
     fits = [(s, layer, seed) for s in sets for layer in feats[s.name] for seed in c.probe.seeds]
     for s, layer, seed in tqdm(fits, desc="probes", disable=not cfg.progress):
-        train = random_split(labels, n_test, int(seed))
+        train = random_split(image_seeds, n_test, int(seed))
         x = feats[s.name][layer]
         r = train_probe(x[train], y[train], x[~train], y[~train], n_classes=len(classes), make_trainer=make_trainer,
                         seed=int(seed), **s.node.mlp)
@@ -180,13 +179,34 @@ def probe_table(probes: dict, level: float) -> tuple[pd.DataFrame, dict]:
 
 
 # --------------------------------------------------------------------------- edits (claims c, d)
-@dataclass
-class Variant:
-    label: str
-    group: str  # "plain", "cross", "self", "tokens"
-    hooks: dict
-    num_inference_steps: int
-    guidance_scale: float
+class EditRows:
+    """The rows of a figure's edits: the unedited target, then every row of the ablation ``nodes``
+    ((group, node) pairs, rows as :func:`~experiments.tasks.ablation.ablation_rows` makes them); hooks are
+    built per batch size (n pairs sampled together by :func:`~editing.two_branch.replacement_edits`)."""
+
+    def __init__(self, pipe, nodes: list[tuple[str, DictConfig]]):
+        self.pipe, self.nodes = pipe, nodes
+        self._hooks: dict[int, dict[str, dict]] = {}
+        first = nodes[0][1]
+        self.sampling = (int(first.num_inference_steps), float(first.guidance_scale))
+        if any((int(n.num_inference_steps), float(n.guidance_scale)) != self.sampling for _, n in nodes):
+            raise UserError("claims.ablations: every ablation of one claim must use the same steps and guidance")
+        self.groups = {PLAIN: "plain"}
+        for group, node in nodes:
+            self.groups.update({label: group for label, _ in ablation_rows(pipe, node)})
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.groups)
+
+    def hooks(self, n: int) -> dict[str, dict]:
+        """{row label: {layer: hook factory}} for a batch of ``n`` pairs."""
+        if n not in self._hooks:
+            rows = {PLAIN: {}}
+            for _, node in self.nodes:
+                rows.update(ablation_rows(self.pipe, node, pairs=pair_rows(n)))
+            self._hooks[n] = rows
+        return self._hooks[n]
 
 
 def _with_ranges(node: DictConfig, ranges: list) -> DictConfig:
@@ -196,57 +216,47 @@ def _with_ranges(node: DictConfig, ranges: list) -> DictConfig:
     return node
 
 
-def _range_label(spec, chosen) -> str:
-    idx = sorted(x.index for x in chosen)
-    return f"{spec} ({idx[0]}-{idx[-1]})" if idx and idx == list(range(idx[0], idx[-1] + 1)) else str(spec)
-
-
-def sweep_variants(pipe, c: DictConfig) -> tuple[list[Variant], str, str]:
-    """The unedited target, every cross range and every self range of the model's Fig. 4, plus "all"
-    (cross) and the middle layers (self, ``claims.edits.middle``) when not among them. Returns the
-    variants and the labels of "cross all" and the middle self range."""
-    out = [Variant(PLAIN, "plain", {}, c.ablations.cross.num_inference_steps, c.ablations.cross.guidance_scale)]
-    picks = {}
+def sweep_rows(pipe, c: DictConfig) -> tuple[EditRows, str, str, list[int]]:
+    """Every cross and every self range of the model's Fig. 4, plus "all" (cross) and the middle self
+    layers (``claims.edits.middle``) when not among them. Returns the rows, the labels of "cross all"
+    and of the middle self range, and the middle's layer indices."""
+    nodes, picks = [], {}
     for kind, extra in (("cross", "all"), ("self", plain(c.edits.middle))):
         node = c.ablations[kind]
         rows = ablation_rows(pipe, node)
-        extra_row = ablation_rows(pipe, _with_ranges(node, [extra]))[0]
-        same = [label for label, hooks in rows if set(hooks) == set(extra_row[1])]
-        if same:
-            picks[kind] = same[0]
-        else:
-            label = f"{kind} {_range_label(extra, extra_row[1])}"
-            rows.append((label, extra_row[1]))
-            picks[kind] = label
-        out += [Variant(label, kind, hooks, node.num_inference_steps, node.guidance_scale) for label, hooks in rows]
-    return out, picks["cross"], picks["self"]
+        label, hooks = ablation_rows(pipe, _with_ranges(node, [extra]))[0]
+        same = [x for x, h in rows if set(h) == set(hooks)]
+        if not same:
+            node = _with_ranges(node, [*plain(node.ranges), extra])
+        picks[kind] = (same[0] if same else label, sorted(x.index for x in hooks))
+        nodes.append((kind, node))
+    return EditRows(pipe, nodes), picks["cross"][0], picks["self"][0], picks["self"][1]
 
 
-def token_variants(pipe, c: DictConfig) -> list[Variant]:
-    node = c.ablations.tokens
-    rows = ablation_rows(pipe, node)
-    return [Variant(PLAIN, "plain", {}, node.num_inference_steps, node.guidance_scale)] + \
-        [Variant(label, "tokens", hooks, node.num_inference_steps, node.guidance_scale) for label, hooks in rows]
-
-
-def run_edits(pipe, cases: list[tuple[str, str, int]], variants: list[Variant], checker, progress: bool,
+def run_edits(rows: EditRows, cases: list[tuple[str, str, int]], checker, batch: int, progress: bool,
               grid_cases: int) -> tuple[pd.DataFrame, list]:
-    """Every case × variant, scored by ``checker``; returns the per-edit rows and the grid's rows."""
-    rows, grid = [], {}
-    todo = [(i, v) for i in range(len(cases)) for v in variants]
-    for i, v in tqdm(todo, desc="edits", disable=not progress):
-        src, tgt, seed = cases[i]
-        out = replacement_edit(pipe, src, tgt, initial_latents(pipe, [seed]), v.hooks, v.num_inference_steps,
-                               v.guidance_scale, progress=False)
-        images = decode(pipe, out)  # (2, 3, H, W): source, edited
-        scores = checker(src, tgt, images[:1], images[1:])
-        rows.append({"case": i, "source": src, "target": tgt, "seed": seed, "variant": v.label, "group": v.group,
-                     **{k: float(scores[k]) for k in METRICS}})
-        if i < grid_cases:
-            if v.group == "plain":
-                grid.setdefault("source", []).append((images[0], f"{seed}: {src}"))
-            grid.setdefault(v.label, []).append((images[1], f"{seed}: {tgt}"))
-    return pd.DataFrame(rows), list(grid.items())
+    """Every case × row, ``batch`` cases per sampling call, scored by ``checker``; returns the per-edit
+    rows and the edit grid's rows (label, [(image, caption)] for the first ``grid_cases`` cases)."""
+    pipe, (steps, guidance) = rows.pipe, rows.sampling
+    out_rows, grid = [], {}
+    chunks = [list(range(i, min(i + batch, len(cases)))) for i in range(0, len(cases), batch)]
+    todo = [(chunk, label) for chunk in chunks for label in rows.labels]
+    for chunk, label in tqdm(todo, desc=f"edits ({len(cases)} cases × {len(rows.labels)} rows)", disable=not progress):
+        pairs = [cases[i][:2] for i in chunk]
+        latents = initial_latents(pipe, [cases[i][2] for i in chunk])  # (n, C, h, w)
+        out = replacement_edits(pipe, pairs, latents, rows.hooks(len(chunk))[label], steps, guidance, progress=False)
+        images = decode(pipe, out)  # (2n, 3, H, W): source, edited of each case
+        for k, i in enumerate(chunk):
+            src, tgt, seed = cases[i]
+            source, edited = images[2 * k:2 * k + 1], images[2 * k + 1:2 * k + 2]
+            scores = checker(src, tgt, source, edited)
+            out_rows.append({"case": i, "source": src, "target": tgt, "seed": seed, "variant": label,
+                             "group": rows.groups[label], **{m: float(scores[m]) for m in METRICS}})
+            if i < grid_cases:
+                if label == PLAIN:
+                    grid.setdefault("source", []).append((source, f"{seed}: {src}"))
+                grid.setdefault(label, []).append((edited, f"{seed}: {tgt}"))
+    return pd.DataFrame(out_rows), list(grid.items())
 
 
 def _per_case(df: pd.DataFrame, label: str, metric: str) -> np.ndarray:
@@ -324,8 +334,8 @@ def run(cfg: DictConfig) -> dict:
     name = str(cfg.model.name)
     checker = instantiate(c.checkers[name]) if name in c.checkers else None
     # everything that can be refused (layer ranges, words, prompts) is refused before any work
-    sweep, cross_all, middle = sweep_variants(pipe, c)
-    tokens = token_variants(pipe, c)
+    sweep, cross_all, middle, middle_layers = sweep_rows(pipe, c)
+    tokens = EditRows(pipe, [("tokens", c.ablations.tokens)])
     pairs = [tuple(p) for p in plain(c.edits.sweep_pairs)]
     check_prompts(pipe.tokenizer, [x for p in pairs for x in p] + [c.ablations.tokens.source_prompt,
                                                                      c.ablations.tokens.target_prompt])
@@ -350,20 +360,20 @@ def run(cfg: DictConfig) -> dict:
         claim_d = Claim("d", "Fig. 5: a non-edited word's cross map replaced / subtracted can break the edit",
                         skip_reason=skip)
     else:
-        seeds = [int(s) for s in c.edits.seeds]
+        seeds, token_seeds = [int(s) for s in c.edits.seeds], [int(s) for s in c.edits.token_seeds]
         sweep_cases = [(s, t, seed) for s, t in pairs for seed in seeds]
-        df, grid = run_edits(pipe, sweep_cases, sweep, checker, cfg.progress, c.edits.grid_cases)
+        df, grid = run_edits(sweep, sweep_cases, checker, c.edits.batch, cfg.progress, c.edits.grid_cases)
         df.to_csv(out / "sweep_edits.csv", index=False)
         ivs = variant_intervals(df, c)
         claim_c = sweep_claim(df, c, cross_all, middle)
         claim_c.numbers = {label: {m: iv.to_dict() for m, iv in ms.items()} for label, ms in ivs.items()}
-        panels = {kind: {v.label: ivs[v.label] for v in sweep if v.group == kind} for kind in ("cross", "self")}
+        panels = {kind: {x: ivs[x] for x in sweep.labels if sweep.groups[x] == kind} for kind in ("cross", "self")}
         files["sweep_figure"] = sweep_figure(panels, ivs[PLAIN], out / "layer_sweep.png",
                                              f"Fig. 4 layer sweep, model {name}, {len(sweep_cases)} cases")
         _save_grid(grid, out / "sweep_grid.png", c.edits.cell)
         t = c.ablations.tokens
-        token_cases = [(t.source_prompt, t.target_prompt, seed) for seed in seeds]
-        tdf, tgrid = run_edits(pipe, token_cases, tokens, checker, cfg.progress, c.edits.grid_cases)
+        token_cases = [(t.source_prompt, t.target_prompt, seed) for seed in token_seeds]
+        tdf, tgrid = run_edits(tokens, token_cases, checker, c.edits.batch, cfg.progress, c.edits.grid_cases)
         tdf.to_csv(out / "token_edits.csv", index=False)
         tivs = variant_intervals(tdf, c)
         claim_d = token_claim(tdf, c)
@@ -375,12 +385,14 @@ def run(cfg: DictConfig) -> dict:
             "## (c): the layer sweep (Fig. 4)", "",
             f"Pairs {pairs}, noise seeds {seeds}: {len(sweep_cases)} cases per row. Cross maps replaced on "
             f"{c.ablations.cross.steps} of the steps, self maps on {c.ablations.self.steps}; middle self layers = "
-            f"`{plain(c.edits.middle)}` → {middle}. Edit correct: the target's colour and shape found in the edited "
-            "image; mask IoU: object masks of source and edited (1 = layout kept). Mean [bootstrap interval].", "",
+            f"`{plain(c.edits.middle)}` → layers {middle_layers} ({middle}). Edit correct: the target's colour and "
+            "shape found in the edited image; mask IoU: object masks of source and edited (1 = layout kept). "
+            "Mean [bootstrap interval].", "",
             _md_table(interval_table(ivs), "rows"), "", "![layer sweep](layer_sweep.png)", "",
             "![edits of the sweep (rows: variants; columns: cases)](sweep_grid.png)", "",
             "## (d): token edits (Fig. 5)", "",
-            f"`{t.source_prompt}` → `{t.target_prompt}`, cross maps of all `{t.layers}` layers, noise seeds {seeds}.",
+            f"`{t.source_prompt}` → `{t.target_prompt}`, cross maps of the `{t.layers}` layers on {t.steps} of the "
+            f"steps, noise seeds {token_seeds}. Mean [bootstrap interval].",
             "", _md_table(interval_table(tivs), "rows"), "", "![token edits](token_edits.png)", "",
             "![token edit grid](token_grid.png)", ""]
 
