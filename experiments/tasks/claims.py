@@ -254,8 +254,8 @@ def run_edits(rows: EditRows, cases: list[tuple[str, str, int]], checker, batch:
                              "group": rows.groups[label], **{m: float(scores[m]) for m in METRICS}})
             if i < grid_cases:
                 if label == PLAIN:
-                    grid.setdefault("source", []).append((source, f"{seed}: {src}"))
-                grid.setdefault(label, []).append((edited, f"{seed}: {tgt}"))
+                    grid.setdefault("source", []).append((source, f"seed {seed}"))
+                grid.setdefault(label, []).append((edited, f"seed {seed}"))
     return pd.DataFrame(out_rows), list(grid.items())
 
 
@@ -389,7 +389,8 @@ def run(cfg: DictConfig) -> dict:
             "shape found in the edited image; mask IoU: object masks of source and edited (1 = layout kept). "
             "Mean [bootstrap interval].", "",
             _md_table(interval_table(ivs), "rows"), "", "![layer sweep](layer_sweep.png)", "",
-            "![edits of the sweep (rows: variants; columns: cases)](sweep_grid.png)", "",
+            f"![edits of the sweep (rows: variants; columns: the first {c.edits.grid_cases} cases, pair by "
+            "pair)](sweep_grid.png)", "",
             "## (d): token edits (Fig. 5)", "",
             f"`{t.source_prompt}` → `{t.target_prompt}`, cross maps of the `{t.layers}` layers on {t.steps} of the "
             f"steps, noise seeds {token_seeds}. Mean [bootstrap interval].",
