@@ -82,6 +82,7 @@ def test_every_probe_runs_on_the_default_model(probe, compose_cfg):
     ("eval_toy_edit", ["toy_edit.n=1", "model.steps=2"]),
     ("eval_toy", ["eval.per_combo=1", "eval.num_inference_steps=2", "eval.batch=70"]),
     ("claims", ["model.steps=2", "claims.probe.n_per_class=2", "claims.probe.seeds=[0]", "claims.edits.seeds=[0]",
+                "claims.edits.token_seeds=[0]",
                 "claims.edits.sweep_pairs=[[a red car,a blue car]]", "trainer.max_epochs=1", "logger=none"]),
 ])
 def test_every_experiment_runs_on_the_default_model(experiment, overrides, compose_cfg):
