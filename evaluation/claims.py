@@ -51,14 +51,16 @@ def _values(values: Sequence[float]) -> np.ndarray:
     return v
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
-    """Student-t interval of the mean of ``values`` (seeds)."""
+def t_interval(values: Sequence[float], level: float = 0.95,
+               bounds: tuple[float, float] = (-math.inf, math.inf)) -> Interval:
+    """Student-t interval of the mean of ``values`` (seeds), clipped to the quantity's possible range
+    ``bounds`` (e.g. (0, 1) for an accuracy; clipping never lowers the coverage)."""
     v = _values(values)
     mean = float(v.mean())
     if v.size < 2:
         return Interval(mean, -math.inf, math.inf, int(v.size), "t")
     half = float(stats.t.ppf((1 + level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return Interval(mean, mean - half, mean + half, int(v.size), "t")
+    return Interval(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), int(v.size), "t")
 
 
 def bootstrap_interval(values: Sequence[float], level: float = 0.95, n_boot: int = 2000,

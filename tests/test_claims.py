@@ -23,6 +23,8 @@ def test_t_interval_is_the_student_t_interval():
     assert iv.method == "t" and iv.n == 3
     assert iv.mean == pytest.approx(0.7) and (iv.lo, iv.hi) == (pytest.approx(0.7 - half), pytest.approx(0.7 + half))
     assert t_interval([0.5, 0.7, 0.9], level=0.5).hi < iv.hi  # a lower level gives a narrower interval
+    clipped = t_interval([0.9, 1.0, 1.0], bounds=(0.0, 1.0))  # an accuracy: the interval stays inside [0, 1]
+    assert clipped.hi == 1.0 and clipped.lo == t_interval([0.9, 1.0, 1.0]).lo < 0.9
     one = t_interval([0.8])
     assert one.mean == 0.8 and (one.lo, one.hi) == (-math.inf, math.inf)  # one seed: no interval
 

@@ -42,6 +42,7 @@ from sdattn.sampling import check_prompts, decode, initial_latents
 
 METRICS = {"edit_ok": "edit correct", "mask_iou": "mask IoU source↔edited"}
 PLAIN = "target (no edit)"
+ACCURACY, DIFFERENCE = (0.0, 1.0), (-1.0, 1.0)  # possible ranges: intervals are clipped to them
 CAPTURE_KEYS = ("family", "steps", "grid", "layers", "num_inference_steps", "guidance_scale", "batch_size")
 
 
@@ -145,12 +146,12 @@ def probe_claims(probes: dict, c: DictConfig) -> tuple[Claim, Claim, dict]:
     runs, chance, th, level = probes["runs"], probes["chance"], c.thresholds, c.level
     colour, self_, no_col, noun = (probes["sets"][0], "self", f"cross: {c.words.no_colour}",
                                    f"cross: {c.words.colour}")
-    mean = {s: t_interval(layer_mean(runs, s), level) for s in probes["sets"]}
+    mean = {s: t_interval(layer_mean(runs, s), level, ACCURACY) for s in probes["sets"]}
     a = Claim("a", "colour is decodable from the colour word's cross-attention maps, far above chance and "
               "above the self-attention maps (Tables 1 vs 2; probe accuracy, mean over layers)", [
                   Check(f"{colour}", mean[colour], ">", th.a_min_ratio_to_chance * chance, percent=True),
-                  Check(f"{colour} − self", t_interval(layer_mean(runs, colour) - layer_mean(runs, self_), level),
-                        ">", th.a_min_margin_over_self, percent=True)],
+                  Check(f"{colour} − self", t_interval(layer_mean(runs, colour) - layer_mean(runs, self_), level,
+                                                       DIFFERENCE), ">", th.a_min_margin_over_self, percent=True)],
               numbers={"self": mean[self_].to_dict(), "chance": chance})
     b = Claim("b", f"the map of {c.words.no_colour!r} carries no colour, the map of {c.words.colour!r} some "
               "(Table 3; probe accuracy, mean over layers)", [
@@ -168,10 +169,10 @@ def probe_table(probes: dict, level: float) -> tuple[pd.DataFrame, dict]:
         sub = runs[runs.set == s]
         cells, by_index = {}, {}
         for label in dict.fromkeys(sub.layer):
-            iv = t_interval(sub[sub.layer == label].accuracy.to_numpy(), level)
+            iv = t_interval(sub[sub.layer == label].accuracy.to_numpy(), level, ACCURACY)
             cells[f"L{label.rsplit('-', 1)[1]}"] = iv.format(percent=True)
             by_index[int(label.rsplit("-", 1)[1])] = iv  # labels are "<kind>-<index>"
-        cells["mean over layers"] = t_interval(layer_mean(runs, s), level).format(percent=True)
+        cells["mean over layers"] = t_interval(layer_mean(runs, s), level, ACCURACY).format(percent=True)
         table[s], per_layer[s] = cells, by_index
     df = pd.DataFrame(table).T
     df.loc["chance"] = f"{probes['chance'] * 100:.1f}%"
