@@ -24,7 +24,8 @@ STEP_COUNTS = ("num_inference_steps", "inversion_steps", "model.steps")  # int â
 FRACTIONS = ("self_replace_steps", "cross_replace_steps", "feature_steps", "attn_steps", "strength",
              "inpaint_strength", "mask_encode_strength", "test_fraction", "ablation.steps",
              "claims.ablations.cross.steps", "claims.ablations.self.steps", "claims.ablations.tokens.steps")
-POSITIVE_INTS = ("limit", "n_per_class", "batch_size", "per_combo", "n", "threads", "components", "pairs_per_kind")
+POSITIVE_INTS = ("limit", "n_per_class", "batch_size", "per_combo", "n", "threads", "components", "pairs_per_kind",
+                 "bootstrap")
 GUIDANCE = ("guidance_scale", "image_guidance_scale")
 
 

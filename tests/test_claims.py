@@ -130,3 +130,18 @@ def test_batched_replacement_edits_equal_one_pair_at_a_time(tiny_pipe):
     assert together.shape == alone.shape == (4, *plain.shape[1:])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(alone[1], plain[1], atol=1e-3)  # the hooks did edit the target
+
+
+@pytest.mark.parametrize("override,message", [
+    ("claims.edits.batch_size=0", "claims.edits.batch_size=0: allowed an integer ≥ 1"),
+    ("claims.edits.bootstrap=0", "claims.edits.bootstrap=0: allowed an integer ≥ 1"),
+    ("claims.ablations.self.steps=1.5", "claims.ablations.self.steps=1.5 is outside [0, 1]"),
+    ("claims.probe.seeds=[]", "claims.probe.seeds=[] is empty"),
+])
+def test_bad_claims_settings_are_one_line_before_anything_runs(override, message):
+    from experiments.cli import check_command_line
+    from sdattn.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        check_command_line(["experiment=claims", override])
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -362,7 +362,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         seeds, token_seeds = [int(s) for s in c.edits.seeds], [int(s) for s in c.edits.token_seeds]
         sweep_cases = [(s, t, seed) for s, t in pairs for seed in seeds]
-        df, grid = run_edits(sweep, sweep_cases, checker, c.edits.batch, cfg.progress, c.edits.grid_cases)
+        df, grid = run_edits(sweep, sweep_cases, checker, c.edits.batch_size, cfg.progress, c.edits.grid_cases)
         df.to_csv(out / "sweep_edits.csv", index=False)
         ivs = variant_intervals(df, c)
         claim_c = sweep_claim(df, c, cross_all, middle)
@@ -373,7 +373,7 @@ def run(cfg: DictConfig) -> dict:
         _save_grid(grid, out / "sweep_grid.png", c.edits.cell)
         t = c.ablations.tokens
         token_cases = [(t.source_prompt, t.target_prompt, seed) for seed in token_seeds]
-        tdf, tgrid = run_edits(tokens, token_cases, checker, c.edits.batch, cfg.progress, c.edits.grid_cases)
+        tdf, tgrid = run_edits(tokens, token_cases, checker, c.edits.batch_size, cfg.progress, c.edits.grid_cases)
         tdf.to_csv(out / "token_edits.csv", index=False)
         tivs = variant_intervals(tdf, c)
         claim_d = token_claim(tdf, c)
