@@ -81,6 +81,9 @@ def probe_sets(c: DictConfig) -> list[ProbeSet]:
     p = c.probes
     if p.cross.kind != "cross" or p.self.kind != "self" or p.tokens.kind != "cross":
         raise UserError("claims.probes: cross and tokens must probe cross-attention maps, self self-attention maps")
+    if not p.cross.family == p.self.family == p.tokens.family:
+        raise UserError(f"claims.probes: one prompt family for all probes, not {p.cross.family!r}, {p.self.family!r} "
+                        f"and {p.tokens.family!r}")
     sets = [ProbeSet(f"cross: {w.replace('{cls}', 'colour word')}", p.cross, w) for w in p.cross.tokens]
     sets.append(ProbeSet("self", p.self, None))
     sets += [ProbeSet(f"cross: {w}", p.tokens, w) for w in p.tokens.tokens if w not in p.cross.tokens]
@@ -142,7 +145,7 @@ def layer_mean(runs: pd.DataFrame, name: str) -> np.ndarray:
     return runs[runs.set == name].groupby("seed").accuracy.mean().sort_index().to_numpy()
 
 
-def probe_claims(probes: dict, c: DictConfig) -> tuple[Claim, Claim, dict]:
+def probe_claims(probes: dict, c: DictConfig) -> tuple[Claim, Claim]:
     runs, chance, th, level = probes["runs"], probes["chance"], c.thresholds, c.level
     colour, self_, no_col, noun = (probes["sets"][0], "self", f"cross: {c.words.no_colour}",
                                    f"cross: {c.words.colour}")
@@ -158,7 +161,7 @@ def probe_claims(probes: dict, c: DictConfig) -> tuple[Claim, Claim, dict]:
                   Check(no_col, mean[no_col], "<", chance + th.b_max_above_chance, percent=True),
                   Check(noun, mean[noun], ">", chance + th.b_min_above_chance, percent=True)],
               numbers={"chance": chance})
-    return a, b, mean
+    return a, b
 
 
 def probe_table(probes: dict, level: float) -> tuple[pd.DataFrame, dict]:
@@ -341,7 +344,7 @@ def run(cfg: DictConfig) -> dict:
                                                                      c.ablations.tokens.target_prompt])
 
     probes = run_probes(cfg, pipe)
-    claim_a, claim_b, _ = probe_claims(probes, c)
+    claim_a, claim_b = probe_claims(probes, c)
     table, per_layer = probe_table(probes, c.level)
     probes["runs"].to_csv(out / "probe_runs.csv", index=False)
     files = {"probe_figure": probe_figure(per_layer, probes["chance"], out / "probe_layers.png",
