@@ -5,10 +5,15 @@ Reading: EXIF orientation applied; first frame of multi-frame files; 16-bit (``I
 from their full range (``convert("RGB")`` would clip them to white); palette, CMYK, YCbCr, LAB, HSV
 converted; transparency composited on white. Float (``F``) and other modes are refused with one line.
 
-Fitting (``resize``): ``squash`` — resized to the model's size whatever the aspect ratio (the official
-FPE code's ``Image.resize((512, 512))``, PIL's default bicubic; the default, for reproducing its
-benchmarks); ``crop`` — the shorter side resized to fit (Lanczos), then centre-cropped. Both accept any
-size (smaller images are upsampled).
+Fitting (``resize``), each as one official code does it:
+- ``squash`` (default) — resized to the model's size whatever the aspect ratio with PIL's bicubic
+  (``Image.resize((512, 512))``, as P2P's and FPE's null-text notebooks resize after their crop);
+- ``squash_nearest`` — the same squash with ``torch.nn.functional.interpolate``'s default nearest
+  neighbour on the image tensor: exactly FPE's ``edit_real.ipynb`` and MasaCtrl's ``load_image``
+  (aliases when a large photo is shrunk, hence not the default);
+- ``crop`` — centre-cropped to the model's aspect ratio, then PIL bicubic: P2P's ``load_512``
+  (square crop, ``Image.resize((512, 512))``).
+All accept any size (smaller images are upsampled).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdattn.errors import UserError
 
-RESIZE_MODES = ("squash", "crop")
+RESIZE_MODES = ("squash", "squash_nearest", "crop")
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 DIRECT = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV")  # PIL converts these to RGB exactly
 WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -84,14 +89,15 @@ def fit_image(img: Image.Image, size: tuple[int, int], resize: str = "squash") -
         raise UserError(f"resize={resize!r} is not one of {list(RESIZE_MODES)}")
     h, w = size
     fit = ImageFit((img.width, img.height), (w, h), resize)
-    if resize == "squash":
-        img = img.resize((w, h), Image.BICUBIC) if fit.resized else img
-    else:
-        scale = max(h / img.height, w / img.width)
-        new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
-        img = img.resize(new, Image.LANCZOS) if new != img.size else img
-        left, top = (img.width - w) // 2, (img.height - h) // 2
-        img = img.crop((left, top, left + w, top + h))
+    if resize == "squash_nearest":  # the official torch path: uint8 → float tensor → nearest neighbour
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float()  # (1, 3, h0, w0)
+        x = torch.nn.functional.interpolate(x, (h, w)) if fit.resized else x
+        return x / 255, fit
+    if resize == "crop":  # the largest centred box of the model's aspect ratio
+        cw, ch = min(img.width, round(img.height * w / h)), min(img.height, round(img.width * h / w))
+        left, top = (img.width - cw) // 2, (img.height - ch) // 2
+        img = img.crop((left, top, left + cw, top + ch))
+    img = img.resize((w, h), Image.BICUBIC) if img.size != (w, h) else img
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
     return x, fit
 

@@ -7,6 +7,9 @@ so no attention map is materialised and the cost equals plain sampling.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from collections.abc import Sequence
 
 import torch
@@ -16,20 +19,29 @@ from sdattn.hooks import AttentionHook, StepState
 from sdattn.layers import LayerId, LayerSelector
 
 
+def step_fractions(spec, key: str = "step fraction") -> tuple[float, float]:
+    """The rule for a step fraction: f in [0, 1] → (0, f); a pair [a, b] with 0 ≤ a ≤ b ≤ 1 → (a, b).
+
+    ``key`` names the setting in the error (``edit.self_replace_steps``); the CLI checks every such key
+    with this rule before running anything.
+    """
+    def number(x) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+    if number(spec):
+        if not (math.isfinite(spec) and 0 <= spec <= 1):
+            raise UserError(f"{key}={spec!r} is outside [0, 1]; allowed: a fraction of the steps, or [start, end]")
+        return 0.0, float(spec)
+    if isinstance(spec, (list, tuple)) and len(spec) == 2 and all(number(v) for v in spec):
+        if not all(math.isfinite(v) and 0 <= v <= 1 for v in spec) or spec[0] > spec[1]:
+            raise UserError(f"{key}={list(spec)!r}: allowed [start, end] with 0 ≤ start ≤ end ≤ 1")
+        return float(spec[0]), float(spec[1])
+    raise UserError(f"{key}={spec!r} is not a fraction; allowed: a number in [0, 1] or [start, end]")
+
+
 def step_range(spec, num_steps: int) -> set[int]:
     """Active steps: a fraction f → steps 0..round(f·N)-1; a pair [a, b] of fractions → round(a·N)..round(b·N)-1."""
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        start, end = 0.0, float(spec)
-    else:
-        try:
-            start, end = (float(x) for x in spec)
-        except (TypeError, ValueError):
-            raise UserError(f"step fraction {spec!r} must be a number in [0, 1] or a pair [start, end]") from None
-    for f in (start, end):
-        if not 0.0 <= f <= 1.0:
-            raise UserError(f"step fraction {f} is outside [0, 1]")
-    if start > end:
-        raise UserError(f"step range [{start}, {end}] is empty: start must be ≤ end")
+    start, end = step_fractions(spec)
     return set(range(round(start * num_steps), round(end * num_steps)))
 
 

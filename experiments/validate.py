@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from editing.images import RESIZE_MODES
+from editing.replace import step_fractions
 from evaluation.shards import parse_shard
 from sdattn.errors import UserError
 
@@ -42,18 +43,6 @@ def check_seed(key: str, value) -> None:
         raise UserError(f"{key}={value!r} is not a seed; allowed: an integer 0..{SEED_MAX}")
 
 
-def _check_fraction(key: str, value) -> None:
-    if _is_number(value):
-        if not (math.isfinite(value) and 0 <= value <= 1):
-            raise UserError(f"{key}={value!r} is outside [0, 1]; allowed: a fraction of the steps, or [start, end]")
-        return
-    if isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value):
-        if not all(math.isfinite(v) and 0 <= v <= 1 for v in value) or value[0] > value[1]:
-            raise UserError(f"{key}={value!r}: allowed [start, end] with 0 ≤ start ≤ end ≤ 1")
-        return
-    raise UserError(f"{key}={value!r} is not a fraction; allowed: a number in [0, 1] or [start, end]")
-
-
 def _check_value(key: str, name: str, value) -> None:
     """The rule of one leaf by its key name (``name`` is the last part of the dotted ``key``)."""
     if value is None:
@@ -66,7 +55,7 @@ def _check_value(key: str, name: str, value) -> None:
             raise UserError(f"{key}={value!r} is not a guidance scale; allowed: a finite number ≥ 1 "
                             "(1 disables classifier-free guidance)")
     elif name in FRACTIONS or key in FRACTIONS:
-        _check_fraction(key, value)
+        step_fractions(value, key)
     elif name in POSITIVE_INTS:
         if not _is_int(value) or value < 1:
             raise UserError(f"{key}={value!r}: allowed an integer ≥ 1 (or null for the default)")

@@ -29,7 +29,8 @@ def test_presets_and_step_ranges(tiny_pipe):
     assert select_layers(layers, "none") == [] and len(select_layers(layers, "all")) == 16
     assert [x.index for x in select_layers(layers, [2, "5-6"], "cross")] == [2, 5, 6]
     assert step_range(0.8, 50) == set(range(40)) and step_range([0.2, 0.5], 10) == {2, 3, 4}
-    for bad, match in [(1.5, r"outside \[0, 1\]"), ([0.6, 0.2], "empty"), ("x", "must be a number")]:
+    for bad, match in [(1.5, r"outside \[0, 1\]"), ([0.6, 0.2], r"0 ≤ start ≤ end ≤ 1"), ("x", "is not a fraction"),
+                       (float("nan"), r"outside \[0, 1\]"), ([0.1, True], "is not a fraction")]:
         with pytest.raises(UserError, match=match):
             step_range(bad, 50)
     with pytest.raises(UserError, match="out of range: this model has layers 1..16"):

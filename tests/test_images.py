@@ -12,7 +12,7 @@ from .conftest import SHARED
 
 
 @pytest.mark.parametrize("size", [(20, 40), (500, 375), (500, 333), (64, 64)])
-@pytest.mark.parametrize("resize", ["squash", "crop"])
+@pytest.mark.parametrize("resize", ["squash", "squash_nearest", "crop"])
 def test_every_size_is_accepted_and_reported(size, resize):
     img = Image.new("RGB", size, (200, 30, 30))
     x, fit = fit_image(img, (32, 32), resize)
@@ -37,6 +37,29 @@ def test_the_official_squash_is_pil_resize():
         pytest.skip("shared photo missing")
     ref = np.asarray(Image.open(photo).convert("RGB").resize((48, 40)))  # what the official code does
     ours = load_image(photo, (40, 48), "squash")
+    assert torch.equal((ours[0].permute(1, 2, 0) * 255).round().to(torch.uint8), torch.from_numpy(ref.copy()))
+
+
+def test_squash_nearest_is_the_official_fpe_and_masactrl_load_image():
+    photo = SHARED / "benchmarks" / "fpe" / "000141.jpg"
+    if not photo.exists():
+        pytest.skip("shared photo missing")
+    # edit_real.ipynb: read_image → [:3] → float / 127.5 - 1 → F.interpolate(image, (512, 512)) (nearest)
+    raw = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB")).copy()).permute(2, 0, 1)
+    ref = torch.nn.functional.interpolate(raw[None].float() / 127.5 - 1.0, (40, 48))
+    ours = load_image(photo, (40, 48), "squash_nearest") * 2 - 1
+    assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-6)
+    assert not torch.allclose(ours, load_image(photo, (40, 48), "squash") * 2 - 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(40, 80), (80, 40), (33, 33)])
+def test_crop_is_p2p_load_512(shape):
+    """P2P's load_512: the centred square (offset (w - h) // 2), then Image.resize((512, 512))."""
+    a = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    h, w = shape
+    sq = a[:, (w - h) // 2:(w - h) // 2 + h] if h < w else a[(h - w) // 2:(h - w) // 2 + w] if w < h else a
+    ref = np.asarray(Image.fromarray(sq).resize((32, 32)))
+    ours, _ = fit_image(Image.fromarray(a), (32, 32), "crop")
     assert torch.equal((ours[0].permute(1, 2, 0) * 255).round().to(torch.uint8), torch.from_numpy(ref.copy()))
 
 

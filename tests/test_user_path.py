@@ -41,6 +41,17 @@ def test_settings_come_with_the_weights(compose_cfg, sd_folder):
     assert compose_cfg("model=local", f"model.path={ROOT / 'models' / 'toy'}").model.steps == 25
 
 
+@pytest.mark.parametrize("probe", ["cross_attn", "self_attn", "cross_attn_tokens", "cross_attn_animal"])
+def test_toy_probe_tables_have_twenty_test_images_per_class(probe, compose_cfg, sd_folder):
+    """Per-class accuracies in 5 % steps on the default model; SD-1.x keeps its own (cheaper) split."""
+    def test_images(cfg):  # as probing.prompts.build_prompts splits
+        return max(1, round(cfg.probe.n_per_class * cfg.probe.test_fraction))
+
+    assert test_images(compose_cfg("model=toy", f"probe={probe}")) >= 20
+    sd = compose_cfg("model=toy", f"probe={probe}", f"model.path={sd_folder}").probe
+    assert (sd.n_per_class, sd.test_fraction) == (16, 0.25)
+
+
 def test_edit_on_a_folder_without_preset_equals_model_local(compose_cfg, sd_folder):
     """``edit=fpe model.path=<SD folder>`` (no model=) = the same edit with model=local: 50 steps, 7.5, 3-13."""
     runs = {}
