@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-
 from collections.abc import Sequence
 
 import torch
