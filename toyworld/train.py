@@ -36,7 +36,10 @@ from toyworld.model import (
     load_pipeline,
     save_pipeline,
 )
+from sdattn.settings import SETTINGS_FILE
 from toyworld.world import REPO_ROOT, load_world
+
+TOY_SETTINGS = REPO_ROOT / "models" / "toy" / SETTINGS_FILE  # the toy model's settings (steps, layers, ...)
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -317,6 +320,15 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
                    pipe.tokenizer, float(vae.config.scaling_factor), info, {}, make_logger)
 
 
+def settings_source(cfg) -> Path | None:
+    """The settings file an export carries: the init pipeline's own, else the shipped toy model's."""
+    if cfg.get("init_pipeline"):
+        own = resolve_path(cfg.init_pipeline) / SETTINGS_FILE
+        if own.is_file():
+            return own
+    return TOY_SETTINGS if TOY_SETTINGS.is_file() else None
+
+
 def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder, tokenizer,
             scaling, extra_info, extra_summary, make_logger) -> dict:
     unet_seconds = max(1.0, budget - (time.time() - t_start) - 30)
@@ -331,10 +343,15 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
         **extra_info, "config": OmegaConf.to_container(cfg),
     }
 
+    settings = settings_source(cfg)
+    settings_text = settings.read_text() if settings else None  # read now: the init folder may be overwritten
+
     def export(step: int, dest: Path | None = None) -> Path:
         dest = dest or work / "pipelines" / f"step_{step:06d}"
         pipe = assemble_pipeline(vae, dm.ema_unet, dm.ema_text, tokenizer)
         save_pipeline(pipe, dest)
+        if settings_text is not None:  # the folder runs with the toy model's settings wherever it is loaded
+            (dest / SETTINGS_FILE).write_text(settings_text)
         meta = dict(info, unet_steps=int(step), train_minutes=round((time.time() - t_start) / 60, 2))
         (dest / "toy_model.json").write_text(json.dumps(meta, indent=2))
         print(f"[toyworld] exported pipeline at step {step} -> {dest}", flush=True)
