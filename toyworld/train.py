@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from sdattn.settings import SETTINGS_FILE
 from toyworld.model import (
     MAX_LENGTH,
     assemble_pipeline,
@@ -36,7 +37,6 @@ from toyworld.model import (
     load_pipeline,
     save_pipeline,
 )
-from sdattn.settings import SETTINGS_FILE
 from toyworld.world import REPO_ROOT, load_world
 
 TOY_SETTINGS = REPO_ROOT / "models" / "toy" / SETTINGS_FILE  # the toy model's settings (steps, layers, ...)
@@ -312,7 +312,7 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     vae = pipe.vae.eval().requires_grad_(False)
     info = {"init_pipeline": str(cfg.init_pipeline), "init_unet_steps": prev.get("unet_steps"),
             "vae_steps": prev.get("vae_steps"), "vae_recon_mae_255": prev.get("vae_recon_mae_255"),
-            "previous_config": prev.get("config")}
+            "previous_config": prev.get("config"), "decoder_finetune": prev.get("decoder_finetune")}
     unet, text_encoder = pipe.unet.train(), pipe.text_encoder.train()
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
