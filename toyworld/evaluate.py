@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from sdattn.sampling import sample
 from toyworld.model import load_pipeline
-from toyworld.world import World, coverage, load_world, shape_template
+from toyworld.world import World, coverage, load_world, outline_coverage, shape_template
 
 NORM = 32  # normalised mask resolution for shape matching
 MIN_PIXELS = 20  # smaller foregrounds count as "no object found"
@@ -78,11 +78,14 @@ BLURS = (0.0, 1.0, 1.6, 2.2)  # px: templates also as a decoder would soften the
 
 
 @functools.lru_cache(maxsize=2048)
-def _sized_templates(shapes: tuple[str, ...], size: int) -> dict[str, list[np.ndarray]]:
-    """Per shape: normalised masks of the shape drawn at ``size`` px, sharp and Gaussian-softened."""
+def _sized_templates(shapes: tuple[str, ...], size: int, outline: int = 0) -> dict[str, list[np.ndarray]]:
+    """Per shape: normalised masks of the shape drawn at ``size`` px (with its ``outline`` px ring when
+    the world draws one), sharp and Gaussian-softened."""
     out: dict[str, list[np.ndarray]] = {}
     for s in shapes:
-        cov = np.pad(coverage(s, size), 4)
+        cov = np.pad(coverage(s, max(size - 2 * outline, 4)), 4 + outline)
+        if outline:
+            cov = outline_coverage(cov, outline)
         out[s] = []
         for sigma in BLURS:
             m = (ndimage.gaussian_filter(cov, sigma) if sigma else cov) >= 0.5
@@ -91,24 +94,28 @@ def _sized_templates(shapes: tuple[str, ...], size: int) -> dict[str, list[np.nd
     return out
 
 
-def classify_mask_shape(mask: np.ndarray, world: World | None = None) -> tuple[str, dict[str, float]]:
+def classify_mask_shape(mask: np.ndarray, world: World | None = None,
+                        outline: int = 0) -> tuple[str, dict[str, float]]:
     """Nearest shape template by soft IoU of the normalised mask; returns (shape, scores).
 
     Templates are drawn at the mask's own size, sharp and softened (a decoder rounds thin tips),
-    and a shape scores its best variant.
+    and a shape scores its best variant. ``outline`` > 0: the mask is object + outline ring, and so
+    are the templates.
     """
     world = world or load_world()
     m = _normalise_mask(mask)
     ys, xs = np.nonzero(mask)
     size = int(max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1))
     scores = {}
-    for s, ts in _sized_templates(tuple(world.shapes), max(size, 6)).items():
+    for s, ts in _sized_templates(tuple(world.shapes), max(size, 6), outline).items():
         scores[s] = max(float(np.minimum(m, t).sum() / max(np.maximum(m, t).sum(), 1e-6)) for t in ts)
     return max(scores, key=scores.get), scores
 
 
-def foreground_mask(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(bool mask of the main object, background RGB) of a uint8 HxWx3 image."""
+def foreground_mask(img: np.ndarray, enclosed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(bool mask of the main object, background RGB) of a uint8 HxWx3 image. ``enclosed``: the
+    object sits inside a ring (an outline), so holes are filled before the largest part is kept
+    (an object close to the background colour is then joined to its ring)."""
     a = img.astype(np.float32)
     border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
                              a[:, -2:].reshape(-1, 3)])
@@ -119,6 +126,8 @@ def foreground_mask(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     peak = float(np.percentile(dist, 99.5))
     thr = max(0.5 * peak, 2.0 * noise, 20.0)
     mask = dist > thr
+    if enclosed:
+        mask = ndimage.binary_fill_holes(mask)
     lab, n = ndimage.label(mask)
     if n == 0:
         return np.zeros(mask.shape, bool), bg
@@ -127,21 +136,45 @@ def foreground_mask(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ndimage.binary_fill_holes(mask), bg
 
 
+def _disc(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius**2 + radius  # the renderer's outline disc
+
+
 def classify_image(img, world: World | None = None) -> tuple[str | None, str | None, np.ndarray]:
-    """(colour name, shape name, bool mask) of a toy-world image; (None, None, mask) if no object."""
+    """(colour name, shape name, bool mask) of a toy-world image; (None, None, mask) if no object.
+
+    In a world with outlines (``style.outline_width`` w > 0) the foreground is object + ring: its shape
+    is matched against outlined templates, the object mask is the foreground eroded by the outline's
+    disc, and the colour is the mean of the pixels deeper than w + 1.5 px inside the foreground
+    (the object's interior, away from the ring; the deepest pixels for thin objects).
+    """
     world = world or load_world()
     a = to_uint8(img)
-    mask, _bg = foreground_mask(a)
+    w = world.outline_width
+    mask, _bg = foreground_mask(a, enclosed=bool(w))
     if mask.sum() < MIN_PIXELS:
         return None, None, mask
+    if w:
+        depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        sel = depth >= w + 1.5
+        if sel.sum() < MIN_PIXELS // 2:
+            sel = depth >= np.sort(depth[mask])[-min(MIN_PIXELS // 2, int(mask.sum()))]
+        shape, _ = classify_mask_shape(mask, world, outline=w)
+        obj = ndimage.binary_erosion(np.pad(mask, w + 1), structure=_disc(w))[w + 1:-w - 1, w + 1:-w - 1]
+        return _nearest_color(a[sel], world), shape, obj
     inner = ndimage.binary_erosion(mask, iterations=1)
     sel = inner if inner.sum() >= MIN_PIXELS // 2 else mask
-    mean = a[sel].astype(np.float32).mean(axis=0)
+    shape, _ = classify_mask_shape(mask, world)
+    return _nearest_color(a[sel], world), shape, mask
+
+
+def _nearest_color(pixels: np.ndarray, world: World) -> str:
+    """The grammar's colour nearest to the mean of ``pixels`` (N, 3)."""
+    mean = pixels.astype(np.float32).mean(axis=0)
     names = list(world.colors)
     rgb = np.array([world.colors[n] for n in names], np.float32)
-    color = names[int(np.argmin(np.linalg.norm(rgb - mean, axis=1)))]
-    shape, _ = classify_mask_shape(mask, world)
-    return color, shape, mask
+    return names[int(np.argmin(np.linalg.norm(rgb - mean, axis=1)))]
 
 
 def validate_checker(n: int = 350, seed: int = 123, world: World | None = None) -> dict:

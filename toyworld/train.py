@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from sdattn.settings import SETTINGS_FILE
 from toyworld.model import (
     MAX_LENGTH,
     assemble_pipeline,
@@ -37,6 +38,8 @@ from toyworld.model import (
     save_pipeline,
 )
 from toyworld.world import REPO_ROOT, load_world
+
+TOY_SETTINGS = REPO_ROOT / "models" / "toy" / SETTINGS_FILE  # the toy model's settings (steps, layers, ...)
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -309,12 +312,21 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     vae = pipe.vae.eval().requires_grad_(False)
     info = {"init_pipeline": str(cfg.init_pipeline), "init_unet_steps": prev.get("unet_steps"),
             "vae_steps": prev.get("vae_steps"), "vae_recon_mae_255": prev.get("vae_recon_mae_255"),
-            "previous_config": prev.get("config")}
+            "previous_config": prev.get("config"), "decoder_finetune": prev.get("decoder_finetune")}
     unet, text_encoder = pipe.unet.train(), pipe.text_encoder.train()
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
                    pipe.tokenizer, float(vae.config.scaling_factor), info, {}, make_logger)
+
+
+def settings_source(cfg) -> Path | None:
+    """The settings file an export carries: the init pipeline's own, else the shipped toy model's."""
+    if cfg.get("init_pipeline"):
+        own = resolve_path(cfg.init_pipeline) / SETTINGS_FILE
+        if own.is_file():
+            return own
+    return TOY_SETTINGS if TOY_SETTINGS.is_file() else None
 
 
 def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder, tokenizer,
@@ -331,10 +343,15 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
         **extra_info, "config": OmegaConf.to_container(cfg),
     }
 
+    settings = settings_source(cfg)
+    settings_text = settings.read_text() if settings else None  # read now: the init folder may be overwritten
+
     def export(step: int, dest: Path | None = None) -> Path:
         dest = dest or work / "pipelines" / f"step_{step:06d}"
         pipe = assemble_pipeline(vae, dm.ema_unet, dm.ema_text, tokenizer)
         save_pipeline(pipe, dest)
+        if settings_text is not None:  # the folder runs with the toy model's settings wherever it is loaded
+            (dest / SETTINGS_FILE).write_text(settings_text)
         meta = dict(info, unet_steps=int(step), train_minutes=round((time.time() - t_start) / 60, 2))
         (dest / "toy_model.json").write_text(json.dumps(meta, indent=2))
         print(f"[toyworld] exported pipeline at step {step} -> {dest}", flush=True)

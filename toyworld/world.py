@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+from scipy import ndimage
 
 from sdattn.files import REPO_ROOT
 from sdattn.text import article
@@ -80,6 +81,19 @@ def coverage(shape: str, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32).clip(0, 1)
 
 
+def outline_coverage(cov: np.ndarray, width: int) -> np.ndarray:
+    """Anti-aliased coverage of the object dilated by ``width`` px (a disc), (H, W) in [0, 1]."""
+    r = np.arange(-width, width + 1)
+    disc = (r[:, None] ** 2 + r[None, :] ** 2) <= width**2 + width  # rounder than a square
+    return ndimage.grey_dilation(cov, footprint=disc)
+
+
+def shading_factor(n: int, y0: int, size: int, shading: float) -> np.ndarray:
+    """(n, n) brightness factor: 1 at the object's top row, 1 - shading at its bottom row."""
+    rows = ((np.arange(n, dtype=np.float32) - y0) / max(size - 1, 1)).clip(0, 1)
+    return np.broadcast_to((1 - shading * rows)[:, None], (n, n))
+
+
 # --------------------------------------------------------------------------- world / grammar
 @dataclass
 class Render:
@@ -102,6 +116,20 @@ class World:
     backgrounds: dict[str, dict]
     background_probs: dict[str, float]
     articles: list[str] = field(default_factory=lambda: ["a", "an"])
+    style: dict = field(default_factory=dict)  # colour-independent object structure (see the YAML's style:)
+
+    # ---- style (outline ring, vertical shading); all 0 = plain flat objects
+    @property
+    def outline_width(self) -> int:
+        return int(self.style.get("outline_width", 0))
+
+    @property
+    def shading(self) -> float:
+        return float(self.style.get("shading", 0.0))
+
+    def outline_rgb(self, background: str) -> tuple[int, int, int]:
+        """The outline's colour on ``background`` (its own ``outline_rgb``, else the style's)."""
+        return tuple(self.backgrounds[background].get("outline_rgb") or self.style.get("outline_rgb", (20, 20, 20)))
 
     # ---- vocabulary and prompts
     @property
@@ -159,8 +187,9 @@ class World:
         lo, hi = self.size_range
         r = int(rng.integers(lo, hi + 1))
         size = 2 * r
-        x0 = int(rng.integers(self.margin, self.image_size - self.margin - size + 1))
-        y0 = int(rng.integers(self.margin, self.image_size - self.margin - size + 1))
+        margin = self.margin + self.outline_width  # the outline ring keeps off the border too
+        x0 = int(rng.integers(margin, self.image_size - margin - size + 1))
+        y0 = int(rng.integers(margin, self.image_size - margin - size + 1))
         return {"x0": x0, "y0": y0, "size": size}
 
     def render(self, color: str, shape: str, background: str = "none", *, seed: int | None = None,
@@ -184,7 +213,12 @@ class World:
         cov[y0:y0 + size, x0:x0 + size] = coverage(shape, int(size))[: n - y0, : n - x0]
         bg = np.array(self.backgrounds[background]["rgb"], np.float32)
         fg = np.array(self.colors[color], np.float32)
-        img = bg * (1 - cov[..., None]) + fg * cov[..., None]
+        img = np.broadcast_to(bg, (n, n, 3)).astype(np.float32)
+        if self.outline_width:
+            ring = outline_coverage(cov, self.outline_width)
+            img = img * (1 - ring[..., None]) + np.array(self.outline_rgb(background), np.float32) * ring[..., None]
+        fg_img = fg * shading_factor(n, y0, size, self.shading)[..., None]  # (n, n, 3)
+        img = img * (1 - cov[..., None]) + fg_img * cov[..., None]
         img = img + rng.normal(0.0, self.noise_std, img.shape).astype(np.float32)
         image = np.clip(np.round(img), 0, 255).astype(np.uint8)
         return Render(image=image, prompt=self.make_prompt(color, shape, background), color=color,
@@ -217,9 +251,11 @@ def _load_world(path: str) -> World:
         size_range=tuple(cfg["size_range"]),
         colors={k: tuple(int(c) for c in v) for k, v in cfg["colors"].items()},
         shapes=list(cfg["shapes"]),
-        backgrounds={k: {"phrase": v.get("phrase", "") or "", "rgb": tuple(v["rgb"])}
+        backgrounds={k: {"phrase": v.get("phrase", "") or "", "rgb": tuple(v["rgb"]),
+                         "outline_rgb": tuple(v["outline_rgb"]) if v.get("outline_rgb") else None}
                      for k, v in cfg["backgrounds"].items()},
         background_probs={k: float(v) for k, v in cfg["background_probs"].items()},
         articles=list(cfg.get("articles", ["a", "an"])),
+        style=dict(cfg.get("style") or {}),
     )
 

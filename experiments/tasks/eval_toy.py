@@ -21,4 +21,5 @@ def run(cfg) -> dict:
         seed=int(ev.seed),
         batch=int(ev.batch),
         threads=ev.threads,
+        grammar=ev.get("grammar"),
     )
