@@ -72,10 +72,12 @@ class RowInjection(AttentionHook):
     Subclasses give :meth:`active` (default: ``state.step in steps``) and :meth:`rows` → [(from, to)]
     batch rows for the current :class:`~sdattn.hooks.BatchLayout`.
 
-    Cost: one ``index_select`` (a gather along the batch) per injected tensor on active steps, with a
-    row index built once per run on the tensors' device; nothing on inactive steps. Under
-    ``torch.compile`` the step is read from ``state.step_index`` (a tensor) through a per-step table,
-    so compiled code never branches on, or guards, the step number.
+    Cost (eager): on active steps, each destination row of each injected tensor is overwritten in place
+    by its source row (one row copy per pair and tensor; q, k, v are this call's own projections, and
+    SDPA then reads the same strided views as unhooked layers do); nothing on inactive steps. Rows that
+    are both a source and a destination fall back to one ``index_select`` per tensor. Under
+    ``torch.compile`` the step is read from ``state.step_index`` (a tensor) through a per-step table
+    of row indices (``index_select``), so compiled code never branches on, or guards, the step number.
     """
 
     tensors: tuple[str, ...] = ("query", "key")
@@ -85,6 +87,7 @@ class RowInjection(AttentionHook):
         self.steps = steps
         self._built: tuple | None = None  # (layout, num_steps) the index tensors below are for
         self._index: torch.Tensor | None = None  # (B,) int64: row r reads row _index[r]
+        self._copies: list[tuple[int, int]] | None = None  # (from, to) row copies, or None: use _index
         self._table: torch.Tensor | None = None  # (num_steps, B) int64: _index on active steps, identity elsewhere
 
     def active(self) -> bool:
@@ -114,6 +117,9 @@ class RowInjection(AttentionHook):
         index = list(range(batch))
         for src, dst in self.rows(layout):
             index[dst] = src
+        pairs = [(src, dst) for dst, src in enumerate(index) if src != dst]
+        chained = {src for src, _ in pairs} & {dst for _, dst in pairs}
+        self._copies = None if chained else pairs  # in-place copies must not read a row already overwritten
         table = [index if on else list(range(batch)) for on in self._active_steps(num_steps or 0)]
         with torch.inference_mode(False):  # ordinary tensors, usable by any later caller
             self._index = torch.tensor(index, dtype=torch.long, device=device)
@@ -134,7 +140,11 @@ class RowInjection(AttentionHook):
             return super().attend(attn, query, key, value, mask)
         qkv = {"query": query, "key": key, "value": value}
         for name in self.tensors:
-            qkv[name] = qkv[name].index_select(0, index)
+            if self._copies is not None and not torch.compiler.is_compiling():
+                for src, dst in self._copies:  # (B, H, N, d) views of this call's projections: rows in place
+                    qkv[name][dst] = qkv[name][src]
+            else:
+                qkv[name] = qkv[name].index_select(0, index)
         return super().attend(attn, qkv["query"], qkv["key"], qkv["value"], mask)
 
 

@@ -96,6 +96,36 @@ def test_sdpa_identity_equals_explicit_source_map_and_only_target_cond_changes(t
     assert torch.allclose(step2[4], ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [[(2, 3)], [(2, 3), (0, 1)], [(0, 1), (1, 2)]])  # FPE, MasaCtrl, chained
+@pytest.mark.parametrize("tensors", [("query", "key"), ("key", "value")])
+def test_row_injection_equals_gathered_rows(rows, tensors):
+    """In-place row copies (eager) and the index_select fallback (rows both read and written) give
+    SDPA on the gathered rows: row ``dst`` reads the ORIGINAL row ``src``."""
+    from editing.replace import RowInjection
+    from sdattn.hooks import BatchLayout, StepState
+    from sdattn.layers import LayerId
+
+    class Rows(RowInjection):
+        def rows(self, layout):
+            return rows
+
+    layer = LayerId(index=1, kind="self", block="mid", height=1, width=2, name="x.attn1.processor")
+    state = StepState(step=0, num_steps=1, layout=BatchLayout(n=2), step_index=torch.zeros(1, dtype=torch.long))
+    hook = Rows(layer, state, steps={0})
+    attn = type("Attn", (), {"scale": 0.5})()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 6, 2, 3, generator=g).transpose(1, 2) for _ in range(3))  # (B, H, N, d) views
+    index = list(range(4))
+    for src, dst in rows:
+        index[dst] = src
+    ref = {"query": q, "key": k, "value": v}
+    ref = {n: t[index] if n in tensors else t for n, t in ref.items()}
+    expected = F.scaled_dot_product_attention(ref["query"], ref["key"], ref["value"], scale=0.5)
+    hook.tensors = tensors
+    out = hook.attend(attn, q.clone(), k.clone(), v.clone(), None)
+    assert torch.equal(out, expected)
+
+
 def test_token_map_replace_and_subtract(tiny_pipe):
     layer = LayerSelector(kinds="cross", indices=[4]).select(model_layers(tiny_pipe))[0]
     log = []
