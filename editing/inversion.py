@@ -41,7 +41,7 @@ def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_ste
     traj = [z]
     for t in tqdm(inverse.timesteps[:until], desc="DDIM inversion", disable=not progress, leave=False):
         model_in = inverse.scale_model_input(torch.cat([z, z]) if cfg else z, t)
-        noise = unet(model_in.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        noise = unet(model_in.to(context.dtype), t, encoder_hidden_states=context).sample.float()
         if cfg:
             noise_u, noise_c = noise.chunk(2)
             noise = noise_u + guidance_scale * (noise_c - noise_u)

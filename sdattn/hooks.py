@@ -165,7 +165,8 @@ class HookSet:
 
     def __init__(self, unet, layers: Sequence[LayerId], factory: Callable[[LayerId, StepState], AttentionHook]):
         self.unet = unet
-        self.state = StepState(step_index=torch.zeros(1, dtype=torch.long, device=unet.device))
+        device = next(unet.parameters()).device  # (diffusers' ``unet.device`` walks every module)
+        self.state = StepState(step_index=torch.zeros(1, dtype=torch.long, device=device))
         self.hooks: dict[str, AttentionHook] = {layer.name: factory(layer, self.state) for layer in layers}
         self._ctx = None
 

@@ -122,10 +122,12 @@ def guidance_context(cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.T
 
 def _unet_noise(unet, scheduler, latents: torch.Tensor, timestep, context: torch.Tensor,
                 guidance_scale: float) -> torch.Tensor:
-    """One UNet call on ``context``'s rows and classifier-free guidance when it has two rows per latent."""
+    """One UNet call on ``context``'s rows and classifier-free guidance when it has two rows per latent.
+    ``context`` is in the UNet's dtype (cast once by the caller): the latents follow it. (diffusers'
+    ``unet.dtype`` walks the module tree: ~2.5 ms a call on the toy model, 5 % of a step.)"""
     cfg = context.shape[0] == 2 * latents.shape[0]
     model_in = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, timestep)
-    noise = unet(model_in.to(unet.dtype), timestep, encoder_hidden_states=context).sample.float()
+    noise = unet(model_in.to(context.dtype), timestep, encoder_hidden_states=context).sample.float()
     if cfg:
         noise_u, noise_c = noise.chunk(2)
         noise = noise_u + guidance_scale * (noise_c - noise_u)
@@ -137,7 +139,7 @@ def guided_noise(unet, scheduler, latents: torch.Tensor, timestep, cond: torch.T
                  guidance_scale: float) -> torch.Tensor:
     """The noise prediction of one sampling step: one UNet call on rows ``[uncond × n, cond × n]`` and
     classifier-free guidance, or on ``cond`` alone when ``uncond`` is None. latents (n, C, h, w),
-    cond (n, L, D), uncond (1 or n, L, D) → (n, C, h, w) float32."""
+    cond (n, L, D) and uncond (1 or n, L, D) in the UNet's dtype and device → (n, C, h, w) float32."""
     return _unet_noise(unet, scheduler, latents, timestep, guidance_context(cond, uncond), guidance_scale)
 
 
