@@ -10,6 +10,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from sdattn.files import REPO_ROOT
+from sdattn.fingerprint import source_fingerprint
 from sdattn.models import read_vocab
 from sdattn.tokenizer import build_word_tokenizer
 
@@ -47,3 +48,13 @@ def load_clip(name: str | None, device=None) -> ClipMetrics:
     else:
         clip = ClipMetrics.from_pretrained(str(TOY_CLIP_PATH) if name == TOY_CLIP else name)
     return clip if device is None else ClipMetrics(clip.model, clip.tokenizer, device=device)
+
+
+def clip_fingerprint(name: str | None) -> str | None:
+    """What identifies the weights ``load_clip(name)`` loads (:mod:`sdattn.fingerprint`): a folder (``toy``
+    = models/toy_clip) by its contents, a hub id by its cached revision; None for ``tiny-random``, which
+    its name and this code's fixed seed identify."""
+    name = name or DEFAULT_CLIP_MODEL
+    if name == TINY_CLIP:
+        return None
+    return source_fingerprint(str(TOY_CLIP_PATH) if name == TOY_CLIP else name, "config.json")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from evaluation.metrics import check_images
 from sdattn.errors import UserError
+from sdattn.fingerprint import source_fingerprint
 from sdattn.hub import load_pretrained
 
 DEFAULT_DINO_MODEL = "facebook/dino-vitb8"
@@ -155,6 +156,15 @@ def tiny_dino(seed: int = 0, device: str | torch.device | None = None) -> Struct
         torch.manual_seed(seed)
         model = ViTModel(config, add_pooling_layer=False)
     return StructureDistance(model, device=device)
+
+
+def structure_fingerprint(name: str | None) -> str | None:
+    """What identifies the weights ``load_structure(name)`` loads (:mod:`sdattn.fingerprint`): a folder by
+    its contents, a hub id by its cached revision; None when there is no model or it is ``tiny-random``
+    (built from config with a fixed seed)."""
+    if name is None or str(name).strip().lower() == "none" or str(name) == "tiny-random":
+        return None
+    return source_fingerprint(str(name), "config.json")
 
 
 def load_structure(name: str | None, device: str | torch.device | None = None) -> StructureDistance | None:

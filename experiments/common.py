@@ -9,6 +9,7 @@ from hydra.utils import instantiate as _instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sdattn.errors import UserError
+from sdattn.fingerprint import settings_fingerprint, source_fingerprint
 from sdattn.models import load_pipeline
 from sdattn.speed import accelerate
 
@@ -45,6 +46,22 @@ def model_identity(cfg: DictConfig) -> dict:
     """What identifies the model's weights (for cache keys)."""
     m = OmegaConf.to_container(cfg.model, resolve=True)
     return {"name": m.get("name"), "path": m.get("path"), "pipeline": m.get("pipeline"), "dtype": cfg.dtype}
+
+
+def model_fingerprint(cfg: DictConfig, pipe) -> str:
+    """What identifies the weights ``pipe`` was loaded from for ``cfg.model`` (:mod:`sdattn.fingerprint`):
+    ``model.path``'s file or folder by its contents, a hub id (the one that loaded) by its cached revision,
+    a model built in memory (``tiny``, ``sd15_shaped``) by its build settings (seed included; the device
+    left out, as everywhere in the record meta)."""
+    m = cfg.model
+    if m.get("path"):
+        return source_fingerprint(m.path, "model_index.json")
+    source = getattr(pipe, "name_or_path", None)
+    if source:
+        return source_fingerprint(source, "model_index.json")
+    spec = dict(plain(m.pipeline))
+    spec.pop("device", None)
+    return settings_fingerprint(spec)
 
 
 def output_dir(cfg: DictConfig) -> Path:

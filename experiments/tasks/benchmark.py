@@ -22,13 +22,13 @@ from omegaconf import DictConfig
 
 from evaluation.datasets import LoadedDataset
 from evaluation.merge import shard_line, write_plan, write_tables_locked
-from evaluation.metric_models import load_clip
+from evaluation.metric_models import clip_fingerprint, load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
 from evaluation.runner import run_pairs
 from evaluation.shards import SHARD_KEY, parse_shard, shard_dataset
-from evaluation.structure import load_structure
+from evaluation.structure import load_structure, structure_fingerprint
 from evaluation.tables import table5_groups
-from experiments.common import close_logger, instantiate, load_model, make_logger, plain
+from experiments.common import close_logger, instantiate, load_model, make_logger, model_fingerprint, plain
 from sdattn.errors import UserError, first_line
 from toyworld.edit_benchmark import toy_scores
 
@@ -168,7 +168,10 @@ def run(cfg: DictConfig) -> dict:
     meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "structure": structure_name,
             "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
-            "method_cfg": method_settings(method_cfg), "resize": str(cfg.resize)}
+            "method_cfg": method_settings(method_cfg), "resize": str(cfg.resize),
+            # the weights themselves: a model retrained or replaced under the same name or path is other settings
+            "model_fingerprint": model_fingerprint(cfg, pipe), "clip_fingerprint": clip_fingerprint(clip_name),
+            "structure_fingerprint": structure_fingerprint(structure_name)}
     if shard:
         meta[SHARD_KEY] = str(shard)
     write_plan(out_dir, dataset, shard)
