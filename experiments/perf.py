@@ -31,6 +31,13 @@ machine disturbs far less than wall time. Memory, per call, max over the rounds:
   allocator's cache. RSS still counts the interpreter, libraries and weights ("peak") and can miss a
   peak shorter than the sampling interval.
 
+Lock-step (CPU, not compiled; ``--lockstep`` pairs per variant, 0 = off): the sequential rounds
+above cannot resolve a few per cent on a shared VM whose speed drifts ±30 % between seconds, so each
+variant is also run against its baseline in lock-step (:mod:`experiments.interleave`): two threads
+take turns at every UNet call, the variant on a twin pipeline sharing the weights, each timed by its
+own thread CPU time. "lock-step × baseline" is the median of those pairs' ratios (with the range);
+it is the number to read for small differences on CPU (FPE vs plain).
+
 Writes ``<out>/perf_<command>_<model>_<device>.json`` and ``.md`` (atomically) and prints the table.
 """
 
@@ -236,9 +243,11 @@ def measure_rounds(calls: dict[str, Callable[[], object]], device, rounds: int) 
     return out
 
 
-def summarise(raw: dict[str, dict], baselines: dict[str, str]) -> list[dict]:
-    """Medians, per-round paired ratios to each variant's baseline (median and range), memory maxima."""
+def summarise(raw: dict[str, dict], baselines: dict[str, str], lockstep: dict[str, dict] | None = None) -> list[dict]:
+    """Medians, per-round paired ratios to each variant's baseline (median and range), memory maxima;
+    ``lockstep``: :func:`experiments.interleave.lockstep_ratios` of the variants (others: none)."""
     rows = []
+    lockstep = lockstep or {}
     for name, r in raw.items():
         base = raw[baselines[name]]
         ratios = [a / b for a, b in zip(r["seconds"], base["seconds"])]
@@ -254,21 +263,29 @@ def summarise(raw: dict[str, dict], baselines: dict[str, str]) -> list[dict]:
             "cpu_ratio_min": min(cpu_ratios), "cpu_ratio_max": max(cpu_ratios),
             "peak": peak, "peak_ratio": peak / base_peak,
             "extra": extra, "extra_ratio": extra / base_extra if base_extra > 0 else float("nan"),
+            "lockstep": lockstep.get(name),
         })
     return rows
 
 
 def format_table(rows: list[dict], cpu: bool = False) -> str:
     """A Markdown table of the summarised rows; ``cpu``: with the calling thread's CPU time, which a
-    busy shared machine disturbs far less than wall time (one torch thread runs in the caller)."""
+    busy shared machine disturbs far less than wall time (one torch thread runs in the caller), and
+    the lock-step ratio where one was measured."""
     mib = 2 ** 20
-    cpu_head = " thread CPU s | × baseline (range) |" if cpu else ""
+    lock = cpu and any(r.get("lockstep") for r in rows)
+    cpu_head = (" thread CPU s | × baseline (range) |" if cpu else "") + (" lock-step × baseline (range) |"
+                                                                          if lock else "")
     out = [f"| variant | time s (min–max) | × baseline (range) |{cpu_head} peak MiB | × | extra MiB | × |",
-           "|---|---|---|" + ("---|---|" if cpu else "") + "---|---|---|---|"]
+           "|---|---|---|" + ("---|---|" if cpu else "") + ("---|" if lock else "") + "---|---|---|---|"]
     for r in rows:
         base = "" if r["baseline"] == r["variant"] else f" {r['baseline']}"
         cpu_cells = (f" {r['cpu_seconds']:.3f} | {r['cpu_ratio']:.3f} ({r['cpu_ratio_min']:.2f}–"
                      f"{r['cpu_ratio_max']:.2f}){base} |") if cpu else ""
+        if lock:
+            ls = r.get("lockstep")
+            cpu_cells += (f" **{ls['ratio']:.3f}** ({ls['ratio_min']:.2f}–{ls['ratio_max']:.2f}, "
+                          f"{len(ls['ratios'])} pairs) |" if ls else " – |")
         out.append(f"| {r['variant']} | {r['seconds']:.3f} ({r['seconds_min']:.3f}–{r['seconds_max']:.3f}) | "
                    f"{r['time_ratio']:.3f} ({r['time_ratio_min']:.2f}–{r['time_ratio_max']:.2f}){base} |{cpu_cells} "
                    f"{r['peak'] / mib:.0f} | {r['peak_ratio']:.3f} | {r['extra'] / mib:.1f} | "
@@ -301,6 +318,9 @@ def run(args) -> dict:
               "threads": args.threads, "machine": _machine(device),
               "memory": PeakMemory(device).method + ("" if released else " (malloc not told to release: noisier)"),
               "groups": {}}
+    lockstep = args.lockstep if device.type == "cpu" and not result["compile"] else 0
+    result["lockstep_pairs"] = lockstep
+    twin = None
     for group in groups:
         if group == "edit":
             calls, baselines, extra = edit_calls(pipe, cfg, steps), EDIT_BASELINE, {"prompts": 2}
@@ -308,8 +328,18 @@ def run(args) -> dict:
         else:
             calls, layers = capture_calls(pipe, cfg, steps, args.prompts)
             baselines, extra = CAPTURE_BASELINE, {"prompts": args.prompts, "layers": str(layers)}
-        rows = summarise(measure_rounds(calls, device, args.rounds), baselines)
-        result["groups"][group] = {**extra, "rows": rows}
+        raw = measure_rounds(calls, device, args.rounds)
+        paired = None
+        if lockstep:  # after the sequential rounds, so the twin's modules never count in their memory
+            from experiments.interleave import lockstep_ratios, twin_pipeline
+
+            twin = twin or twin_pipeline(pipe)
+            twin_calls = edit_calls(twin, cfg, steps) if group == "edit" else capture_calls(twin, cfg, steps,
+                                                                                           args.prompts)[0]
+            unets = (pipe.unet, twin.unet)
+            lockstep_ratios(calls, twin_calls, baselines, unets, 1)  # warm-up (the twin's first calls)
+            paired = lockstep_ratios(calls, twin_calls, baselines, unets, lockstep)
+        result["groups"][group] = {**extra, "rows": summarise(raw, baselines, paired)}
     text = render(result)
     out = Path(args.out or Path(cfg.paths.output_dir) / "perf")
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +365,9 @@ def render(result: dict) -> str:
             f"{', compiled' if result['compile'] else ''}, {result['steps']} DDIM steps, "
             f"CFG {result['guidance_scale']}; "
             f"median of {result['rounds']} alternating rounds after a warm-up; memory: {result['memory']}; "
-            f"torch threads {result['threads']}")
+            f"torch threads {result['threads']}"
+            + (f"; lock-step: {result['lockstep_pairs']} pairs per variant, turns at every UNet call"
+               if result.get("lockstep_pairs") else ""))
     parts = [head]
     for group, g in result["groups"].items():
         what = (f"edit: one pair, FPE layers {g['fpe_layers']}, images decoded" if group == "edit" else
@@ -356,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's model.steps)")
         p.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up (default 5)")
         p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+        p.add_argument("--lockstep", type=int, default=5,
+                       help="CPU: lock-step pairs per variant vs its baseline (default 5; 0 = off; "
+                            "not with compile=true or CUDA)")
         p.add_argument("--out", default=None, help="output folder (default: <paths.output_dir>/perf)")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. device=cuda dtype=float16 compile=true")
     return parser
@@ -365,6 +400,11 @@ def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     if args.prompts < 1 or args.rounds < 1 or args.threads < 1 or (args.steps is not None and args.steps < 1):
         _fail("--prompts, --rounds, --threads and --steps must be ≥ 1")
+    if args.lockstep < 0:
+        _fail(f"--lockstep {args.lockstep}: allowed an integer ≥ 0 (0 = no lock-step pairs)")
+    if args.lockstep and args.threads != 1:
+        _fail(f"--lockstep needs --threads 1 (got {args.threads}): its CPU time is the calling thread's; "
+              "give --lockstep 0 to time with more threads")
     from sdattn.errors import UserError
 
     try:
