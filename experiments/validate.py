@@ -23,8 +23,10 @@ SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range for non-negative see
 DTYPES = ("float32", "float16", "bfloat16")
 STEP_COUNTS = ("num_inference_steps", "inversion_steps", "model.steps")  # int ≥ 1 (by name, or full key)
 FRACTIONS = ("self_replace_steps", "cross_replace_steps", "feature_steps", "attn_steps", "strength",
-             "inpaint_strength", "mask_encode_strength", "test_fraction", "ablation.steps",
-             "claims.ablations.cross.steps", "claims.ablations.self.steps", "claims.ablations.tokens.steps")
+             "inpaint_strength", "mask_encode_strength", "test_fraction")
+# Ablation nodes (configs/ablation/*.yaml, placed at ``ablation`` or ``claims.ablations.<name>``): their
+# ``steps`` is a fraction of the sampling steps; ``steps`` elsewhere (model.steps, probe.steps) is not.
+ABLATION_NODES = ("ablation", "claims.ablations.*")
 POSITIVE_INTS = ("limit", "n_per_class", "batch_size", "per_combo", "n", "threads", "components", "pairs_per_kind",
                  "bootstrap")
 GUIDANCE = ("guidance_scale", "image_guidance_scale")
@@ -43,6 +45,13 @@ def check_seed(key: str, value) -> None:
         raise UserError(f"{key}={value!r} is not a seed; allowed: an integer 0..{SEED_MAX}")
 
 
+def _in_node(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``key``'s parent path matches one of ``patterns`` (dotted; ``*`` is one whole key)."""
+    parent = key.split(".")[:-1]
+    return any(len(p.split(".")) == len(parent) and all(a in ("*", b) for a, b in zip(p.split("."), parent))
+               for p in patterns)
+
+
 def _check_value(key: str, name: str, value) -> None:
     """The rule of one leaf by its key name (``name`` is the last part of the dotted ``key``)."""
     if value is None:
@@ -54,7 +63,7 @@ def _check_value(key: str, name: str, value) -> None:
         if not _is_number(value) or not math.isfinite(value) or value < 1:
             raise UserError(f"{key}={value!r} is not a guidance scale; allowed: a finite number ≥ 1 "
                             "(1 disables classifier-free guidance)")
-    elif name in FRACTIONS or key in FRACTIONS:
+    elif name in FRACTIONS or (name == "steps" and _in_node(key, ABLATION_NODES)):
         step_fractions(value, key)
     elif name in POSITIVE_INTS:
         if not _is_int(value) or value < 1:

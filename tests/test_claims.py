@@ -145,3 +145,16 @@ def test_bad_claims_settings_are_one_line_before_anything_runs(override, message
     with pytest.raises(UserError) as e:
         check_command_line(["experiment=claims", override])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_steps_of_any_ablation_node_are_fractions_and_other_steps_are_not():
+    """The rule is on the path: ``steps`` of every node under claims.ablations (a new one included) is a
+    fraction; model.steps (a step count) and probe.steps (step indices) are not."""
+    from experiments.cli import check_command_line
+    from sdattn.errors import UserError
+
+    extra = ["experiment=claims", "+ablation@claims.ablations.extra=fig4_self"]  # an ablation not in claims.yaml
+    with pytest.raises(UserError, match=r"^claims\.ablations\.extra\.steps=1\.5 is outside \[0, 1\]"):
+        check_command_line([*extra, "claims.ablations.extra.steps=1.5"])
+    check_command_line([*extra, "claims.ablations.extra.steps=[0.2,0.6]", "model.steps=25"])
+    check_command_line(["experiment=fig4_cross", "model.steps=25", "probe.steps=[0,1]"])

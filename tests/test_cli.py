@@ -60,6 +60,7 @@ def _cli(*args):
     (["probe.layers=[3,40]"], "error: layer index 40 is out of range: this model has layers 1..16"),
     (["model=sd15"], "error: model 'runwayml/stable-diffusion-v1-5' or 'stable-diffusion-v1-5/stable-diffusion-v1-5"
                      "' is not available offline"),
+    (["experiment=fig4_cross", "ablation.steps=1.5"], "error: ablation.steps=1.5 is outside [0, 1]"),
 ])
 def test_cli_bad_input_is_one_line(args, message, tmp_path):
     r = _cli("model=tiny", *args, f"hydra.run.dir={tmp_path}", "logger=none", "probe.n_per_class=2")

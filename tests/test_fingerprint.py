@@ -125,3 +125,21 @@ def test_benchmark_refuses_rows_of_other_weights_under_the_same_path(saved_tiny,
     with pytest.raises(UserError, match=r"holds rows made with other settings \(model_fingerprint\);"):
         bench()
     assert pairs.read_text() == rows and json.loads((Path(first["out_dir"]) / "meta.json").read_text()) == meta
+
+
+def test_probe_feature_cache_follows_the_weights(saved_tiny, tmp_path, compose_cfg, capsys):
+    model = shutil.copytree(saved_tiny, tmp_path / "model")
+    probe = ["model=tiny", f"model.path={model}", "probe=cross_attn", "probe.n_per_class=2", "probe.layers=[3]",
+             "probe.num_inference_steps=1", "probe.batch_size=40", "probe.shard=0/1", "logger=none"]
+
+    def capture() -> str:  # a one-shard run: captures into the cache, trains no probes
+        dispatch(compose_cfg(*probe))
+        return capsys.readouterr().out
+
+    first = capture()
+    n = int(first.split("probe capture shard 0/1: ")[1].split(" of ")[0])
+    assert n > 0 and f"{n} of {n} prompts captured now, 0 already cached" in first
+    assert f"0 of {n} prompts captured now, {n} already cached" in capture()  # same weights: cache hit
+    change_one_tensor(model / UNET_FILE)  # the model retrained in place, same path and settings
+    assert f"{n} of {n} prompts captured now, 0 already cached" in capture()
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2

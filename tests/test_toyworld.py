@@ -106,6 +106,29 @@ def test_outline_is_outside_the_object_and_the_checker_reads_both_worlds(world):
         assert m["color_accuracy"] >= 0.99 and m["shape_accuracy"] >= 0.99 and m["mask_iou"] > 0.95
 
 
+def test_outline_colour_default_is_read_from_the_grammar_only(tmp_path):
+    """The outline colour comes from the YAML (style: or the background); a world drawing outlines with
+    none is an error when loaded, naming the key; a flat world needs none."""
+    import yaml
+
+    from sdattn.errors import UserError
+
+    grammar = yaml.safe_load((REPO_ROOT / "datasets" / "toy_world.yaml").read_text())
+    del grammar["style"]["outline_rgb"], grammar["backgrounds"]["none"]["outline_rgb"]
+    (tmp_path / "no_colour.yaml").write_text(yaml.safe_dump(grammar))
+    with pytest.raises(UserError, match=r"style\.outline_rgb is not set and background 'none' has no outline_rgb"):
+        load_world(tmp_path / "no_colour.yaml")
+    grammar["style"]["outline_width"] = 0
+    (tmp_path / "flat.yaml").write_text(yaml.safe_dump(grammar))
+    flat = load_world(tmp_path / "flat.yaml")
+    r = flat.render("red", "car", "none", seed=4, x0=14, y0=14, size=30)
+    assert flat.outline_width == 0 and r.mask.any()
+    grammar["style"]["outline_width"], grammar["style"]["outline_rgb"] = 3, [1, 2, 3]
+    (tmp_path / "style_colour.yaml").write_text(yaml.safe_dump(grammar))
+    outlined = load_world(tmp_path / "style_colour.yaml")
+    assert outlined.outline_rgb("none") == (1, 2, 3) and outlined.outline_rgb("park") == (240, 240, 240)
+
+
 def test_outline_makes_colour_templates_correlate(world):
     """The diagnosis behind the outline (toyworld.diagnose): with the shipped VAE, the latent object
     templates of two colours at one place correlate more with an outline than without."""

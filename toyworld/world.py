@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
+from sdattn.errors import UserError
 from sdattn.files import REPO_ROOT
 from sdattn.text import article
 
@@ -127,9 +128,19 @@ class World:
     def shading(self) -> float:
         return float(self.style.get("shading", 0.0))
 
+    def __post_init__(self) -> None:
+        if self.outline_width > 0:  # every background needs an outline colour: an error now, not mid-render
+            for b in self.backgrounds:
+                self.outline_rgb(b)
+
     def outline_rgb(self, background: str) -> tuple[int, int, int]:
         """The outline's colour on ``background`` (its own ``outline_rgb``, else the style's)."""
-        return tuple(self.backgrounds[background].get("outline_rgb") or self.style.get("outline_rgb", (20, 20, 20)))
+        rgb = self.backgrounds[background].get("outline_rgb") or self.style.get("outline_rgb")
+        if rgb is None:
+            raise UserError(f"toy world: style.outline_rgb is not set and background {background!r} has no "
+                            f"outline_rgb, but style.outline_width is {self.outline_width}; set style.outline_rgb: "
+                            "[R, G, B] (or outline_width: 0 for flat objects)")
+        return tuple(rgb)
 
     # ---- vocabulary and prompts
     @property

@@ -13,7 +13,16 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from evaluation.shards import Shard, parse_shard
-from experiments.common import close_logger, instantiate, load_model, make_logger, model_identity, output_dir, plain
+from experiments.common import (
+    close_logger,
+    instantiate,
+    load_model,
+    make_logger,
+    model_fingerprint,
+    model_identity,
+    output_dir,
+    plain,
+)
 from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family, resolve_token, word_token_positions
@@ -33,10 +42,12 @@ def family_path(cfg: DictConfig) -> Path:
 def collect_features(cfg: DictConfig, pipe, prompts, layers, spec: CaptureSpec, family: dict,
                      shard: Shard | None = None) -> dict | None:
     """Features of every prompt, generated once and cached on disk (resumable). With ``shard``: only that
-    shard's prompts are captured (other shards may fill the same cache at once) and None is returned."""
+    shard's prompts are captured (other shards may fill the same cache at once) and None is returned.
+    The cache key holds the weights' fingerprint: a model retrained in place gets new features."""
     p = cfg.probe
     store = FeatureStore(Path(cfg.paths.cache_dir) / "features", {
-        "model": model_identity(cfg), "family": family, "kind": spec.kind, "tokens": list(spec.tokens),
+        "model": model_identity(cfg), "weights": model_fingerprint(cfg, pipe),
+        "family": family, "kind": spec.kind, "tokens": list(spec.tokens),
         "steps": str(spec.steps), "grid": spec.grid, "pool": spec.pool, "layers": [x.name for x in layers],
         "num_inference_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale,
     })
