@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from editing.fpe import fpe_generated
 from editing.grid import labelled_grid
 from experiments.common import load_model, output_dir, plain
+from sdattn.sampling import sample
 from toyworld.evaluate import classify_image
 from toyworld.world import load_world
 
@@ -38,15 +39,15 @@ def score_edit(pipe, world, src: str, tgt: str, seed: int, t) -> tuple[dict, lis
     """One FPE edit and the plain target from the same noise, checked: (row, grid row)."""
     kw = dict(num_inference_steps=t.num_inference_steps, guidance_scale=t.guidance_scale, progress=False)
     edit = fpe_generated(pipe, src, tgt, seed, layers=plain(t.layers), self_replace_steps=t.self_replace_steps, **kw)
-    unedited = fpe_generated(pipe, src, tgt, seed, layers="none", **kw)
+    unedited = sample(pipe, [tgt], seeds=[seed], **kw).images  # (1, 3, H, W): the target alone, same noise
     (sc, ss, sm), (ec, es, em), (pc, ps, pm) = (classify_image(x[0], world) for x in (
-        edit.images["source"], edit.images["edited"], unedited.images["edited"]))
+        edit.images["source"], edit.images["edited"], unedited))
     c1, c2 = world.parse_prompt(src)["color"], world.parse_prompt(tgt)["color"]
     row = {"source": src, "target": tgt, "seed": seed, "iou_edit": iou(sm, em), "iou_plain": iou(sm, pm),
            "edit_color_ok": ec == c2, "plain_color_ok": pc == c2, "edit_shape_kept": es == ss,
            "plain_shape_kept": ps == ss, "source_color_ok": sc == c1}
     grid = [(edit.images["source"][0], src), (edit.images["edited"][0], f"FPE: {c2}"),
-            (unedited.images["edited"][0], f"plain: {c2}")]
+            (unedited[0], f"plain: {c2}")]
     return row, grid
 
 
