@@ -131,6 +131,8 @@ class RowInjection(AttentionHook):
             self._build(self.state.step_index.device)
 
     def attend(self, attn, query, key, value, mask):
+        """As :meth:`AttentionHook.attend`; on active steps (eager) the injected rows of ``query`` /
+        ``key`` / ``value`` are overwritten in place (in a processor they are this call's projections)."""
         if torch.compiler.is_compiling():
             index = self._table.index_select(0, self.state.step_index)[0]  # (B,): identity on inactive steps
         elif self.active():

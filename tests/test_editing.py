@@ -67,8 +67,9 @@ class _Tap(AttentionHook):
         self.inner, self.log = inner, log
 
     def attend(self, attn, q, k, v, mask):
+        inputs = [x.detach().clone() for x in (q, k, v)]  # as projected: the inner hook may overwrite rows
         out = self.inner.attend(attn, q, k, v, mask)
-        self.log.append((self.state.step, q.detach().clone(), k.detach().clone(), v.detach().clone(), out))
+        self.log.append((self.state.step, *inputs, out))
         return out
 
 

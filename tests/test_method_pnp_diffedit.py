@@ -88,7 +88,8 @@ def test_qk_hook_gives_both_target_rows_the_source_map():
     hook = QKInject(None, state, steps={0})
     attn = SimpleNamespace(scale=0.5)
     q, k, v = (torch.randn(4, 2, 6, 3) for _ in range(3))
-    out = hook.attend(attn, q, k, v, None)
+    # attend overwrites injected rows of its q/k in place (in a processor: this call's own projections)
+    out = hook.attend(attn, q.clone(), k.clone(), v.clone(), None)
     plain = F.scaled_dot_product_attention(q, k, v, scale=0.5)
     s = state.layout.cond_row(SOURCE)
     for t in (state.layout.cond_row(TARGET), state.layout.uncond_row(TARGET)):
