@@ -133,20 +133,21 @@ class RowInjection(AttentionHook):
     def attend(self, attn, query, key, value, mask):
         """As :meth:`AttentionHook.attend`; on active steps (eager) the injected rows of ``query`` /
         ``key`` / ``value`` are overwritten in place (in a processor they are this call's projections)."""
+        qkv = {"query": query, "key": key, "value": value}
         if torch.compiler.is_compiling():
             index = self._table.index_select(0, self.state.step_index)[0]  # (B,): identity on inactive steps
         elif self.active():
             self._build(query.device)  # a no-op after prepare()
             index = self._index
+            if self._copies is not None:
+                for name in self.tensors:  # (B, H, N, d) views of this call's projections: rows in place
+                    for src, dst in self._copies:
+                        qkv[name][dst] = qkv[name][src]
+                return super().attend(attn, query, key, value, mask)
         else:
             return super().attend(attn, query, key, value, mask)
-        qkv = {"query": query, "key": key, "value": value}
         for name in self.tensors:
-            if self._copies is not None and not torch.compiler.is_compiling():
-                for src, dst in self._copies:  # (B, H, N, d) views of this call's projections: rows in place
-                    qkv[name][dst] = qkv[name][src]
-            else:
-                qkv[name] = qkv[name].index_select(0, index)
+            qkv[name] = qkv[name].index_select(0, index)
         return super().attend(attn, qkv["query"], qkv["key"], qkv["value"], mask)
 
 
