@@ -42,19 +42,23 @@ def tiny_clip(words: Sequence[str] | None = None, seed: int = 0) -> ClipMetrics:
 def load_clip(name: str | None, device=None) -> ClipMetrics:
     """``metrics.clip``: a hub id / folder (ModelLoadError when unavailable), ``toy`` (the shipped
     toy-world CLIP) or ``tiny-random``."""
+    source = clip_source(name)
+    clip = tiny_clip() if source is None else ClipMetrics.from_pretrained(source)
+    return clip if device is None else ClipMetrics(clip.model, clip.tokenizer, device=device)
+
+
+def clip_source(name: str | None) -> str | None:
+    """What ``load_clip(name)`` loads from: a hub id or folder (``toy`` = models/toy_clip); None for
+    ``tiny-random`` (built in memory)."""
     name = name or DEFAULT_CLIP_MODEL
     if name == TINY_CLIP:
-        clip = tiny_clip()
-    else:
-        clip = ClipMetrics.from_pretrained(str(TOY_CLIP_PATH) if name == TOY_CLIP else name)
-    return clip if device is None else ClipMetrics(clip.model, clip.tokenizer, device=device)
+        return None
+    return str(TOY_CLIP_PATH) if name == TOY_CLIP else name
 
 
 def clip_fingerprint(name: str | None) -> str | None:
     """What identifies the weights ``load_clip(name)`` loads (:mod:`sdattn.fingerprint`): a folder (``toy``
     = models/toy_clip) by its contents, a hub id by its cached revision; None for ``tiny-random``, which
     its name and this code's fixed seed identify."""
-    name = name or DEFAULT_CLIP_MODEL
-    if name == TINY_CLIP:
-        return None
-    return source_fingerprint(str(TOY_CLIP_PATH) if name == TOY_CLIP else name, "config.json")
+    source = clip_source(name)
+    return None if source is None else source_fingerprint(source, "config.json")

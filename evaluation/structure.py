@@ -162,14 +162,19 @@ def structure_fingerprint(name: str | None) -> str | None:
     """What identifies the weights ``load_structure(name)`` loads (:mod:`sdattn.fingerprint`): a folder by
     its contents, a hub id by its cached revision; None when there is no model or it is ``tiny-random``
     (built from config with a fixed seed)."""
-    if name is None or str(name).strip().lower() == "none" or str(name) == "tiny-random":
+    if no_structure_model(name) or str(name) == "tiny-random":
         return None
     return source_fingerprint(str(name), "config.json")
 
 
+def no_structure_model(name: str | None) -> bool:
+    """``structure: null`` or ``none``: no structure distance."""
+    return name is None or str(name).strip().lower() == "none"
+
+
 def load_structure(name: str | None, device: str | torch.device | None = None) -> StructureDistance | None:
     """None / "none" → None; "tiny-random" → ``tiny_dino()``; anything else → ``from_pretrained(name)``."""
-    if name is None or str(name).strip().lower() == "none":
+    if no_structure_model(name):
         return None
     if str(name) == "tiny-random":
         return tiny_dino(device=device)
