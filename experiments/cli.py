@@ -32,8 +32,10 @@ def slug(text: str) -> str:
 
 def run_name(*, _root_: DictConfig) -> str:
     """What a run folder is named after: the task and what it runs (probe, edit, method, data, model)."""
+    from .schema import default_task
+
     sel = lambda key: OmegaConf.select(_root_, key, default=None)  # noqa: E731
-    task = sel("task") or ("edit" if sel("edit") else "probe")
+    task = default_task(_root_)
     parts = {"probe": [sel("probe.name")], "edit": [sel("edit.name")], "ablation": [sel("ablation.name")],
              "benchmark": [sel("benchmark.table"), sel("method.name"), sel("data.name")]}.get(task, [task])
     if task == "probe" or task == "edit":
@@ -72,38 +74,82 @@ def _jobs_overrides(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
-def check_command_line(argv: list[str], config_name: str = "run") -> None:
+def check_command_line(argv: list[str], config_name: str = "run"):
     """Compose every job of ``argv`` and validate it: Hydra's errors (an unknown group option, a
-    misspelled key, a bad override) and bad values become one :class:`UserError` before anything runs."""
+    misspelled key, a bad override), bad values, output folders that cannot be written, input files that
+    cannot be read and keys no part of the run reads become one :class:`UserError` before anything runs.
+    Returns the run's folder to claim (:class:`experiments.outputs.RunFolder`; None for ``--help`` etc.)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
+    from .outputs import RunFolder, check_writable
+    from .schema import task_name, unread_keys
     from .validate import validate
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
-        return  # Hydra's own output, not a run
+        return None  # Hydra's own output, not a run
     user = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         jobs = _jobs_overrides(user)
     except Exception as e:  # noqa: BLE001 - Hydra's override grammar errors, one line
         raise UserError(f"bad override: {first_line(e)}") from e
+    folder_key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    explicit = any(o.lstrip("+").startswith(folder_key + "=") for o in args.overrides)
     sets_output = any(o.startswith("paths.output_dir=") for o in user)
+    folder = None
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             for job in jobs:
-                extra = [] if sets_output else ["paths.output_dir=" + str(PROJECT_ROOT / "outputs" / "check")]
                 try:
-                    cfg = compose(config_name, overrides=job + extra)
+                    cfg = compose(config_name, overrides=job + [o for o in args.overrides if o not in user],
+                                  return_hydra_config=True)
+                    HydraConfig.instance().set_config(cfg)
+                    run_dir = str(OmegaConf.select(cfg, folder_key))
                 except UserError:
                     raise
                 except Exception as e:  # noqa: BLE001 - Hydra's composition errors, one line
                     raise UserError(_hydra_message(e)) from e
-                validate(cfg)
+                if folder is None:  # the run's folder: under paths.log_dir unless given
+                    if not explicit:
+                        check_writable("paths.log_dir", OmegaConf.select(cfg, "paths.log_dir"))
+                    check_writable(folder_key, run_dir)
+                    folder = RunFolder(folder_key, Path(run_dir), explicit)
+                if not sets_output:
+                    cfg.paths.output_dir = run_dir
+                plain = validate(cfg)
+                added, set_keys = _command_line_keys(job)
+                unread = unread_keys(task_name(cfg), added, set_keys, plain)
+                if unread:
+                    shown = [o for o in job if _override_key(o) in unread]
+                    raise UserError(f"not read by this run (task {task_name(cfg)}): {', '.join(shown)}; remove "
+                                    "them (`--cfg job` lists this run's keys; +key=value adds only a key the run "
+                                    "reads)")
     finally:
+        HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
+    return folder
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _command_line_keys(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(keys added with ``+``/``++``, keys set with ``key=value``) of ``overrides``; group choices
+    (``model=toy``), deletions (``~key``) and Hydra's own keys left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    added, set_keys = [], []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group
+        if o.is_delete() or key.startswith("hydra") or o.package is not None or (CONFIG_DIR / key).is_dir():
+            continue
+        (added if o.is_add() or o.is_force_add() else set_keys).append(key)
+    return added, set_keys
 
 
 def _hydra_message(e: BaseException) -> str:
