@@ -69,6 +69,12 @@ class EditExample:
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
 
+def pair_seed(example: EditExample, position: int, seed: int) -> int:
+    """The noise seed of the pair at ``position`` of its full dataset: its own, else ``seed`` + ``position``
+    (the same in a sharded run as in one process)."""
+    return example.seed if example.seed is not None else seed + position
+
+
 @dataclass
 class LoadedDataset:
     """Examples of one benchmark plus the image paths (resolved) that do not exist."""
