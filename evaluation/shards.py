@@ -75,7 +75,8 @@ def shard_dataset(dataset, shard: Shard | None, seed: int):
                 for p, ex in zip(shard.positions(len(dataset.examples)), shard.select(dataset.examples))]
     images = {ex.image_path for ex in examples}
     return dataclasses.replace(dataset, examples=examples,
-                               missing_images=[i for i in dataset.missing_images if i in images])
+                               missing_images=[i for i in dataset.missing_images if i in images],
+                               unreadable_images=[i for i in dataset.unreadable_images if i in images])
 
 
 def record_folders(root: str | Path, rows_file: str) -> list[Path]:
