@@ -96,6 +96,11 @@ def count(key, value, node) -> None:
         raise UserError(f"{key}={value!r}: allowed an integer ≥ 1 (or null for the default)")
 
 
+def number(key, value, node) -> None:
+    if not _is_number(value) or not math.isfinite(value):
+        raise UserError(f"{key}={value!r} is not a number; allowed: a finite number")
+
+
 def fraction(key, value, node) -> None:
     """A fraction of the sampling steps (f or [start, end]); per image kind ({generated: .., real: ..})."""
     from editing.replace import step_fractions
@@ -230,7 +235,7 @@ ABLATION = Group({
 GROUPS: dict[str, Group] = {
     "run": Group({"task": lambda k, v, n: v is None or one_of(*TASKS)(k, v, n), "seed": seed, "device": device,
                   "dtype": one_of(*DTYPES), "resize": resize, "threads": count, "compile": boolean,
-                  "progress": boolean,
+                  "progress": boolean, "min_reconstruction_psnr": number,
                   "prompt": prompt(why="the image is generated from it")}),
     "paths": Group({"log_dir": output_dir, "cache_dir": output_dir, "output_dir": output_dir}),
     "model": Group({"steps": step_count, "guidance_scale": guidance}),
@@ -288,7 +293,8 @@ MOUNTS: dict[str, str] = {
 
 # What each task reads besides the settings every run has (RUN_READS): a key set on the command line
 # outside these is not read by the run (an error, not a silent no-op).
-RUN_READS = ("task", "seed", "device", "dtype", "compile", "progress", "resize", "threads", "paths", "model", "hydra")
+RUN_READS = ("task", "seed", "device", "dtype", "compile", "progress", "resize", "threads", "min_reconstruction_psnr",
+             "paths", "model", "hydra")
 TASK_READS: dict[str, tuple[str, ...]] = {
     "probe": ("probe", "trainer", "logger"),
     "edit": ("edit",),

@@ -22,6 +22,7 @@ from evaluation.datasets import LoadedDataset
 from evaluation.merge import shard_line, write_plan, write_tables_locked
 from evaluation.metric_models import clip_fingerprint, load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
+from evaluation.reconstruction import ReconstructionCheck
 from evaluation.runner import run_pairs
 from evaluation.shards import SHARD_KEY, parse_shard, shard_dataset
 from evaluation.structure import load_structure, structure_fingerprint
@@ -151,7 +152,9 @@ def run(cfg: DictConfig) -> dict:
     write_plan(out_dir, dataset, shard)
     # Extra scores: DINO structure distance when configured; the toy world's own edit check, which
     # applies to the pairs that carry the world's ground truth (toy datasets) and is {} for others.
-    scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores]
+    # Real pairs: how well the model reconstructs the input (reconstruction_psnr; a warning below the threshold).
+    recon = ReconstructionCheck(pipe, str(cfg.resize), float(cfg.min_reconstruction_psnr), str(cfg.model.name))
+    scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores, recon]
     summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed), run_id=run_id(),
                         resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers, on_record=panel)
     tables = write_tables_locked(root, clip_name, str(cfg.model.name), **table_opts)
@@ -159,6 +162,8 @@ def run(cfg: DictConfig) -> dict:
         _log(logger, panel, tables, str(cfg.data.name), name)
     print(dataset.summary())
     print(shard_line(str(cfg.data.name), name, shard, summary.line(name)))
+    if recon.warning():
+        print(recon.warning())
     shown = tables["table4"].get(str(cfg.data.name))
     if bench.get("table") == "table5" and tables["table5"] is not None:
         shown = tables["table5"]

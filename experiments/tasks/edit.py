@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from editing.fpe import fpe_generated, fpe_real
 from editing.grid import labelled_grid, to_pil
-from editing.images import load_image
+from editing.images import load_image, read_rgb
 from editing.inversion import image_size
+from evaluation.reconstruction import reconstruction_line, reconstruction_psnr, reconstruction_warning, round_trip_psnr
 from experiments.common import load_model, output_dir, plain
 from sdattn.errors import UserError
+
+
+def report_reconstruction(value: float, cfg: DictConfig) -> None:
+    """The real image's reconstruction quality, and a warning line when the model cannot represent it."""
+    print(reconstruction_line(value, cfg.min_reconstruction_psnr))
+    warning = reconstruction_warning(value, cfg.min_reconstruction_psnr, str(cfg.model.name))
+    if warning:
+        print(warning)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -30,12 +37,14 @@ def run(cfg: DictConfig) -> dict:
     elif e.mode == "real":
         if not e.get("image"):
             raise UserError("edit.image is required for edit=fpe_real: give edit.image=path/to/photo.jpg")
-        if not Path(str(e.image)).is_file():  # fail before loading the model
-            raise UserError(f"image {str(e.image)!r} does not exist or is not a file")
+        read_rgb(e.image)  # a missing or unreadable image fails before the model loads (the CLI checked it already)
         pipe = load_model(cfg)
         image = load_image(e.image, image_size(pipe), cfg.resize)
+        report_reconstruction(round_trip_psnr(pipe, image), cfg)  # before the edit: can the model represent it?
         result = fpe_real(pipe, image, e.target_prompt, e.source_prompt, e.inversion,
                           null_text=plain(e.null_text), **common)
+        print(reconstruction_line(reconstruction_psnr(result.images["reconstruction"], image),
+                                  cfg.min_reconstruction_psnr, f"the {e.inversion} inversion"))
         names = {"input": "input", "reconstruction": f"reconstruction ({e.inversion})", "edited": e.target_prompt}
         latents = {k: result.latents[k] for k in ("inverted", "reconstruction", "edited")}
     else:
