@@ -100,13 +100,13 @@ def check_command_line(argv: list[str], config_name: str = "run"):
     explicit = any(o.lstrip("+").startswith(folder_key + "=") for o in args.overrides)
     sets_output = any(o.startswith("paths.output_dir=") for o in user)
     folder = None
+    folders = [o for o in args.overrides if o.lstrip("+").startswith(("hydra.run.", "hydra.sweep.", "hydra.job."))]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             for job in jobs:
                 try:
-                    cfg = compose(config_name, overrides=job + [o for o in args.overrides if o not in user],
-                                  return_hydra_config=True)
+                    cfg = compose(config_name, overrides=job + folders, return_hydra_config=True)
                     HydraConfig.instance().set_config(cfg)
                     run_dir = str(OmegaConf.select(cfg, folder_key))
                 except UserError:
