@@ -192,7 +192,7 @@ def input_image(required: Callable[[dict], bool] = lambda node: True) -> Check:
 
 
 def anything(key, value, node) -> None:
-    """A setting read as given (layer specs, words, names): checked where the model is known."""
+    """A setting read as given (a model name): checked where it is loaded."""
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -206,7 +206,6 @@ class Group:
     keys: dict[str, Check] = field(default_factory=dict)
     target: bool = False
     ignore: tuple[str, ...] = ()
-    rules: tuple[Callable[[str, dict], None], ...] = ()  # (group path, node) → None: checks of several keys
 
 
 def _real(node: dict) -> bool:
@@ -217,8 +216,7 @@ def _inverts_with_caption(node: dict) -> bool:
     return node.get("mode") != "real" or node.get("inversion") == "null_text"
 
 
-NULL_TEXT = Group({"inner_steps": count, "lr": anything, "lr_decay": anything, "early_stop": anything,
-                   "early_stop_growth": anything})
+NULL_TEXT = Group({"inner_steps": count})
 
 PROBE = Group({
     "kind": one_of("cross", "self"), "n_per_class": count, "test_fraction": fraction, "batch_size": count,
@@ -260,7 +258,7 @@ GROUPS: dict[str, Group] = {
                    "allow_absolute_paths": boolean}, target=True),
     "benchmark": Group({"table": one_of("table4", "table5"), "root": output_dir, "out_dir": output_dir,
                         "shard": shard, "panel_images": count, "compare_paper": boolean}),
-    "metrics": Group({"clip": anything, "structure": anything}),
+    "metrics": Group({"clip": anything, "structure": anything}),  # read when given (+metrics.clip=... too)
     "probe": PROBE,
     "ablation": ABLATION,
     "attention_maps": Group({"components": count, "num_inference_steps": step_count, "guidance_scale": guidance}),
@@ -382,9 +380,18 @@ def check_target(path: str, group: Group, node: dict) -> None:
         raise UserError(f"{what} lacks the setting(s) {', '.join(missing)}")
 
 
+def reads(task: str) -> set[str]:
+    """The top-level nodes a run of ``task`` reads."""
+    return set(RUN_READS) | set(TASK_READS.get(task, ()))
+
+
 def check(plain: dict) -> None:
-    """Every setting of the plain (resolved) run config ``plain`` by the schema of its group."""
+    """Every setting the run of the plain (resolved) config ``plain`` reads, by the schema of its group (the
+    groups its task does not read are left alone: a key set in one of them is refused as unread)."""
+    read = reads(task_name(plain))
     for path, group, node in mounted(plain):
+        if path and path.split(".")[0] not in read:
+            continue
         prefix = f"{path}." if path else ""
         for rel, rule in group.keys.items():
             value = _get(node, rel.split("."))
@@ -392,8 +399,6 @@ def check(plain: dict) -> None:
                 rule(prefix + rel, value, node)
         if group.target:
             check_target(path, group, node)
-        for rule in group.rules:
-            rule(path, node)
 
 
 # ------------------------------------------------------------------------------ keys of the command line
@@ -432,7 +437,7 @@ def can_add(path: str, plain: dict) -> bool:
 def unread_keys(task: str, added: list[str], set_keys: list[str], plain: dict) -> list[str]:
     """Keys of the command line the run does not read: ``added`` (``+key``) that :func:`can_add` refuses,
     and ``set_keys`` (``key=value``) outside the nodes the task reads (:data:`TASK_READS`)."""
-    reads = set(RUN_READS) | set(TASK_READS.get(task, ()))
-    out = [k for k in added if k.split(".")[0] not in reads or not can_add(k, plain)]
-    out += [k for k in set_keys if k.split(".")[0] not in reads and k not in out]
+    read = reads(task)
+    out = [k for k in added if k.split(".")[0] not in read or not can_add(k, plain)]
+    out += [k for k in set_keys if k.split(".")[0] not in read and k not in out]
     return out

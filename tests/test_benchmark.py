@@ -15,7 +15,7 @@ from editing.baselines.p2p import p2p_hooks
 from editing.img2img import sdedit_start
 from editing.seq_aligner import refinement_mapper
 from evaluation import runner as R
-from evaluation.datasets import EditExample
+from evaluation.datasets import EditExample, file_stem
 from evaluation.records import read_pairs
 from evaluation.tables import REL_FPE, TABLE5_ROWS
 from experiments.run import dispatch
@@ -56,7 +56,8 @@ def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
         assert [r["status"] for r in rows] == ["ok", "ok"], rows  # pair 2: p2p refine (token counts differ)
         for r in rows:
             assert 0 <= r["clip_score"] <= 100 and -1 <= r["clip_directional"] <= 1 and r["time_s"] > 0
-            assert (tmp_path / "logs/benchmark/tiny/car_fake_edit" / m / "images" / f"{r['id']}.png").is_file()
+            folder = tmp_path / "logs/benchmark/tiny/car_fake_edit" / m
+            assert (folder / "images" / f"{file_stem(r['id'])}.png").is_file()
     table, files, cap = res["tables"]["table4"]["car_fake_edit"]
     assert sorted(table.index) == sorted(set(ALL) - set(REAL_ONLY)) and table.index[0] == "fpe"
     assert list(table.columns) == ["CLIP score ↑", "CLIP dir. sim. ↑", "Time (s) ↓", "PSNR ↑", "SSIM ↑",
