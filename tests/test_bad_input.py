@@ -63,9 +63,14 @@ def test_output_folders_are_checked_before_anything_loads(key, argv, a_file, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing made
 
 
-def test_unwritable_benchmark_root_is_one_line_exit_2_and_no_folder(a_file, tmp_path):
-    r = _cli("experiment=table4", "model=tiny", f"benchmark.root={a_file}/bench", f"paths.log_dir={tmp_path / 'logs'}")
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+def test_unwritable_benchmark_root_is_one_line_exit_2_and_no_folder(a_file, tmp_path, capsys, monkeypatch):
+    from experiments.run import cli
+
+    argv = ["experiment=table4", "model=tiny", f"benchmark.root={a_file}/bench", f"paths.log_dir={tmp_path / 'logs'}"]
+    monkeypatch.setattr(sys, "argv", ["experiments.run", *argv])
+    with pytest.raises(SystemExit) as e:  # the CLI's entry, in this process
+        cli()
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         f"error: benchmark.root='{a_file}/bench' is under the file '{a_file}', not a folder; give a folder to write to"]
     assert not (tmp_path / "logs").exists()
 
