@@ -21,6 +21,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from evaluation.tables import mean_std
+
 # Keys of the logger node that are Lightning's WandbLogger's own, not wandb.init's.
 LIGHTNING_ONLY = ("_target_", "save_dir", "dir", "offline", "anonymous", "log_model", "prefix", "checkpoint_name",
                   "version", "id", "experiment", "add_file_policy")
@@ -104,10 +106,10 @@ def log_results(cfg: DictConfig, scalars: dict[str, float] | None = None, *,
     """Log one job's results to the configured logger and close its run.
 
     ``scalars``: {key: number}; ``by_layer``: {layer index: {key: number}} against the ``layer`` axis;
-    ``tables``: {key: DataFrame} (numeric columns stay numeric); ``images``: {key: [(image or PNG path,
-    caption)]}; ``charts``: {key: {"xs": [...], "ys": {series: [...]}, "title": str, "x": axis name}} (a
-    line plot per run); ``text``: {key: str} (summary strings, e.g. verdicts). A CSV logger gets the
-    config and the scalars; ``logger=none`` nothing."""
+    ``tables``: {key: DataFrame} (numeric columns stay numeric; a column of PNG paths is images);
+    ``images``: {key: [(image or PNG path, caption)]}; ``charts``: {key: {"xs": [...], "ys": {series:
+    [...]}, "title": str, "x": axis name}} (a line plot per run); ``text``: {key: str} (summary strings,
+    e.g. verdicts). A CSV logger gets the config and the scalars; ``logger=none`` nothing."""
     kind = logger_kind(cfg)
     scalars = {k: v for k, v in (scalars or {}).items() if _number(v) is not None}
     if kind is None:
@@ -132,7 +134,11 @@ def log_results(cfg: DictConfig, scalars: dict[str, float] | None = None, *,
                 run.log({LAYER_AXIS: layer, **{k: v for k, v in by_layer[layer].items() if _number(v) is not None}})
         payload: dict = {k: float(v) for k, v in scalars.items()}
         for key, df in (tables or {}).items():
-            payload[key] = wandb.Table(dataframe=df.reset_index(drop=True))
+            df = df.reset_index(drop=True).copy()
+            for col in df.columns:
+                if len(df) and all(isinstance(v, Path) for v in df[col]):
+                    df[col] = [wandb.Image(str(v)) for v in df[col]]
+            payload[key] = wandb.Table(dataframe=df)
         for key, items in (images or {}).items():
             if items:
                 payload[key] = [wandb.Image(str(img) if isinstance(img, Path) else img, caption=cap)
@@ -188,35 +194,28 @@ def log_benchmark(cfg: DictConfig, data: str, method: str, rows_by_method: dict[
     """One benchmark job: this method's mean of each metric (``benchmark/<metric>``, ``…_std``, ``pairs``:
     runs of a sweep compare method against method), every method's means on this dataset as a numeric
     table (``table4/<data>``), and the first ``n_images`` edited pairs of this run (else of the records)
-    as images with their prompts and scores (``samples/<method>``)."""
-    def stats(rows: list[dict], key: str) -> tuple[float, float] | None:
-        values = [v for v in (_number(r.get(key)) for r in rows) if v is not None]
-        if not values:
-            return None
-        mean = sum(values) / len(values)
-        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-
+    as a table of source and edited images with their prompts and scores (``samples/<data>/<method>``)."""
     scalars = {"benchmark/pairs": len(rows_by_method.get(method, []))}
     table = []
     for m, rows in rows_by_method.items():
         row = {"method": m, "pairs": len(rows)}
         for key in metrics:
-            s = stats(rows, key)
-            row[key], row[f"{key}_std"] = s if s else (float("nan"), float("nan"))
-            if m == method and s:
-                scalars[f"benchmark/{key}"], scalars[f"benchmark/{key}_std"] = s
+            row[key], row[f"{key}_std"] = mean_std([_number(r.get(key)) for r in rows])
+            if m == method:
+                scalars[f"benchmark/{key}"], scalars[f"benchmark/{key}_std"] = row[key], row[f"{key}_std"]
         table.append(row)
     records = {r["id"]: r for r in rows_by_method.get(method, [])}
     ids = [i for i in this_run if i in records] or list(records)
-    images = []
+    folder, samples = Path(out_dir) / "images", []
     for i in ids[:n_images]:
-        r, folder = records[i], Path(out_dir) / "images"
-        src, edited = folder / f"{i}_source.png", folder / f"{i}.png"
+        r, src, edited = records[i], folder / f"{i}_source.png", folder / f"{i}.png"
         if src.is_file() and edited.is_file():
-            scores = ", ".join(f"{k} {r[k]:.3f}" for k in metrics if _number(r.get(k)) is not None)
-            images += [(src, f"{i} source: {r['source_prompt']}"),
-                       (edited, f"{i} edited: {r['target_prompt']} ({scores})")]
-    log_results(cfg, scalars, tables={f"table4/{data}": pd.DataFrame(table)}, images={f"samples/{method}": images})
+            samples.append({"id": i, "source": src, "edited": edited, "source_prompt": r["source_prompt"],
+                            "target_prompt": r["target_prompt"], **{k: _number(r.get(k)) for k in metrics}})
+    tables = {f"table4/{data}": pd.DataFrame(table)}
+    if samples:
+        tables[f"samples/{data}/{method}"] = pd.DataFrame(samples)
+    log_results(cfg, scalars, tables=tables)
 
 
 # --------------------------------------------------------------------------- claims
