@@ -106,10 +106,11 @@ def log_results(cfg: DictConfig, scalars: dict[str, float] | None = None, *,
     """Log one job's results to the configured logger and close its run.
 
     ``scalars``: {key: number}; ``by_layer``: {layer index: {key: number}} against the ``layer`` axis;
-    ``tables``: {key: DataFrame} (numeric columns stay numeric; a column of PNG paths is images);
-    ``images``: {key: [(image or PNG path, caption)]}; ``charts``: {key: {"xs": [...], "ys": {series:
-    [...]}, "title": str, "x": axis name}} (a line plot per run); ``text``: {key: str} (summary strings,
-    e.g. verdicts). A CSV logger gets the config and the scalars; ``logger=none`` nothing."""
+    ``tables``: {key: DataFrame} (numeric columns stay numeric); ``images``: {key: [(image or PNG path,
+    caption)]} (media files in the run's folder; W&B keeps images inside tables outside it, so none there);
+    ``charts``: {key: {"xs": [...], "ys": {series: [...]}, "title": str, "x": axis name}} (a line plot per
+    run); ``text``: {key: str} (summary strings, e.g. verdicts). A CSV logger gets the config and the
+    scalars; ``logger=none`` nothing."""
     kind = logger_kind(cfg)
     scalars = {k: v for k, v in (scalars or {}).items() if _number(v) is not None}
     if kind is None:
@@ -134,11 +135,9 @@ def log_results(cfg: DictConfig, scalars: dict[str, float] | None = None, *,
                 run.log({LAYER_AXIS: layer, **{k: v for k, v in by_layer[layer].items() if _number(v) is not None}})
         payload: dict = {k: float(v) for k, v in scalars.items()}
         for key, df in (tables or {}).items():
-            df = df.reset_index(drop=True).copy()
-            for col in df.columns:
-                if len(df) and all(isinstance(v, Path) for v in df[col]):
-                    df[col] = [wandb.Image(str(v)) for v in df[col]]
-            payload[key] = wandb.Table(dataframe=df)
+            cell = lambda v: str(v) if isinstance(v, Path) else (v.item() if hasattr(v, "item") else v)  # noqa: E731
+            payload[key] = wandb.Table(columns=[str(c) for c in df.columns],
+                                       data=[[cell(v) for v in row] for row in df.itertuples(index=False)])
         for key, items in (images or {}).items():
             if items:
                 payload[key] = [wandb.Image(str(img) if isinstance(img, Path) else img, caption=cap)
@@ -193,8 +192,9 @@ def log_benchmark(cfg: DictConfig, data: str, method: str, rows_by_method: dict[
                   metrics: dict[str, str], out_dir: str | Path, this_run: Iterable[str], n_images: int) -> None:
     """One benchmark job: this method's mean of each metric (``benchmark/<metric>``, ``…_std``, ``pairs``:
     runs of a sweep compare method against method), every method's means on this dataset as a numeric
-    table (``table4/<data>``), and the first ``n_images`` edited pairs of this run (else of the records)
-    as a table of source and edited images with their prompts and scores (``samples/<data>/<method>``)."""
+    table (``table4/<data>``), and the first ``n_images`` edited pairs of this run (else of the records):
+    source and edited images captioned with prompts and scores (``images/<data>/<method>``) and a table
+    of their prompts, scores and image files (``samples/<data>/<method>``)."""
     scalars = {"benchmark/pairs": len(rows_by_method.get(method, []))}
     table = []
     for m, rows in rows_by_method.items():
@@ -206,16 +206,20 @@ def log_benchmark(cfg: DictConfig, data: str, method: str, rows_by_method: dict[
         table.append(row)
     records = {r["id"]: r for r in rows_by_method.get(method, [])}
     ids = [i for i in this_run if i in records] or list(records)
-    folder, samples = Path(out_dir) / "images", []
+    folder, samples, images = Path(out_dir) / "images", [], []
     for i in ids[:n_images]:
         r, src, edited = records[i], folder / f"{i}_source.png", folder / f"{i}.png"
         if src.is_file() and edited.is_file():
+            scores = {k: _number(r.get(k)) for k in metrics}
             samples.append({"id": i, "source": src, "edited": edited, "source_prompt": r["source_prompt"],
-                            "target_prompt": r["target_prompt"], **{k: _number(r.get(k)) for k in metrics}})
+                            "target_prompt": r["target_prompt"], **scores})
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if v is not None)
+            images += [(src, f"{i} source: {r['source_prompt']}"),
+                       (edited, f"{i} edited: {r['target_prompt']}; {shown}")]
     tables = {f"table4/{data}": pd.DataFrame(table)}
     if samples:
         tables[f"samples/{data}/{method}"] = pd.DataFrame(samples)
-    log_results(cfg, scalars, tables=tables)
+    log_results(cfg, scalars, tables=tables, images={f"images/{data}/{method}": images})
 
 
 # --------------------------------------------------------------------------- claims
