@@ -7,6 +7,7 @@ The task list lives here (:data:`TASKS`); ``experiments.run`` dispatches exactly
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -124,5 +125,8 @@ def exit_if_help(argv: list[str] | None = None) -> None:
     """Print the help and exit 0 when ``argv`` asks for it (nothing else is loaded)."""
     argv = sys.argv[1:] if argv is None else argv
     if wants_help(argv):
-        print(help_text())
+        try:
+            print(help_text(), flush=True)
+        except BrokenPipeError:  # `sdattn --help | head`: the reader left
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more to flush at exit
         sys.exit(0)
