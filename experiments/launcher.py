@@ -16,7 +16,8 @@ PLUGINS = {
 }
 
 
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
+    """Whether ``module`` (a plugin's) can be imported."""
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
@@ -27,6 +28,6 @@ def check_launcher(overrides: list[str]) -> None:
     """Refuse ``hydra/launcher=<name>`` when ``name`` needs a plugin that is not installed."""
     for o in overrides:
         key, _, value = o.lstrip("+").partition("=")
-        if key == "hydra/launcher" and value in PLUGINS and not _installed(PLUGINS[value][0]):
+        if key == "hydra/launcher" and value in PLUGINS and not installed(PLUGINS[value][0]):
             raise UserError(f"hydra/launcher={value} needs the Hydra launcher plugin {PLUGINS[value][1]}, "
                             f"which is not installed: {CLUSTER_EXTRA}")
