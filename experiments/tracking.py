@@ -87,7 +87,7 @@ def start_wandb(cfg: DictConfig, name: str | None = None, save_dir: str | Path |
     init.update(run_identity(cfg, name))
     folder = Path(save_dir or node.get("save_dir") or run_folder(cfg))
     folder.mkdir(parents=True, exist_ok=True)
-    return wandb.init(dir=str(folder), **init)
+    return wandb.init(dir=str(folder), reinit="finish_previous", **init)  # a run left open never absorbs this one
 
 
 # --------------------------------------------------------------------------- generic results
@@ -116,9 +116,9 @@ def log_results(cfg: DictConfig, scalars: dict[str, float] | None = None, *,
     if kind is None:
         return
     if kind == "lightning":
-        from experiments.common import make_logger
+        from hydra.utils import instantiate
 
-        logger = make_logger(cfg)
+        logger = instantiate(cfg.logger)
         logger.log_hyperparams(run_config(cfg))
         logger.log_metrics({k: float(v) for k, v in scalars.items()})
         logger.finalize("success")

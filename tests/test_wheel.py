@@ -73,11 +73,13 @@ def test_installed_wheel_runs_from_an_empty_folder(wheel_and_site, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     r = _sdattn(site, work, "probe=cross_attn", "probe.n_per_class=2", "probe.num_inference_steps=1",
-                "probe.layers=[2]", "trainer.max_epochs=1", "probe.control=false", "logger=none", "threads=1")
+                "probe.layers=[2]", "trainer.max_epochs=1", "probe.control=false", "threads=1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("probe cross_attn: model toy (") and str(site / "sdattn_lab" / "models") in r.stdout
     [table] = (work / "outputs" / "runs").glob("*_probe-cross_attn-toy*/cross_attn.csv")
     assert "overall" in table.read_text() and (work / ".cache" / "features").is_dir()
+    assert list(table.parent.glob("wandb/offline-run-*/run-*.wandb"))  # W&B offline, in the run folder
+    assert "FutureWarning" not in r.stderr and "anonymous" not in r.stderr  # diffusers' torch_dtype, W&B's
 
     # a model config of the user's own, found by name, in an edit run
     (work / "mine" / "model").mkdir(parents=True)
