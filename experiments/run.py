@@ -32,6 +32,7 @@ from experiments.cli import (  # noqa: E402
     register_resolvers,
     remove_if_empty,
     settings_line,
+    task_of,
     tee_stdout,
     verbose,
 )
@@ -45,7 +46,7 @@ register_resolvers()
 
 
 def task_name(cfg: DictConfig) -> str:
-    name = cfg.get("task") or ("edit" if cfg.get("edit") else "probe")
+    name = task_of(_root_=cfg)
     if name not in TASKS:
         raise UserError(f"task {name!r} is not one of {list(TASKS)}")
     return name

@@ -22,6 +22,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.tables import mean_std
+from experiments.cli import task_of
 
 # Keys of the logger node that are Lightning's WandbLogger's own, not wandb.init's.
 LIGHTNING_ONLY = ("_target_", "save_dir", "dir", "offline", "anonymous", "log_model", "prefix", "checkpoint_name",
@@ -36,10 +37,6 @@ def logger_kind(cfg: DictConfig) -> str | None:
     if not node:
         return None
     return "wandb" if str(node.get("_target_", "")).endswith("WandbLogger") else "lightning"
-
-
-def task_of(cfg: DictConfig) -> str:
-    return str(cfg.get("task") or ("edit" if cfg.get("edit") else "probe"))
 
 
 def run_folder(cfg: DictConfig) -> Path:
@@ -71,8 +68,8 @@ def run_identity(cfg: DictConfig, name: str | None = None) -> dict:
     """wandb.init's group / job_type / name / tags / config for this run (the logger node's own win)."""
     node = cfg.logger
     model = str(OmegaConf.select(cfg, "model.name", default="") or "")
-    tags = [t for t in (model, task_of(cfg)) if t] + list(node.get("tags") or [])
-    return {"group": node.get("group") or group_of(cfg), "job_type": node.get("job_type") or task_of(cfg),
+    tags = [t for t in (model, task_of(_root_=cfg)) if t] + list(node.get("tags") or [])
+    return {"group": node.get("group") or group_of(cfg), "job_type": node.get("job_type") or task_of(_root_=cfg),
             "name": name or node.get("name") or run_folder(cfg).name, "tags": list(dict.fromkeys(tags)),
             "config": run_config(cfg)}
 
