@@ -124,11 +124,16 @@ class RecordStore:
     def save_images(self, example_id: str, source: torch.Tensor, edited: torch.Tensor) -> None:
         """(1, 3, H, W) images in [0, 1] → ``images/<stem>.png`` and ``images/<stem>_source.png``, atomically
         (``stem``: :func:`evaluation.datasets.file_stem` of the pair id: no sub-folders, no "..")."""
-        stem = file_stem(example_id)
-        for image, path in ((edited, self.images_dir / f"{stem}.png"),
-                            (source, self.images_dir / f"{stem}_source.png")):
+        source_path, edited_path = image_files(self.dir, example_id)
+        for image, path in ((edited, edited_path), (source, source_path)):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save(path, lambda tmp, image=image: to_pil(image).save(tmp))
+
+
+def image_files(run_dir: str | Path, example_id: str) -> tuple[Path, Path]:
+    """(source, edited) image files of pair ``example_id`` in the record folder ``run_dir``."""
+    stem = file_stem(example_id)
+    return Path(run_dir) / "images" / f"{stem}_source.png", Path(run_dir) / "images" / f"{stem}.png"
 
 
 def collect(root: str | Path, clip_name: str) -> dict[str, dict[str, list[dict]]]:

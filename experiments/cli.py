@@ -30,12 +30,23 @@ def slug(text: str) -> str:
     return s[:SLUG_MAX]
 
 
+def task_of(*, _root_: DictConfig) -> str:
+    """The task a config runs: ``task``, else "edit" when an edit is chosen, else "probe"."""
+    return OmegaConf.select(_root_, "task", default=None) or (
+        "edit" if OmegaConf.select(_root_, "edit", default=None) else "probe")
+
+
+def work_dir() -> str:
+    """The folder the command runs in (Hydra's, before any ``hydra.job.chdir``): runs write under it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+
+
 def run_name(*, _root_: DictConfig) -> str:
     """What a run folder is named after: the task and what it runs (probe, edit, method, data, model)."""
-    from .schema import default_task
-
     sel = lambda key: OmegaConf.select(_root_, key, default=None)  # noqa: E731
-    task = default_task(_root_)
+    task = task_of(_root_=_root_)
     parts = {"probe": [sel("probe.name")], "edit": [sel("edit.name")], "ablation": [sel("ablation.name")],
              "benchmark": [sel("benchmark.table"), sel("method.name"), sel("data.name")]}.get(task, [task])
     if task == "probe" or task == "edit":
@@ -52,6 +63,8 @@ def register_resolvers() -> None:
         "project_root": lambda: str(PROJECT_ROOT),
         "model_settings": lambda path: load_settings(path, SD1X_SETTINGS),
         "run_name": run_name,
+        "task_name": task_of,
+        "work_dir": work_dir,
         "suffix": lambda text: f"_{slug(text)}" if slug(text) else "",
     }
     for name, fn in resolvers.items():
@@ -85,13 +98,15 @@ def check_command_line(argv: list[str], config_name: str = "run"):
     from hydra.core.hydra_config import HydraConfig
 
     from .outputs import RunFolder, check_writable
-    from .schema import task_name, unread_keys
+    from .schema import unread_keys
+    from .search_path import search_path_override
     from .validate import validate
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
         return None  # Hydra's own output, not a run
     user = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    search = search_path_override(args.config_dir, args.overrides)  # the user's own config folders
     try:
         jobs = _jobs_overrides(user)
     except Exception as e:  # noqa: BLE001 - Hydra's override grammar errors, one line
@@ -106,7 +121,7 @@ def check_command_line(argv: list[str], config_name: str = "run"):
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             for job in jobs:
                 try:
-                    cfg = compose(config_name, overrides=job + folders, return_hydra_config=True)
+                    cfg = compose(config_name, overrides=job + folders + search, return_hydra_config=True)
                     HydraConfig.instance().set_config(cfg)
                     run_dir = str(OmegaConf.select(cfg, folder_key))
                 except UserError:
@@ -121,11 +136,12 @@ def check_command_line(argv: list[str], config_name: str = "run"):
                 if not sets_output:
                     cfg.paths.output_dir = run_dir
                 plain = validate(cfg)
-                added, set_keys = _command_line_keys(job)
-                unread = unread_keys(task_name(cfg), added, set_keys, plain)
+                added, set_keys = _command_line_keys(job, set(cfg.hydra.runtime.choices))
+                task = task_of(_root_=cfg)
+                unread = unread_keys(task, added, set_keys, plain)
                 if unread:
                     shown = [o for o in job if _override_key(o) in unread]
-                    raise UserError(f"not read by this run (task {task_name(cfg)}): {', '.join(shown)}; remove "
+                    raise UserError(f"not read by this run (task {task}): {', '.join(shown)}; remove "
                                     "them (`--cfg job` lists this run's keys; +key=value adds only a key the run "
                                     "reads)")
     finally:
@@ -138,15 +154,15 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _command_line_keys(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(keys added with ``+``/``++``, keys set with ``key=value``) of ``overrides``; group choices
-    (``model=toy``), deletions (``~key``) and Hydra's own keys left out."""
+def _command_line_keys(overrides: list[str], groups: set[str]) -> tuple[list[str], list[str]]:
+    """(keys added with ``+``/``++``, keys set with ``key=value``) of ``overrides``; choices of the config
+    ``groups`` (``model=toy``), deletions (``~key``) and Hydra's own keys left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     added, set_keys = [], []
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.key_or_group
-        if o.is_delete() or key.startswith("hydra") or o.package is not None or (CONFIG_DIR / key).is_dir():
+        if o.is_delete() or key.startswith("hydra") or o.package is not None or key in groups:
             continue
         (added if o.is_add() or o.is_force_add() else set_keys).append(key)
     return added, set_keys
@@ -214,9 +230,27 @@ def remove_if_empty(run_dir: Path) -> None:
             shutil.rmtree(parent, ignore_errors=True)
 
 
+# task → the config node holding the sampling settings it uses (default: the node named as the task)
+SETTINGS_NODE = {"benchmark": "method", "eval_toy": "eval", "eval_toy_edit": "toy_edit", "merge": "benchmark",
+                 "train_toy": "toy", "train_toy_clip": "toy_clip"}
+NO_MODEL_TASKS = ("merge", "train_toy", "train_toy_clip")  # tasks that load no model of model=
+
+
 def settings_line(cfg: DictConfig) -> str:
-    """The settings a run uses, for its first line: model, where its settings came from, sampling."""
+    """The first line of a run: the task, what it runs, and the values it uses — the task's own sampling
+    settings and layers (a value given on the command line, else the preset's), model, dtype, device, seed."""
+    task = task_of(_root_=cfg)
+    key = SETTINGS_NODE.get(task, task)
+    node = cfg.get(key) if isinstance(cfg.get(key), DictConfig) else OmegaConf.create()
+    what = {"benchmark": f"{cfg.method.name} on {cfg.data.name}" if cfg.get("method") and cfg.get("data") else None}
+    label = what.get(task, node.get("name"))
+    head = f"{task}" + (f" {label}" if label and label != task else "")
+    if task in NO_MODEL_TASKS:
+        return f"{head}: seed {cfg.seed}"
     m = cfg.model
     where = m.get("path") or m.get("id") or m.pipeline.get("_target_")
-    return (f"model {m.name} ({where}; settings: {m.settings.source}): {m.steps} steps, guidance "
-            f"{m.guidance_scale}, FPE layers {m.fpe_layers}, {cfg.dtype} on {cfg.device}, seed {cfg.seed}")
+    steps = node.get("num_inference_steps") or m.steps
+    guidance = node.get("guidance_scale") or m.guidance_scale
+    layers = f", {key}.layers {node.layers}" if node.get("layers") is not None else ""
+    return (f"{head}: model {m.name} ({where}; settings: {m.settings.source}): {steps} steps, guidance {guidance}"
+            f"{layers}, {cfg.dtype} on {cfg.device}, seed {cfg.seed}")

@@ -22,6 +22,7 @@ import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from experiments.help import TASKS
 from sdattn.errors import UserError, first_line
 
 # (full dotted key, value, the group's node as plain Python) → None, or UserError naming key and value
@@ -29,23 +30,8 @@ Check = Callable[[str, object, dict], None]
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range for non-negative seeds
 DTYPES = ("float32", "float16", "bfloat16")
-TASKS = ("probe", "edit", "attention_maps", "ablation", "train_toy", "eval_toy", "eval_toy_edit", "train_toy_clip",
-         "benchmark", "merge", "claims")
 SHOWN = 12  # settings listed in an error
 HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
-
-
-def default_task(cfg) -> str:
-    """The task a config runs: ``task``, else ``edit`` when an edit config is chosen, else ``probe``."""
-    return cfg.get("task") or ("edit" if cfg.get("edit") else "probe")
-
-
-def task_name(cfg) -> str:
-    """:func:`default_task`, checked."""
-    name = default_task(cfg)
-    if name not in TASKS:
-        raise UserError(f"task {name!r} is not one of {list(TASKS)}")
-    return name
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -385,10 +371,10 @@ def reads(task: str) -> set[str]:
     return set(RUN_READS) | set(TASK_READS.get(task, ()))
 
 
-def check(plain: dict) -> None:
-    """Every setting the run of the plain (resolved) config ``plain`` reads, by the schema of its group (the
-    groups its task does not read are left alone: a key set in one of them is refused as unread)."""
-    read = reads(task_name(plain))
+def check(plain: dict, task: str) -> None:
+    """Every setting a run of ``task`` reads in the plain (resolved) config ``plain``, by the schema of its
+    group (the groups the task does not read are left alone: a key set in one of them is refused as unread)."""
+    read = reads(task)
     for path, group, node in mounted(plain):
         if path and path.split(".")[0] not in read:
             continue

@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sdattn.errors import UserError
 
+from .cli import task_of
 from .schema import check
 
 
@@ -33,5 +34,5 @@ def resolved(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> dict:
 def validate(cfg: DictConfig) -> dict:
     """Check the composed config (see the module docstring); returns it resolved, as plain Python."""
     plain = resolved(cfg)
-    check(plain)
+    check(plain, task_of(_root_=cfg))
     return plain
