@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.schema import task_of
 from sdattn.errors import UserError, first_line
 from sdattn.files import REPO_ROOT
 from sdattn.settings import load_settings
@@ -28,12 +29,6 @@ def slug(text: str) -> str:
     """``text`` as a short, safe folder-name part."""
     s = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(text)).strip("_")
     return s[:SLUG_MAX]
-
-
-def task_of(*, _root_: DictConfig) -> str:
-    """The task a config runs: ``task``, else "edit" when an edit is chosen, else "probe"."""
-    return OmegaConf.select(_root_, "task", default=None) or (
-        "edit" if OmegaConf.select(_root_, "edit", default=None) else "probe")
 
 
 def work_dir() -> str:

@@ -34,6 +34,15 @@ SHOWN = 12  # settings listed in an error
 HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
 
+def task_of(*, _root_) -> str:
+    """The task a config runs: ``task``, else "edit" when an edit is chosen, else "probe" (the one rule: run,
+    run folder names, the multirun folder through the ``task_name`` resolver, tracking, what a run reads)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(_root_, "task", default=None) or (
+        "edit" if OmegaConf.select(_root_, "edit", default=None) else "probe")
+
+
 # ------------------------------------------------------------------------------------------ checks
 
 def _is_int(x) -> bool:

@@ -13,8 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sdattn.errors import UserError
 
-from .cli import task_of
-from .schema import check
+from .schema import check, task_of
 
 
 def resolved(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> dict:
