@@ -13,7 +13,7 @@ import torch
 
 from editing.baselines.p2p import make_local_blend, p2p_hooks, p2p_self_layers, per_pair_kind
 from editing.fpe import self_replace_hooks
-from editing.seq_aligner import aligned_sources, global_align, refinement_mapper, replacement_mapper
+from editing.seq_aligner import align_target_tokens, alignment_scores, refinement_mapper, replacement_mapper
 from editing.two_branch import model_layers
 from sdattn.errors import UserError
 from sdattn.hooks import BatchLayout, HookSet, installed
@@ -221,11 +221,12 @@ def test_refinement_mapper_inserted_word():
     assert alphas.tolist() == [1, 1, 0] + [1] * 74
 
 
-def test_global_align_tie_order_is_left_then_up_then_diagonal():
-    # x = [1, 2], y = [2, 1]: at (2, 2) left and up tie at score 1; left wins → y[1] has no source, y[0] ← x[1]
-    trace = global_align([1, 2], [2, 1])
-    assert trace.tolist() == [[4, 1, 1], [2, 1, 3], [2, 3, 1]]
-    assert aligned_sources([1, 2], [2, 1], trace) == [1, -1]
+def test_alignment_tie_order_is_target_gap_then_source_gap_then_pair():
+    # x = [1, 2], y = [2, 1]: at (2, 2) a target gap and a source gap tie at score 1; the target gap wins →
+    # y[1] has no source, y[0] ← x[1]
+    assert alignment_scores([1, 2], [2, 1]) == [[0, 0, 0], [0, 0, 1], [0, 1, 1]]
+    assert align_target_tokens([1, 2], [2, 1]) == [1, -1]
+    assert align_target_tokens([5, 6, 7], [5, 7]) == [0, 2]  # a source token dropped
 
 
 # --- LocalBlend ---------------------------------------------------------------------------------------------
