@@ -230,16 +230,22 @@ def test_alignment_tie_order_is_target_gap_then_source_gap_then_pair():
 
 
 # --- LocalBlend ---------------------------------------------------------------------------------------------
-def official_local_blend(x_t, maps: list[torch.Tensor], alpha: torch.Tensor, side: int, th: float):
-    """LocalBlend.__call__ of the null-text notebook (after start_blend), on stored maps (2·H, side², L)."""
-    maps = torch.cat([m.reshape(2, -1, 1, side, side, m.shape[-1]) for m in maps], dim=1)
-    maps = (maps * alpha).sum(-1).mean(1)
-    maps = torch.nn.functional.max_pool2d(maps, (3, 3), (1, 1), padding=(1, 1))
-    mask = torch.nn.functional.interpolate(maps, size=x_t.shape[2:])
-    mask = mask / mask.max(2, keepdim=True)[0].max(3, keepdim=True)[0]
-    mask = mask.gt(th)
-    mask = (mask[:1] + mask).float()
-    return x_t[:1] + mask * (x_t - x_t[:1])
+def reference_local_blend(x_t: torch.Tensor, layer_maps: list[torch.Tensor], words: torch.Tensor,
+                          threshold: float) -> torch.Tensor:
+    """LocalBlend from its definition (P2P ``null_text_w_ptp.ipynb``, after ``start_blend``). x_t (2, C, h, w)
+    = [source, target]; ``layer_maps``: per blend layer the maps (2·heads, side², L) summed over the steps;
+    ``words`` (2, L): 1 on each prompt's blend-word tokens. Per prompt: the blend words' share of attention,
+    averaged over every head of every layer; grown by a 3×3 max filter; nearest-upsampled to the latent;
+    relative to its maximum; above ``threshold`` = the word's region. The target keeps its latent inside the
+    source's region or its own, the source's elsewhere."""
+    heads = torch.cat([m.unflatten(0, (2, -1)) for m in layer_maps], 1)  # (2, heads·layers, side², L)
+    share = (heads * words[:, None, None, :]).sum(-1).mean(1)  # (2, side²)
+    side = round(share.shape[-1] ** 0.5)
+    grown = torch.nn.functional.max_pool2d(share.reshape(2, 1, side, side), 3, stride=1, padding=1)
+    full = torch.nn.functional.interpolate(grown, size=x_t.shape[2:], mode="nearest")
+    region = full / full.amax((1, 2, 3), keepdim=True) > threshold  # (2, 1, h, w)
+    keep = (region | region[:1]).to(x_t)
+    return x_t[:1] + keep * (x_t - x_t[:1])
 
 
 def test_local_blend_matches_the_official_mask_and_blend(tiny_pipe):
@@ -260,7 +266,7 @@ def test_local_blend_matches_the_official_mask_and_blend(tiny_pipe):
     assert blend.on_step_end(1, 0, x_t) is None  # counter 2 ≤ start
     ours = blend.on_step_end(2, 0, x_t)
     summed = [sum(stored[x.label]).reshape(16, x.tokens, 77) for x in blend.layers]
-    ref = official_local_blend(x_t, summed, blend.alphas.reshape(2, 1, 1, 1, 1, 77), h // 4, 0.3)
+    ref = reference_local_blend(x_t, summed, blend.alphas, 0.3)
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     assert 0 < (ours[1] != x_t[1]).float().mean() < 1  # part of the target was reset to the source
 
@@ -281,47 +287,51 @@ def test_p2p_local_blend_option_runs_and_bounds(tiny_pipe, make_method):
 
 
 # --- null-text inversion --------------------------------------------------------------------------------------
-def official_null_text(pipe, latents: list[torch.Tensor], prompt: str, guidance: float, num_inner_steps: int,
-                       epsilon: float) -> list[torch.Tensor]:
-    """NullInversion.null_optimization (null_text_w_ptp.ipynb, verbatim in null_text_w_FPE.ipynb), with its
-    own ``prev_step`` (α_prev = α[t − 1000/T], else the final α)."""
+def reference_null_text(pipe, trajectory: list[torch.Tensor], prompt: str, guidance: float, inner_steps: int,
+                        early_stop: float) -> list[torch.Tensor]:
+    """Null-text inversion (Mokady et al.) written from its definition, with the official schedule
+    (``NullInversion`` in null_text_w_ptp.ipynb: per step i a fresh Adam at lr 1e-2·(1 − i/100), at most
+    ``inner_steps`` updates, stop once the loss before an update is < early_stop + 2e-5·i) and the notebook's
+    own DDIM step (ᾱ_prev = ᾱ[t − 1000/N], the final ᾱ below 0). Returns the null embedding of every step."""
     sched = ddim_scheduler(pipe)
-    sched.set_timesteps(len(latents) - 1)
-    ratio = sched.config.num_train_timesteps // (len(latents) - 1)
+    n = len(trajectory) - 1
+    sched.set_timesteps(n)
+    gap = sched.config.num_train_timesteps // n
 
-    def prev_step(eps, t, x):
-        a_t = sched.alphas_cumprod[t]
-        a_prev = sched.alphas_cumprod[t - ratio] if t - ratio >= 0 else sched.final_alpha_cumprod
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    def next_level(eps, t, z):  # one DDIM step from level t down to t − gap
+        a = sched.alphas_cumprod[t]
+        a_next = sched.alphas_cumprod[t - gap] if t >= gap else sched.final_alpha_cumprod
+        x0 = (z - (1 - a) ** 0.5 * eps) / a ** 0.5
+        return a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
 
-    def noise(x, t, ctx):
-        return pipe.unet(x, t, encoder_hidden_states=ctx).sample
+    def eps(z, t, text):
+        return pipe.unet(z, t, encoder_hidden_states=text).sample
 
-    cond, uncond = encode_prompts(pipe, [prompt]), encode_prompts(pipe, [""])
-    out, latent_cur = [], latents[-1]
-    for i in range(len(latents) - 1):
-        uncond = uncond.clone().detach()
-        uncond.requires_grad = True
-        optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
-        latent_prev, t = latents[len(latents) - i - 2], sched.timesteps[i]
+    def guided(z, t, null, eps_text):
+        eps_null = eps(z, t, null)
+        return eps_null + guidance * (eps_text - eps_null)
+
+    text, null = encode_prompts(pipe, [prompt]), encode_prompts(pipe, [""])
+    z, nulls = trajectory[-1], []
+    for i, t in enumerate(sched.timesteps):
+        goal = trajectory[n - 1 - i]  # the inversion latent this step must reach
         with torch.no_grad():
-            noise_cond = noise(latent_cur, t, cond)
-        for _ in range(num_inner_steps):
-            noise_uncond = noise(latent_cur, t, uncond)
-            pred = noise_uncond + guidance * (noise_cond - noise_uncond)
-            loss = torch.nn.functional.mse_loss(prev_step(pred, t, latent_cur), latent_prev)
-            optimizer.zero_grad()
+            eps_text = eps(z, t, text)
+        null = null.detach().clone().requires_grad_(True)  # Adam updates it in place: not the stored ones
+        adam = torch.optim.Adam([null], lr=1e-2 * (1.0 - i / 100.0))
+        for _ in range(inner_steps):
+            loss = torch.nn.functional.mse_loss(next_level(guided(z, t, null, eps_text), t, z), goal)
+            adam.zero_grad()
             loss.backward()
-            optimizer.step()
-            if loss.item() < epsilon + i * 2e-5:
+            adam.step()
+            if loss.item() < early_stop + i * 2e-5:
                 break
-        out.append(uncond[:1].detach())
+        null = null.detach()
+        nulls.append(null)
         with torch.no_grad():
-            noise_uncond = noise(latent_cur, t, uncond)
-            latent_cur = prev_step(noise_uncond + guidance * (noise_cond - noise_uncond), t, latent_cur)
+            z = next_level(guided(z, t, null, eps_text), t, z)
     pipe.unet.zero_grad(set_to_none=True)
-    return out
+    return nulls
 
 
 def test_null_text_inversion_matches_the_official_loop(tiny_pipe):
@@ -333,12 +343,12 @@ def test_null_text_inversion_matches_the_official_loop(tiny_pipe):
     z0 = torch.randn((1, 4, *latent_size(tiny_pipe)), generator=torch.Generator().manual_seed(1))
     traj = ddim_invert(tiny_pipe, z0, prompt, steps, progress=False)
     ours = null_text_inversion(tiny_pipe, traj, prompt, 7.5, progress=False, inner_steps=3)
-    ref = official_null_text(tiny_pipe, traj, prompt, 7.5, 3, 1e-5)
+    ref = reference_null_text(tiny_pipe, traj, prompt, 7.5, 3, 1e-5)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # a constant lr (no decay) is off by 3e-4
     # the early stop at early_stop + growth·i: a huge threshold stops after one update per step
     once = null_text_inversion(tiny_pipe, traj, prompt, 7.5, progress=False, inner_steps=3, early_stop=1e9)
-    ref_once = official_null_text(tiny_pipe, traj, prompt, 7.5, 1, 1e-5)
+    ref_once = reference_null_text(tiny_pipe, traj, prompt, 7.5, 1, 1e-5)
     torch.testing.assert_close(once[-1], ref_once[-1], rtol=0, atol=1e-6)
     with pytest.raises(UserError, match="not a null-text setting"):
         null_text_inversion(tiny_pipe, traj, prompt, 7.5, progress=False, inner_step=2)

@@ -66,3 +66,37 @@ def test_regularized_inversion_equals_the_recorded_output(tiny_pipe, schedule):
                                 schedule=schedule, lambda_auto_corr=20.0, lambda_kl=20.0, num_reg_steps=5,
                                 num_auto_corr_rolls=5, draw=p.RollDraw(low=0))  # the earlier roll range
     torch.testing.assert_close(z, EXPECTED[f"regularized_inversion_{schedule}"], rtol=0, atol=0)
+
+
+def test_reference_null_text_helper_equals_the_recorded_loop(tiny_pipe):
+    from editing.inversion import ddim_invert
+    from sdattn.sampling import latent_size
+
+    from .test_reference_fpe_p2p import reference_null_text
+
+    z0 = torch.randn((1, 4, *latent_size(tiny_pipe)), generator=torch.Generator().manual_seed(1))
+    traj = ddim_invert(tiny_pipe, z0, "a white car", 2, progress=False)
+    for inner in (3, 1):
+        got = reference_null_text(tiny_pipe, traj, "a white car", 7.5, inner, 1e-5)
+        for i, x in enumerate(got):
+            torch.testing.assert_close(x, EXPECTED[f"helper_inner{inner}_step{i}"], rtol=0, atol=0)
+
+
+def test_reference_local_blend_helper_equals_the_recorded_blend(tiny_pipe):
+    from editing.baselines.p2p import make_local_blend
+    from sdattn.sampling import latent_size
+
+    from .test_reference_fpe_p2p import reference_local_blend
+
+    blend = make_local_blend(tiny_pipe, "a cat sitting on chair", "a mat sitting on chair", 10, words=None,
+                             threshold=0.3, start_blend=0.2)
+    h, _ = latent_size(tiny_pipe)
+    g = torch.Generator().manual_seed(3)
+    summed = {x.label: 0 for x in blend.layers}
+    for _ in range(2):
+        for x in blend.layers:
+            summed[x.label] = summed[x.label] + torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1)
+    x_t = torch.randn((2, 4, h, h), generator=g)
+    got = reference_local_blend(x_t, [summed[x.label].reshape(16, x.tokens, 77) for x in blend.layers],
+                                blend.alphas, 0.3)
+    torch.testing.assert_close(got, EXPECTED["local_blend_helper"], rtol=0, atol=0)
