@@ -276,14 +276,17 @@ def test_p2p_local_blend_option_runs_and_bounds(tiny_pipe, make_method):
 
     ex = EditExample("x", "a red car", "a blue car")
     plain = make_method("p2p", num_inference_steps=2)(tiny_pipe, ex, 5)
-    none_kept = make_method("p2p", num_inference_steps=2, local_blend={"threshold": 1.5, "start_blend": 0.0})
+    none_kept = make_method("p2p", num_inference_steps=2, local_blend={"enabled": True, "threshold": 1.5,
+                                                                           "start_blend": 0.0})
     src, edited = none_kept(tiny_pipe, ex, 5)
     torch.testing.assert_close(edited, src)  # empty mask: the target is the source after every step
-    all_kept = make_method("p2p", num_inference_steps=2, local_blend={"threshold": -1.0, "start_blend": 0.0})
+    all_kept = make_method("p2p", num_inference_steps=2, local_blend={"enabled": True, "threshold": -1.0,
+                                                                          "start_blend": 0.0})
     torch.testing.assert_close(all_kept(tiny_pipe, ex, 5)[1], plain[1])  # full mask: plain P2P
     with pytest.raises(UserError, match="no blend word"):
-        make_method("p2p", num_inference_steps=2, local_blend={"words": ["dog", "cat"], "threshold": 0.3,
-                                                               "start_blend": 0.2})(tiny_pipe, ex, 5)
+        make_method("p2p", num_inference_steps=2,
+                    local_blend={"enabled": True, "words": ["dog", "cat"], "threshold": 0.3, "start_blend": 0.2})(
+            tiny_pipe, ex, 5)
 
 
 # --- null-text inversion --------------------------------------------------------------------------------------
