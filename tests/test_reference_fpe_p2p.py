@@ -383,7 +383,11 @@ def test_local_blend_matches_the_official_mask_and_blend(tiny_pipe):
     stored = {x.label: [] for x in blend.layers}
     for _ in range(2):  # two steps: the maps are summed
         for x in blend.layers:
-            probs = torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1)
+            # word maps rising steeply over the grid: after pooling and ÷ max they span (0, 1], so a threshold
+            # 0.1 off moves the mask's border
+            ramp = (torch.arange(x.tokens, dtype=torch.float32) / (x.tokens - 1)) ** 3  # (N,)
+            probs = torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1) * 0.01
+            probs[..., 2:5] += ramp[:, None]
             blend.add(x, probs)
             stored[x.label].append(probs)
     x_t = torch.randn((2, 4, h, h), generator=g)
