@@ -297,15 +297,23 @@ def test_diffedit_mask_matches_the_reference_generate_mask(tiny_pipe):
     pipe = diffedit_pipeline(tiny_pipe)
     z0 = encode_image(tiny_pipe, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
     keys = ("mask_encode_strength", "num_maps_per_mask", "mask_thresholding_ratio")
-    reference = pipe.generate_mask(image=z0, source_prompt=EX.source_prompt, target_prompt=EX.target_prompt,
-                                   num_inference_steps=steps, guidance_scale=7.5, output_type="np",
-                                   generator=torch.Generator().manual_seed(seed),
-                                   **{k: official("diffedit", k) for k in keys})
-    mine = diffedit_mask(tiny_pipe, z0, EX.source_prompt, EX.target_prompt, seed, steps, 7.5,
-                         **{k: settings[k] for k in keys})
-    assert mine.shape == (1, 1, *z0.shape[-2:])
-    assert 0 < mine.mean() < 1  # a mask with both regions: a wrong setting moves its border
-    assert mine[0, 0].numpy().astype(int).tolist() == reference[0].astype(int).tolist()
+
+    def masks(**override):
+        reference = pipe.generate_mask(image=z0, source_prompt=EX.source_prompt, target_prompt=EX.target_prompt,
+                                       num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+                                       generator=torch.Generator().manual_seed(seed),
+                                       **({k: official("diffedit", k) for k in keys} | override))
+        mine = diffedit_mask(tiny_pipe, z0, EX.source_prompt, EX.target_prompt, seed, steps, 7.5,
+                             **({k: settings[k] for k in keys} | override))
+        assert mine.shape == (1, 1, *z0.shape[-2:]) and 0 < mine.mean() < 1  # both regions: a border that can move
+        return mine[0, 0].numpy().astype(int).tolist(), reference[0].astype(int).tolist()
+
+    mine, reference = masks()  # the official defaults (a small mask on the tiny random model)
+    assert mine == reference
+    # a ratio that splits this model's map about evenly (both sides): the encode strength and the number of maps
+    # from the YAML move many pixels of it when one value off
+    mine, reference = masks(mask_thresholding_ratio=2.0)
+    assert mine == reference
 
 
 # ---------------------------------------------------------------------------------------- pix2pix-zero
@@ -469,8 +477,7 @@ def test_shape_guided_schedule_matches_official(tiny_pipe):
     src, tgt, steps, guidance = "a photo of a cat", "a photo of a red dog", 4, 4.5
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     z0 = encode_image(tiny_pipe, image)
-    mask = torch.zeros(1, 1, 32, 32)
-    mask[..., 8:24, 4:20] = 1
+    mask = (torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(2)) > 0.5).float()
     mine = shape_guided_latents(tiny_pipe, z0, mask, src, tgt, cross_attn_scale=2.5, self_attn_scale=1.0,
                                 inversion="inside_outside", num_inference_steps=steps, guidance_scale=guidance)
     s_pos, t_pos, fixed = edited_tokens(tiny_pipe.tokenizer, src, tgt)
@@ -483,6 +490,22 @@ def test_shape_guided_schedule_matches_official(tiny_pipe):
                                        (hooks(token_scales(length, s_pos, (), 2.5)),
                                         hooks(token_scales(length, t_pos, fixed, 2.5))))
     torch.testing.assert_close(mine, reference, **TOL)
+
+
+def test_shape_guided_masks_resize_as_pil_nearest(tiny_pipe):
+    """shape-guided-diffusion ``utils.py: preprocess_segm`` / ``preprocess.py``: the mask image resized with
+    ``PIL.Image.NEAREST`` to each layer's side and to the latent."""
+    import numpy as np
+    from PIL import Image
+
+    from editing.baselines.shape_guided import resize_mask
+    from editing.two_branch import model_layers
+
+    mask = np.random.default_rng(0).random((37, 37)) > 0.5
+    for side in sorted({x.height for x in model_layers(tiny_pipe)}):
+        want = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.NEAREST)) > 127
+        got = resize_mask(torch.from_numpy(mask)[None, None], side, side)[0, 0].numpy() > 0.5
+        assert np.array_equal(got, want), side
 
 
 def test_squash_lanczos_is_the_official_pix2pix_zero_and_shape_guided_resize(tmp_path):
