@@ -154,5 +154,8 @@ def run(cfg: DictConfig) -> dict:
     if shown is not None:
         table, files, cap = shown
         print(f"\n{cap}\n{table.to_markdown()}\n\ntables in {Path(files['md']).parent}")
+    if tables.get("paper") is not None:  # benchmark.compare_paper: the paper's table beside ours
+        table, files, cap = tables["paper"]
+        print(f"\n{cap}\n{table.to_markdown()}\n\n(in {files['md']})")
     return {"summary": summary, "tables": tables, "out_dir": str(out_dir), "root": str(root),
             "dataset": dataset.summary()}
