@@ -33,8 +33,9 @@ def slug(text: str) -> str:
 def run_name(*, _root_: DictConfig) -> str:
     """What a run folder is named after: the task and what it runs (probe, edit, method, data, model)."""
     sel = lambda key: OmegaConf.select(_root_, key, default=None)  # noqa: E731
-    task = sel("task") or ("edit" if sel("edit") else "probe")
-    parts = {"probe": [sel("probe.name")], "edit": [sel("edit.name")], "ablation": [sel("ablation.name")],
+    task = sel("task") or ("edit" if sel("edit.name") else "probe")
+    edited = sel("edit.name") or ("compare" if sel("edit.methods") else sel("method.name"))
+    parts = {"probe": [sel("probe.name")], "edit": [edited], "ablation": [sel("ablation.name")],
              "benchmark": [sel("benchmark.table"), sel("method.name"), sel("data.name")]}.get(task, [task])
     if task == "probe" or task == "edit":
         parts = [task, *parts]

@@ -7,7 +7,7 @@ CFG, all decoded to images:
   model's config, the two prompts, the same initial latent, ``output_type="pt"``: full, decoded) —
   what a user would pick instead of our sampler;
 - ``plain``: our sampler (:func:`sdattn.sampling.sample`) on [source, target];
-- ``fpe``: FPE on generated images (Alg. 1; layers ``edit.layers``, else ``model.fpe_layers``);
+- ``fpe``: FPE on generated images (Alg. 1; its settings: ``configs/method/fpe.yaml``, e.g. ``method.layers``);
 - ``invert+sample``: VAE-encode + DDIM inversion + sampling [source, target] from the inverted latent;
 - ``fpe_real``: FPE on a real image (Alg. 2), a fixed random image of the model's size.
 
@@ -70,7 +70,8 @@ CAPTURE_BASELINE = {"plain": "plain", "cross": "plain", "self": "plain"}
 
 
 def compose_config(model: str | None, overrides: list[str]):
-    """configs/run.yaml composed with ``model=<model>`` (if given) and Hydra ``overrides``."""
+    """configs/run.yaml composed with ``model=<model>`` (if given) and Hydra ``overrides``; ``method=fpe``
+    unless they choose a method (the edit variants run FPE with its settings)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -78,7 +79,8 @@ def compose_config(model: str | None, overrides: list[str]):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
-        cfg = compose("run", overrides=([f"model={model}"] if model else []) + list(overrides))
+        fpe = [] if any(o.lstrip("+~").startswith("method=") for o in overrides) else ["method=fpe"]
+        cfg = compose("run", overrides=([f"model={model}"] if model else []) + fpe + list(overrides))
     GlobalHydra.instance().clear()
     return cfg
 
@@ -147,11 +149,12 @@ def edit_calls(pipe, cfg, steps: int) -> dict[str, Callable[[], object]]:
 
     from editing.fpe import fpe_generated, fpe_real
     from editing.inversion import ddim_invert, image_size
+    from experiments.common import plain
     from sdattn.sampling import ddim_scheduler, encode_image, initial_latents, sample
 
     guidance = float(cfg.model.guidance_scale)
     src, tgt = str(cfg.model.examples.edit_source), str(cfg.model.examples.edit_target)
-    layers = str(cfg.edit.layers) if cfg.get("edit") else str(cfg.model.fpe_layers)
+    fpe = dict(layers=plain(cfg.method.layers), self_replace_steps=plain(cfg.method.self_replace_steps))
     image = torch.rand((1, 3, *image_size(pipe)), generator=torch.Generator().manual_seed(0))
     z = initial_latents(pipe, [0]).repeat(2, 1, 1, 1)
     components = {**pipe.components, "scheduler": ddim_scheduler(pipe)}
@@ -166,9 +169,9 @@ def edit_calls(pipe, cfg, steps: int) -> dict[str, Callable[[], object]]:
         "diffusers": lambda: reference(prompt=[src, tgt], latents=z.to(pipe.unet.device, pipe.unet.dtype),
                                        num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images,
         "plain": lambda: sample(pipe, [src, tgt], latents=z, **kw).images,
-        "fpe": lambda: fpe_generated(pipe, src, tgt, 0, layers=layers, **kw),
+        "fpe": lambda: fpe_generated(pipe, src, tgt, 0, **fpe, **kw),
         "invert+sample": lambda: sample(pipe, ["", tgt], latents=inverted().repeat(2, 1, 1, 1), **kw),
-        "fpe_real": lambda: fpe_real(pipe, image, tgt, layers=layers, **kw),
+        "fpe_real": lambda: fpe_real(pipe, image, tgt, **fpe, **kw),
     }
 
 
@@ -303,7 +306,7 @@ def run(args) -> dict:
     """Load the model once, measure the chosen groups, write JSON + Markdown, print the table."""
     import torch
 
-    from experiments.common import load_model
+    from experiments.common import load_model, plain
 
     torch.set_num_threads(args.threads)
     cfg = compose_config(args.model, args.overrides)
@@ -324,7 +327,7 @@ def run(args) -> dict:
     for group in groups:
         if group == "edit":
             calls, baselines, extra = edit_calls(pipe, cfg, steps), EDIT_BASELINE, {"prompts": 2}
-            extra["fpe_layers"] = str(cfg.edit.layers) if cfg.get("edit") else str(cfg.model.get("fpe_layers"))
+            extra["fpe_layers"] = str(plain(cfg.method.layers))
         else:
             calls, layers = capture_calls(pipe, cfg, steps, args.prompts)
             baselines, extra = CAPTURE_BASELINE, {"prompts": args.prompts, "layers": str(layers)}

@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from experiments.cli import (  # noqa: E402
     CONFIG_DIR,
@@ -42,7 +42,7 @@ TASKS = ("probe", "edit", "attention_maps", "ablation", "train_toy", "eval_toy",
 
 
 def task_name(cfg: DictConfig) -> str:
-    name = cfg.get("task") or ("edit" if cfg.get("edit") else "probe")
+    name = cfg.get("task") or ("edit" if OmegaConf.select(cfg, "edit.name") else "probe")
     if name not in TASKS:
         raise UserError(f"task {name!r} is not one of {list(TASKS)}")
     return name

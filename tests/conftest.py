@@ -60,7 +60,7 @@ def make_method(compose_cfg):
     model's defaults, ``settings`` merged over the config's (nested dicts merge key by key)."""
     from omegaconf import OmegaConf
 
-    from experiments.tasks.benchmark import build_method
+    from editing.methods import build_method
 
     def _make(name: str, **settings):
         node = OmegaConf.create(OmegaConf.to_container(compose_cfg(f"method={name}").method, resolve=True))

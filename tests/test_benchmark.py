@@ -260,7 +260,7 @@ def test_real_image_pairs_every_method(bench, tmp_path):
 
 
 def test_every_method_config_builds_its_editor(compose_cfg):
-    from experiments.tasks.benchmark import build_method
+    from editing.methods import build_method
 
     assert len(ALL) >= 9
     for name in ALL:

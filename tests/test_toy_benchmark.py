@@ -180,7 +180,7 @@ def test_table5_sweeps_methods_and_toy_datasets(compose_cfg):
         cfg = compose("run", overrides=["experiment=table5"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert set(params.data.split(",")) == {"toy_fake_edit", "toy_real_edit"}
-    from experiments.tasks.benchmark import build_method
+    from editing.methods import build_method
 
     for m in params.method.split(","):
         assert callable(build_method(compose_cfg(f"method={m}").method)[1])
