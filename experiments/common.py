@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdattn.config import instantiate
 from sdattn.errors import UserError, first_line
@@ -95,5 +95,7 @@ def method_config(cfg: DictConfig, name: str) -> dict:
         options = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
         raise UserError(f"method {name!r} is not a config of configs/method/ (options: {', '.join(options)}): "
                         f"{first_line(e)}") from None
-    run = OmegaConf.merge(cfg, {"method": OmegaConf.to_container(node, resolve=False)})
+    run = cfg.copy()  # this run's keys, the composed method's settings (interpolations resolved against them)
+    with open_dict(run):
+        run.method = OmegaConf.to_container(node, resolve=False)
     return plain(run.method)

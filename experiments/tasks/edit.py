@@ -70,4 +70,4 @@ def run(cfg: DictConfig) -> dict:
     files = write_comparison(out, runs, rows, pair, source_caption, settings, int(e.cell))
     print(f"{len(runs)} methods ({kind}), seed {cfg.seed}: {pair.source_prompt!r} → {pair.target_prompt!r}"
           f"{'' if clip else ' (no CLIP: edit.clip=null)'}\n{comparison_table(rows)}\ncomparison: {files['compare']}")
-    return {"files": files, "runs": runs, "rows": rows}
+    return {"files": files, "runs": runs, "rows": rows, "editors": dict(editors)}
