@@ -67,8 +67,10 @@ def write_comparison(out_dir: str | Path, runs: Sequence[MethodRun], rows: Seque
     for run in runs:
         for key, path in save_run(run, out / run.name, (source_caption, pair.target_prompt), cell).items():
             files[f"{run.name}/{key}"] = path
+    timing = "warm (edit.warmup)" if settings.get("warmup") else "cold (first run of each)"
     grid = comparison_grid(runs[0].source, source_caption, pair.target_prompt,
-                           [(run.name, run.edited, caption_lines(row)) for run, row in zip(runs, rows)], cell)
+                           [(run.name, run.edited, caption_lines(row)) for run, row in zip(runs, rows)], cell,
+                           footer=f"times: {timing}")
     files["compare"] = atomic_save(out / "compare.png", lambda tmp: grid.save(tmp, format="PNG"))
     record = {"source_prompt": pair.source_prompt, "target_prompt": pair.target_prompt, **settings,
               "methods": list(rows)}

@@ -287,3 +287,29 @@ def test_a_new_method_is_one_module_and_one_config(bench, tmp_path, monkeypatch)
     assert [r["status"] for r in rows] == ["ok", "ok"] and res["out_dir"].endswith("/dummy")
     assert rows[0]["psnr"] == pytest.approx(10 * math.log10(1 / 0.25 ** 2), abs=1e-3)  # 0.5 → 0.25: the dummy edited
     assert "dummy" in res["tables"]["table4"]["car_fake_edit"][0].index
+
+
+def test_a_new_metric_is_one_function_and_one_config(bench, tmp_path, monkeypatch):
+    """A dummy metric (a function on the path + configs/metric/dummy.yaml in another config dir) is scored,
+    recorded and tabled with no edit of the runner, the task or the tables; a value it cannot give (None)
+    is left out of its mean and counted."""
+    (tmp_path / "dummy_metric.py").write_text(
+        "def brightness(example, source, edited, *, scale: float):\n"
+        "    return {'brightness': None if example.id.endswith('1') else scale * float(edited.mean())}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "conf" / "metric").mkdir(parents=True)
+    (tmp_path / "conf" / "metric" / "dummy.yaml").write_text(
+        "dummy:\n  _target_: dummy_metric.brightness\n  _partial_: true\n  scale: 100.0\n"
+        "  columns:\n    brightness: {header: Brightness, digits: 1, missing: too dark}\n")
+    res = bench("method=sdedit_0.5", "data.limit=2", "+metric=dummy",
+                f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    assert 0 <= rows[0]["brightness"] <= 100 and rows[1]["brightness"] is None and "psnr" in rows[0]
+    table, files, cap = res["tables"]["table4"]["car_fake_edit"]
+    assert table.loc["sdedit_0.5", "Brightness"] == f"{rows[0]['brightness']:.1f} ± 0.0 (1/2)"
+    assert "Brightness: sdedit_0.5 over 1 of 2 pairs; 1 too dark" in cap
+    meta = json.loads((Path(res["out_dir"]) / "meta.json").read_text())
+    assert meta["metrics"]["dummy"] == {"target": "dummy_metric.brightness", "scale": 100.0}
+    # structure: off (no DINO model); toy_edit's columns are described, but no row here has them (not a toy pair)
+    assert [c["key"] for c in meta["columns"]] == ["psnr", "ssim", "edit_ok", "mask_iou", "brightness"]
+    assert "Mask IoU ↑" not in table.columns

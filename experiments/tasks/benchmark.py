@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -24,12 +23,11 @@ from evaluation.merge import shard_line, write_plan, write_tables_locked
 from evaluation.metric_models import clip_fingerprint, load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
 from evaluation.runner import run_pairs
+from evaluation.scorers import build_metrics, metrics_columns, metrics_meta, scorer
 from evaluation.shards import SHARD_KEY, parse_shard, shard_dataset
-from evaluation.structure import load_structure, structure_fingerprint
 from evaluation.tables import table5_groups
 from experiments.common import close_logger, instantiate, load_model, make_logger, model_fingerprint, plain
 from sdattn.errors import UserError
-from toyworld.edit_benchmark import toy_scores
 
 PROCESS_START = int(time.time())
 
@@ -38,11 +36,6 @@ def load_data(data_cfg) -> LoadedDataset:
     """The dataset of a ``data`` config (``configs/data/<name>.yaml``): its ``_target_`` loader called
     with the config's keys (name, path, root, limit, and the loader's own options)."""
     return instantiate(data_cfg, _convert_="all")
-
-
-def structure_scorer(structure: Callable) -> Callable:
-    """(example, source, edited) → {"structure": DINO self-similarity distance} for the runner."""
-    return lambda example, source, edited: {"structure": float(structure(source, edited)[0])}
 
 
 class SamplePanel:
@@ -118,25 +111,21 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(bench.get("out_dir") or root / str(cfg.data.name) / name)
     out_dir = out_dir / shard.folder if shard else out_dir
 
-    structure_name = (plain(cfg.get("metrics")) or {}).get("structure")
     clip = load_clip(clip_name, device=cfg.device)  # ModelLoadError (one line) when unavailable
-    structure = load_structure(structure_name, device=cfg.device)  # None when not configured
+    metrics = build_metrics(cfg.get("metric"))  # the per-pair score plug-ins (configs/metric/), models loaded
     pipe = load_model(cfg)
     logger = make_logger(cfg)
     panel = SamplePanel(int(bench.get("panel_images", 8))) if logger is not None else None
-    meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "structure": structure_name,
-            "model": str(cfg.model.name),
+    meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "metrics": metrics_meta(metrics),
+            "columns": metrics_columns(metrics), "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
             "method_cfg": method_settings(plain(method_cfg)), "resize": str(cfg.resize),
             # the weights themselves: a model retrained or replaced under the same name or path is other settings
-            "model_fingerprint": model_fingerprint(cfg, pipe), "clip_fingerprint": clip_fingerprint(clip_name),
-            "structure_fingerprint": structure_fingerprint(structure_name)}
+            "model_fingerprint": model_fingerprint(cfg, pipe), "clip_fingerprint": clip_fingerprint(clip_name)}
     if shard:
         meta[SHARD_KEY] = str(shard)
     write_plan(out_dir, dataset, shard)
-    # Extra scores: DINO structure distance when configured; the toy world's own edit check, which
-    # applies to the pairs that carry the world's ground truth (toy datasets) and is {} for others.
-    scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores]
+    scorers = [scorer(m) for m in metrics]
     summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed), run_id=run_id(),
                         resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers, on_record=panel)
     tables = write_tables_locked(root, clip_name, str(cfg.model.name), **table_opts)
