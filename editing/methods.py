@@ -138,24 +138,31 @@ class MethodRun:
     info: dict = field(default_factory=dict)  # what the editor reports of its edit (PnP: inversion cached?)
 
 
+def timed_edit(pipe, edit: Callable, example, seed: int, image: torch.Tensor | None,
+               timer: Callable[[], float] = time.perf_counter) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``edit(pipe, example, seed, image)`` → (source, edited, seconds by ``timer``), with
+    ``torch.cuda.synchronize()`` before and after on CUDA (the time covers the whole edit)."""
+    cuda = getattr(pipe, "device", torch.device("cpu")).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = timer()
+    source, edited = edit(pipe, example, seed, image)
+    if cuda:
+        torch.cuda.synchronize()
+    return source, edited, timer() - t0
+
+
 def run_method(pipe, name: str, edit: Callable, pair: Pair, seed: int, image: torch.Tensor | None = None,
                warmup: bool = False) -> MethodRun:
-    """``edit(pipe, pair, seed, image)`` once (after an uncounted warm-up edit with ``warmup``), timed with
-    ``torch.cuda.synchronize()`` on CUDA. ``image`` (1, 3, H, W) in [0, 1] for a real-image edit."""
-    cuda = getattr(pipe, "device", torch.device("cpu")).type == "cuda"
+    """``edit(pipe, pair, seed, image)`` once (after an uncounted warm-up edit with ``warmup``), timed by
+    :func:`timed_edit`. ``image`` (1, 3, H, W) in [0, 1] for a real-image edit."""
     if warmup:
         edit(pipe, pair, seed, image)
     cache = SHARED.get()
     reused0 = cache.reused_s if cache is not None else 0.0
     decoded = DecodedLatents(pipe)
     with decoded.recording():
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = clock()
-        source, edited = edit(pipe, pair, seed, image)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = clock() - t0
+        source, edited, seconds = timed_edit(pipe, edit, pair, seed, image, clock)
     shared = (cache.reused_s - reused0) if cache is not None else 0.0
     latents = {"input": encode_image(pipe, image).cpu()} if image is not None else {}
     for key, img in (("source", source), ("edited", edited)):

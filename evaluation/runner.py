@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from editing.images import fit_image, read_rgb
 from editing.inversion import image_size
+from editing.methods import timed_edit
 from sdattn.errors import UserError, first_line
 
 from .metrics import ClipMetrics
@@ -105,7 +106,6 @@ def _run_locked(store, pipe, dataset, method, edit, clip, meta, seed, run_id, re
     summary.errors = {i: r["error"] for i, r in done.items() if r.get("status") == "error"}
     position = {ex.id: i for i, ex in enumerate(dataset.examples)}
     todo = [ex for ex in dataset.available() if ex.id not in done]
-    cuda = torch.cuda.is_available() and getattr(pipe, "device", torch.device("cpu")).type == "cuda"
     timing = timing_context(pipe, run_id)
     fits = {}  # image path → ImageFit (counted once per image)
 
@@ -116,13 +116,7 @@ def _run_locked(store, pipe, dataset, method, edit, clip, meta, seed, run_id, re
     def one(ex):
         s = ex.seed if ex.seed is not None else seed + position[ex.id]
         image = None if ex.image_path is None else load(ex.image_path)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = clock()
-        src, edited = edit(pipe, ex, s, image)
-        if cuda:
-            torch.cuda.synchronize()
-        return s, src, edited, clock() - t0
+        return s, *timed_edit(pipe, edit, ex, s, image, clock)
 
     warm = False
     for ex in tqdm(todo, desc=f"benchmark {method}", disable=not progress):

@@ -186,10 +186,11 @@ def test_table4_on_the_default_toy_setup(toy_bench, toy_clip, tmp_path, capsys):
     assert "CLIP: toy" in capsys.readouterr().out
 
 
-def test_a_pair_the_checker_cannot_read_is_counted_not_scored_zero(toy_bench, toy_clip, tmp_path, monkeypatch):
+def test_a_pair_the_checker_cannot_read_is_counted_not_scored_zero(toy_bench, toy_clip, plugin):
     """Issue 23 item 5: an editor whose source the pixel checker cannot read (here: blank for the first pair)
     gives that pair no mask IoU — not a 0 in the mean — and Table 4 says over how many pairs it is."""
-    (tmp_path / "blank_editor.py").write_text(
+    searchpath = plugin(
+        "blank_editor",
         "import torch\n"
         "from toyworld.world import load_world\n\n"
         "def edit_blank(pipe, example, seed, image=None, *, num_inference_steps: int, guidance_scale: float):\n"
@@ -198,14 +199,11 @@ def test_a_pair_the_checker_cannot_read_is_counted_not_scored_zero(toy_bench, to
         "                                              x0=12, y0=12, size=36).image).permute(2, 0, 1)[None] / 255\n"
         "    edited = img(t)\n"
         "    source = torch.full_like(edited, 0.8) if example.id == 'fake_color_000' else img(s)\n"
-        "    return source, edited\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "conf" / "method").mkdir(parents=True)
-    (tmp_path / "conf" / "method" / "blank.yaml").write_text(
+        "    return source, edited\n",
+        "method", "blank",
         "name: blank\n_target_: blank_editor.edit_blank\n_partial_: true\n"
         "num_inference_steps: ${model.steps}\nguidance_scale: ${model.guidance_scale}\n")
-    res = toy_bench("method=blank", "data=toy_fake_edit", "data.limit=2", "logger=none",
-                    f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
+    res = toy_bench("method=blank", "data=toy_fake_edit", "data.limit=2", "logger=none", searchpath)
     rows = read_pairs(Path(res["out_dir"]) / "pairs.jsonl")
     assert [(r["id"], r["edit_ok"], r["mask_iou"] is None) for r in rows] == [
         ("fake_color_000", 1.0, True), ("fake_shape_000", 1.0, False)]
