@@ -57,6 +57,12 @@ def shared_inversions() -> Iterator[InversionCache]:
         SHARED.reset(token)
 
 
+def reused_inversion_seconds() -> float:
+    """Inside :func:`shared_inversions`: the seconds of the inversions handed out again so far; else 0."""
+    cache = SHARED.get()
+    return 0.0 if cache is None else cache.reused_s
+
+
 def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_steps: int = 50,
                 progress: bool = True, until: int | None = None, guidance_scale: float = 1.0,
                 negative_prompt: str = "") -> list[torch.Tensor]:

@@ -24,9 +24,7 @@ from sdattn.files import atomic_save
 from sdattn.sampling import encode_image
 
 from .grid import labelled_grid, to_pil
-from .inversion import SHARED
-
-clock = time.perf_counter  # tests replace it to make timings reproducible
+from .inversion import reused_inversion_seconds
 
 
 @dataclass(frozen=True)
@@ -158,12 +156,11 @@ def run_method(pipe, name: str, edit: Callable, pair: Pair, seed: int, image: to
     :func:`timed_edit`. ``image`` (1, 3, H, W) in [0, 1] for a real-image edit."""
     if warmup:
         edit(pipe, pair, seed, image)
-    cache = SHARED.get()
-    reused0 = cache.reused_s if cache is not None else 0.0
+    reused0 = reused_inversion_seconds()
     decoded = DecodedLatents(pipe)
     with decoded.recording():
-        source, edited, seconds = timed_edit(pipe, edit, pair, seed, image, clock)
-    shared = (cache.reused_s - reused0) if cache is not None else 0.0
+        source, edited, seconds = timed_edit(pipe, edit, pair, seed, image)
+    shared = reused_inversion_seconds() - reused0
     latents = {"input": encode_image(pipe, image).cpu()} if image is not None else {}
     for key, img in (("source", source), ("edited", edited)):
         z = None if key == "source" and image is not None else decoded.latent_of(img)
