@@ -70,8 +70,7 @@ CAPTURE_BASELINE = {"plain": "plain", "cross": "plain", "self": "plain"}
 
 
 def compose_config(model: str | None, overrides: list[str]):
-    """configs/run.yaml composed with ``model=<model>`` (if given) and Hydra ``overrides``; ``method=fpe``
-    unless they choose a method (the edit variants run FPE with its settings)."""
+    """configs/run.yaml composed with ``model=<model>`` (if given) and Hydra ``overrides``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -79,8 +78,7 @@ def compose_config(model: str | None, overrides: list[str]):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
-        fpe = [] if any(o.lstrip("+~").startswith("method=") for o in overrides) else ["method=fpe"]
-        cfg = compose("run", overrides=([f"model={model}"] if model else []) + fpe + list(overrides))
+        cfg = compose("run", overrides=([f"model={model}"] if model else []) + list(overrides))
     GlobalHydra.instance().clear()
     return cfg
 
@@ -149,12 +147,13 @@ def edit_calls(pipe, cfg, steps: int) -> dict[str, Callable[[], object]]:
 
     from editing.fpe import fpe_generated, fpe_real
     from editing.inversion import ddim_invert, image_size
-    from experiments.common import plain
+    from experiments.common import method_config
     from sdattn.sampling import ddim_scheduler, encode_image, initial_latents, sample
 
     guidance = float(cfg.model.guidance_scale)
     src, tgt = str(cfg.model.examples.edit_source), str(cfg.model.examples.edit_target)
-    fpe = dict(layers=plain(cfg.method.layers), self_replace_steps=plain(cfg.method.self_replace_steps))
+    settings = method_config(cfg, "fpe")  # configs/method/fpe.yaml (with method.* overrides when method=fpe)
+    fpe = {k: settings[k] for k in ("layers", "self_replace_steps")}
     image = torch.rand((1, 3, *image_size(pipe)), generator=torch.Generator().manual_seed(0))
     z = initial_latents(pipe, [0]).repeat(2, 1, 1, 1)
     components = {**pipe.components, "scheduler": ddim_scheduler(pipe)}
@@ -306,7 +305,7 @@ def run(args) -> dict:
     """Load the model once, measure the chosen groups, write JSON + Markdown, print the table."""
     import torch
 
-    from experiments.common import load_model, plain
+    from experiments.common import load_model, method_config
 
     torch.set_num_threads(args.threads)
     cfg = compose_config(args.model, args.overrides)
@@ -327,7 +326,7 @@ def run(args) -> dict:
     for group in groups:
         if group == "edit":
             calls, baselines, extra = edit_calls(pipe, cfg, steps), EDIT_BASELINE, {"prompts": 2}
-            extra["fpe_layers"] = str(plain(cfg.method.layers))
+            extra["fpe_layers"] = str(method_config(cfg, "fpe")["layers"])
         else:
             calls, layers = capture_calls(pipe, cfg, steps, args.prompts)
             baselines, extra = CAPTURE_BASELINE, {"prompts": args.prompts, "layers": str(layers)}

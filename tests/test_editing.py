@@ -231,7 +231,7 @@ def test_toy_edit_evaluation_runs(compose_cfg, tmp_path):
 def test_perf_edit_variants(compose_cfg, tiny_pipe):
     from experiments import perf
 
-    calls = perf.edit_calls(tiny_pipe, compose_cfg("method=fpe"), steps=2)
+    calls = perf.edit_calls(tiny_pipe, compose_cfg(), steps=2)
     rows = perf.summarise(perf.measure_rounds(calls, tiny_pipe.unet.device, rounds=1), perf.EDIT_BASELINE)
     assert [r["variant"] for r in rows] == ["diffusers", "plain", "fpe", "invert+sample", "fpe_real"]
     assert all(r["seconds"] > 0 and r["peak"] > 0 for r in rows)
