@@ -59,8 +59,20 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def make_logger(cfg: DictConfig, **overrides):
-    """The configured Lightning logger (``overrides``: e.g. its name / save_dir), or None (``logger=null``)."""
-    return instantiate(cfg.logger, **overrides) if cfg.get("logger") else None
+    """The configured Lightning logger of a training loop (``overrides``: e.g. its name / save_dir), or None
+    (``logger=none``). A W&B logger gets its run from :func:`experiments.tracking.start_wandb` (group, job
+    type, tags and config as every run's), its metrics against the trainer's step."""
+    from experiments.tracking import logger_kind, start_wandb
+
+    kind = logger_kind(cfg)
+    if kind is None:
+        return None
+    if kind == "wandb":
+        run = start_wandb(cfg, overrides.get("name"), overrides.get("save_dir"))
+        run.define_metric("trainer/global_step")
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        overrides = {**overrides, "experiment": run}
+    return instantiate(cfg.logger, **overrides)
 
 
 def close_logger(logger) -> None:

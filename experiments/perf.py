@@ -60,7 +60,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EDIT_VARIANTS = ("diffusers", "plain", "fpe", "invert+sample", "fpe_real")
 CAPTURE_VARIANTS = ("plain", "cross", "self")
 # baseline of each variant (ratios are variant ÷ baseline)
@@ -77,7 +76,9 @@ def compose_config(model: str | None, overrides: list[str]):
     import experiments.run  # noqa: F401  (registers the project_root resolver)
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
+    from sdattn.files import REPO_ROOT
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
         cfg = compose("run", overrides=([f"model={model}"] if model else []) + list(overrides))
     GlobalHydra.instance().clear()
     return cfg

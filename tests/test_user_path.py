@@ -157,6 +157,7 @@ def test_run_folder_is_named_and_run_log_holds_the_output(tmp_path):
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.endswith("_probe-cross_attn-tiny_model.steps=2,probe.layers=_3_,probe.n_per_class=2,"
                              "trainer.max_epochs=1")
-    assert r.stdout.splitlines()[0].startswith("model tiny (") and "50 steps" not in r.stdout.splitlines()[0]
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("probe cross_attn: model tiny (") and "50 steps" not in first
     log = (run / "run.log").read_text()
     assert "model tiny" in log and "Table 1" in log and "tables written to" in log

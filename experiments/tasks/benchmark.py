@@ -22,11 +22,13 @@ from evaluation.datasets import LoadedDataset
 from evaluation.merge import shard_line, write_plan, write_tables_locked
 from evaluation.metric_models import clip_fingerprint, load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
+from evaluation.records import collect
 from evaluation.runner import run_pairs
 from evaluation.scorers import build_metrics, metrics_columns, metrics_meta, scorer
 from evaluation.shards import SHARD_KEY, parse_shard, shard_dataset
-from evaluation.tables import table5_groups
-from experiments.common import close_logger, instantiate, load_model, make_logger, model_fingerprint, plain
+from evaluation.tables import COLUMNS, table5_groups
+from experiments.common import instantiate, load_model, model_fingerprint, plain
+from experiments.tracking import log_benchmark
 from sdattn.errors import UserError
 
 PROCESS_START = int(time.time())
@@ -38,41 +40,6 @@ def load_data(data_cfg) -> LoadedDataset:
     return instantiate(data_cfg, _convert_="all")
 
 
-class SamplePanel:
-    """Keeps the first ``n`` edited pairs of this run for the logger's sample-image panel."""
-
-    COLUMNS = ["id", "source", "edited", "source_prompt", "target_prompt", "clip_score", "clip_directional"]
-
-    def __init__(self, n: int):
-        self.n, self.rows = n, []
-
-    def __call__(self, record: dict, source, edited) -> None:
-        if len(self.rows) < self.n:
-            self.rows.append((record, source[0].detach().cpu(), edited[0].detach().cpu()))
-
-
-def _log(logger, panel: SamplePanel, tables: dict, data: str, method: str) -> None:
-    """Table 4 of this dataset (and Table 5) as logger tables; the sample images as an image table
-    (W&B: a panel of source | edited with prompts and scores). Loggers without tables get the means."""
-    import numpy as np
-
-    t4 = tables["table4"].get(data)
-    if hasattr(logger, "log_table"):
-        if t4 is not None:
-            logger.log_table(key=f"table4/{data}", dataframe=t4[0].reset_index(names="method"))
-        if tables["table5"] is not None:
-            logger.log_table(key="table5", dataframe=tables["table5"][0].reset_index(names="method"))
-        if panel.rows:
-            import wandb
-
-            to_img = lambda x: wandb.Image((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))  # noqa: E731
-            data_rows = [[r["id"], to_img(s), to_img(e), r["source_prompt"], r["target_prompt"], r["clip_score"],
-                          r["clip_directional"]] for r, s, e in panel.rows]
-            logger.log_table(key=f"samples/{data}/{method}", columns=SamplePanel.COLUMNS, data=data_rows)
-    elif panel.rows:
-        means = {k: float(np.mean([r[k] for r, _, _ in panel.rows])) for k in ("clip_score", "clip_directional")}
-        logger.log_metrics({f"{data}/{method}/{k}": v for k, v in means.items()})
-    close_logger(logger)
 
 
 def run_id() -> str:
@@ -114,8 +81,6 @@ def run(cfg: DictConfig) -> dict:
     clip = load_clip(clip_name, device=cfg.device)  # ModelLoadError (one line) when unavailable
     metrics = build_metrics(cfg.get("metric"))  # the per-pair score plug-ins (configs/metric/), models loaded
     pipe = load_model(cfg)
-    logger = make_logger(cfg)
-    panel = SamplePanel(int(bench.get("panel_images", 8))) if logger is not None else None
     meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "metrics": metrics_meta(metrics),
             "columns": metrics_columns(metrics), "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
@@ -127,10 +92,11 @@ def run(cfg: DictConfig) -> dict:
     write_plan(out_dir, dataset, shard)
     scorers = [scorer(m) for m in metrics]
     summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed), run_id=run_id(),
-                        resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers, on_record=panel)
+                        resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers)
     tables = write_tables_locked(root, clip_name, str(cfg.model.name), **table_opts)
-    if logger is not None:
-        _log(logger, panel, tables, str(cfg.data.name), name)
+    scores = {**COLUMNS, **{c["key"]: c["header"] for c in metrics_columns(metrics)}}  # the runner's + plug-ins'
+    log_benchmark(cfg, str(cfg.data.name), name, collect(root, clip_name).get(str(cfg.data.name), {}), scores,
+                  out_dir, summary.edited, int(bench.get("panel_images", 8)))
     print(dataset.summary())
     print(shard_line(str(cfg.data.name), name, shard, summary.line(name)))
     shown = tables["table4"].get(str(cfg.data.name))

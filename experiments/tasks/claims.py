@@ -33,6 +33,7 @@ from evaluation.claims_plots import bars_figure, probe_figure, sweep_figure
 from experiments.common import instantiate, load_model, output_dir, plain
 from experiments.tasks.ablation import ablation_rows
 from experiments.tasks.probe import collect_features, family_path
+from experiments.tracking import log_claims
 from probing.capture import CaptureSpec
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family
@@ -428,6 +429,7 @@ def run(cfg: DictConfig) -> dict:
     result = {"model": name, "level": c.level, "seconds": seconds, "claims": [x.to_dict() for x in claims],
               "settings": OmegaConf.to_container(c, resolve=True)}
     files["json"] = atomic_write_text(out / "claims.json", json.dumps(result, indent=1, default=str))
+    log_claims(cfg, result["claims"], sorted(out.glob("*.png")))
     print(f"\n{table.rename_axis('probed maps').to_markdown()}\n")
     for cl in claims:
         print(cl.line())

@@ -14,15 +14,14 @@ from tqdm.auto import tqdm
 
 from evaluation.shards import Shard, parse_shard
 from experiments.common import (
-    close_logger,
     instantiate,
     load_model,
-    make_logger,
     model_fingerprint,
     model_identity,
     output_dir,
     plain,
 )
+from experiments.tracking import log_probe
 from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family, resolve_token, word_token_positions
@@ -94,7 +93,6 @@ def run(cfg: DictConfig) -> dict:
     make_trainer = instantiate(cfg.trainer)
     token_names = [t.replace("{cls}", "class word") for t in spec.tokens] if p.kind == "cross" else [None]
     out, tables, files = output_dir(cfg), {}, {}
-    logger = make_logger(cfg)
     for t, token in enumerate(token_names):
         per_class, overall, control = {}, {}, {}
         for layer in tqdm(layers, desc="probes" + (f" [{token}]" if token else ""), disable=not cfg.progress):
@@ -117,10 +115,7 @@ def run(cfg: DictConfig) -> dict:
         files[stem] = write_table(table, out, stem, caption)
         tables[stem] = mean
         print(f"\n{caption}\n{table.to_markdown()}\n")
-        if logger is not None:
-            logger.log_table(key=stem, dataframe=table.reset_index(names="class"))
-    if logger is not None:
-        close_logger(logger)
+    log_probe(cfg, tables, str(p.name))
     print(f"tables written to {out}")
     return {"tables": tables, "files": files, "layers": [x.label for x in layers], "classes": classes,
             "chance": 1 / len(classes), "out_dir": str(out)}
