@@ -22,19 +22,13 @@ from sdattn.files import REPO_ROOT
 from sdattn.tables import write_table
 
 from .metric_models import TINY_CLIP
-from .records import collect
+from .records import collect, collect_columns
 
-COLUMNS = {  # metric key → paper header (Table 4); the columns after Time are our additions
+COLUMNS = {  # the runner's scores → the paper's headers (Table 4); the metric plug-ins' columns follow
     "clip_score": "CLIP score ↑",
     "clip_directional": "CLIP dir. sim. ↑",
     "time_s": "Time (s) ↓",
-    "psnr": "PSNR ↑",
-    "ssim": "SSIM ↑",
-    "structure": "Structure dist. ↓",
-    "toy_edit_ok": "Edit correct ↑",
-    "toy_mask_iou": "Mask IoU ↑",
 }
-OPTIONAL = ("structure", "toy_edit_ok", "toy_mask_iou")  # columns shown only when some row has them
 REL_FPE = "Time rel. FPE"
 TABLE5_METRICS = ("clip_score", "clip_directional")
 
@@ -48,8 +42,7 @@ def cell(mean: float, std: float, digits: int) -> str:
     return "–" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-DIGITS = {"clip_score": 2, "clip_directional": 4, "time_s": 2, "psnr": 2, "ssim": 3, "structure": 4,
-          "toy_edit_ok": 2, "toy_mask_iou": 2}
+DIGITS = {"clip_score": 2, "clip_directional": 4, "time_s": 2}
 
 
 # Presentation only: the paper's row order (FPE first: the time column is relative to it); methods not
@@ -75,20 +68,48 @@ def time_ratio(rows: list[dict], fpe_rows: list[dict]) -> str:
     return f"{mine / fpe:.2f}×" if fpe else "–"
 
 
-def table4(rows_by_method: dict[str, list[dict]], paper: dict | None = None) -> pd.DataFrame:
-    """Rows = methods; columns = the paper's (CLIP score, CLIP dir. sim., Time) + PSNR, SSIM (+ time
-    relative to FPE, between rows timed in the same run, when FPE rows exist). Cells "mean ± std" over pairs;
-    with ``paper`` (this dataset's entry of ``datasets/paper/table4.yaml``) the CS and CDS cells of the methods
-    it has are "ours (paper)"."""
+def scored(rows: list[dict], key: str) -> tuple[list, int]:
+    """(the values of ``key`` in the rows that have it, how many of them are None: not scored)."""
+    values = [r[key] for r in rows if key in r]
+    return values, sum(v is None for v in values)
+
+
+def plugin_cell(rows: list[dict], key: str, digits: int) -> str:
+    """"mean ± std" of a metric plug-in's column, "(n/N)" after it when N − n pairs could not be scored."""
+    values, missing = scored(rows, key)
+    text = cell(*mean_std(values), digits)
+    return f"{text} ({len(values) - missing}/{len(values)})" if missing else text
+
+
+def missing_notes(rows_by_method: dict[str, list[dict]], columns: dict[str, dict]) -> list[str]:
+    """One note per (column, method) with pairs not scored: "Mask IoU: fpe over 3 of 4 pairs; 1 unreadable"."""
+    notes = []
+    for key, spec in columns.items():
+        for m in row_order(rows_by_method):
+            values, missing = scored(rows_by_method[m], key)
+            if missing:
+                notes.append(f"{spec['header'].rstrip(' ↑↓')}: {m} over {len(values) - missing} of {len(values)} "
+                             f"pairs; {missing} {spec['missing']}")
+    return notes
+
+
+def table4(rows_by_method: dict[str, list[dict]], columns: dict[str, dict] | None = None,
+           paper: dict | None = None) -> pd.DataFrame:
+    """Rows = methods; columns = the paper's (CLIP score, CLIP dir. sim., Time), then each metric plug-in
+    column of ``columns`` ({record key: {header, digits, missing}}) that some row has (+ time relative to
+    FPE, between rows timed in the same run, when FPE rows exist). Cells "mean ± std" over pairs; a plug-in
+    cell over fewer pairs (some not scored) says "(n/N)". With ``paper`` (this dataset's entry of
+    ``datasets/paper/table4.yaml``) the CS and CDS cells of the methods it has are "ours (paper)"."""
     data = {}
-    present = [k for k in COLUMNS if k not in OPTIONAL
-               or any(r.get(k) is not None for rows in rows_by_method.values() for r in rows)]
+    plugins = {k: c for k, c in (columns or {}).items()
+               if any(k in r for rows in rows_by_method.values() for r in rows)}
     for m in row_order(rows_by_method):
         rows = rows_by_method[m]
-        cells = {COLUMNS[k]: cell(*mean_std([r.get(k) for r in rows]), DIGITS[k]) for k in present}
+        cells = {COLUMNS[k]: cell(*mean_std([r.get(k) for r in rows]), DIGITS[k]) for k in COLUMNS}
         if paper is not None and isinstance(paper.get(m), dict):
             for k, short in TABLE5_SHORT.items():
                 cells[COLUMNS[k]] = with_paper(cells[COLUMNS[k]], paper[m].get(short), DIGITS[k])
+        cells.update({c["header"]: plugin_cell(rows, k, c["digits"]) for k, c in plugins.items()})
         if "fpe" in rows_by_method:
             cells[REL_FPE] = time_ratio(rows, rows_by_method["fpe"])
         cells["Pairs"] = str(len(rows))
@@ -267,15 +288,18 @@ def write_tables(root: str | Path, clip_name: str, model_name: str = "", table5_
     "paper": (DataFrame, paths, caption) or None}."""
     root = Path(root)
     collected = collect(root, clip_name)
+    columns = collect_columns(root)
     result: dict = {"table4": {}, "table5": None, "paper": None}
     model = f", model {model_name}" if model_name else ""
     paper4 = load_paper_table(4) if compare_paper else None
     paper4_sets = (paper4 or {}).get("datasets") or {}
     for ds, by_method in collected.items():
-        t = table4(by_method, paper4_sets.get(ds))
+        t = table4(by_method, columns, paper4_sets.get(ds))
+        notes = missing_notes(by_method, columns)
+        missing = f"; (n/N) = over n of N pairs: {'; '.join(notes)}" if notes else ""
         vs = f"; (paper) = {paper_role(paper4, model_name, True)}" if ds in paper4_sets else ""
         cap = caption(f"Table 4 — {ds}{model}: mean ± std over pairs, time = s/image (warm); {REL_FPE}: between "
-                      f"rows timed in the same run (– = not timed together){vs}", clip_name)
+                      f"rows timed in the same run (– = not timed together){vs}{missing}", clip_name)
         result["table4"][ds] = (t, write_table(t, root / ds, "table4", cap, index_label="method"), cap)
     if collected and table5_too:
         paper5 = load_paper_table5() if compare_paper else None
@@ -284,8 +308,10 @@ def write_tables(root: str | Path, clip_name: str, model_name: str = "", table5_
         t = table5(collected, layout, paper5 if mapped else None)
         vs = f"; cells: ours (paper), – = none; paper = {paper_role(paper5, model_name, mapped)}" \
             if compare_paper and mapped else ""
+        notes = [f"{ds} {n}" for ds, by_method in collected.items() for n in missing_notes(by_method, columns)]
+        missing = f"; scores of these runs over fewer pairs (Table 4): {'; '.join(notes)}" if notes else ""
         cap = caption(f"Table 5 — methods × datasets{model}: mean ± std over pairs, CS = CLIP score, "
-                      f"CDS = CLIP dir. sim., editing time = s/image (warm){vs}", clip_name)
+                      f"CDS = CLIP dir. sim., editing time = s/image (warm){vs}{missing}", clip_name)
         result["table5"] = (t, write_table(t, root, "table5", cap, index_label="method"), cap)
         if compare_paper:
             pt = paper_table5(paper5)
