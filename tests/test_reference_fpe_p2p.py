@@ -11,12 +11,13 @@ google/prompt-to-prompt ``AttentionControlEdit`` / ``AttentionReplace`` / ``Atte
 import pytest
 import torch
 
-from editing.baselines.p2p import make_local_blend, p2p_hooks, p2p_self_layers, per_pair_kind
+from editing.baselines.p2p import LocalBlend, make_local_blend, p2p_hooks, per_pair_kind
 from editing.fpe import self_replace_hooks
 from editing.seq_aligner import aligned_sources, global_align, refinement_mapper, replacement_mapper
 from editing.two_branch import model_layers
 from sdattn.errors import UserError
 from sdattn.hooks import BatchLayout, HookSet, installed
+from sdattn.layers import select_layers
 from sdattn.sampling import ddim_scheduler, encode_prompts, latent_size
 
 STEPS = 10  # sampling steps of the one-call comparisons
@@ -245,7 +246,8 @@ def test_local_blend_matches_the_official_mask_and_blend(tiny_pipe):
     src, tgt = "a cat sitting on chair", "a mat sitting on chair"
     blend = make_local_blend(tiny_pipe, src, tgt, STEPS, words=None, threshold=0.3, start_blend=0.2)
     h, _ = latent_size(tiny_pipe)
-    assert [x.height for x in blend.layers] == [h // 4] * 5 and blend.start == 2  # down ×2, up ×3; int(0.2·10)
+    assert [x.height for x in blend.layers] == [h // 4] * 5  # down ×2, up ×3
+    assert blend.steps == set(range(2, 10))  # blending from step int(0.2·10) on
     assert blend.alphas[0].nonzero().flatten().tolist() == [2] and blend.alphas[1].nonzero().flatten().tolist() == [
         2, 3, 4]
     g = torch.Generator().manual_seed(3)
@@ -253,10 +255,10 @@ def test_local_blend_matches_the_official_mask_and_blend(tiny_pipe):
     for _ in range(2):  # two steps: the maps are summed
         for x in blend.layers:
             probs = torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1)
-            blend.add(x, probs)
+            blend.recorder.add(LocalBlend.MAPS, x, probs)
             stored[x.label].append(probs)
     x_t = torch.randn((2, 4, h, h), generator=g)
-    assert blend.on_step_end(1, 0, x_t) is None  # counter 2 ≤ start
+    assert blend.on_step_end(1, 0, x_t) is None  # counter 2 ≤ start (the official ``counter > start_blend``)
     ours = blend.on_step_end(2, 0, x_t)
     summed = [sum(stored[x.label]).reshape(16, x.tokens, 77) for x in blend.layers]
     ref = official_local_blend(x_t, summed, blend.alphas.reshape(2, 1, 1, 1, 1, 77), h // 4, 0.3)
@@ -345,8 +347,8 @@ def test_null_text_inversion_matches_the_official_loop(tiny_pipe):
 
 def test_p2p_self_settings_follow_the_two_official_notebooks(tiny_pipe):
     layers = model_layers(tiny_pipe)
-    assert [x.index for x in p2p_self_layers(layers, "stable")] == list(range(5, 11))  # SD: ≤ 16² at 512 px
-    assert [x.index for x in p2p_self_layers(layers, "official")] == list(range(3, 14))  # ≤ 32²
+    assert [x.index for x in select_layers(layers, "stable")] == list(range(5, 11))  # SD: ≤ 16² at 512 px
+    assert [x.index for x in select_layers(layers, "official")] == list(range(3, 14))  # ≤ 32²
     setting = {"generated": 0.4, "real": 0.5}
     assert per_pair_kind(setting, "generated") == 0.4 and per_pair_kind(setting, "real") == 0.5
     assert per_pair_kind(0.3, "real") == 0.3
