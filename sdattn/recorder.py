@@ -121,11 +121,13 @@ class Tap:
         """The rows to keep (a slice or a list), or None for every row."""
         if callable(self.rows):
             return self.rows(layout)
-        if self.rows == "all" or (self.rows == "cond" and layout is None):
+        if self.rows == "all":
             return None
+        if self.rows == "cond":
+            return None if layout is None else layout.cond_rows
         if layout is None or not layout.cfg:
             raise UserError(f"recorder tap {self.key!r}: rows='uncond' but this run has no unconditional branch")
-        return layout.cond_rows if self.rows == "cond" else slice(0, layout.n)
+        return slice(0, layout.n)
 
     def fuses(self, query: torch.Tensor, mask) -> bool:
         """Whether the head-mean pooled map of the conditional rows and the layer's output can come from

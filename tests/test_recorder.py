@@ -156,6 +156,8 @@ def test_bad_taps_are_user_errors(tiny_pipe, layers):
             Tap([cross], **kwargs)
     with pytest.raises(UserError, match="two taps record 'probs' on cross-5"):
         Recorder([Tap([cross]), Tap([cross, self_])])
+    rec, _ = run(tiny_pipe, [Tap([cross], rows="cond")], guidance_scale=1.0, prompts=["a car"], seeds=[0])
+    assert rec["probs"][cross.label].shape[:2] == (STEPS, 1)  # without guidance every row is conditional
     with pytest.raises(UserError, match="no unconditional branch"):
         run(tiny_pipe, [Tap([cross], rows="uncond")], guidance_scale=1.0, prompts=["a car"], seeds=[0])
     with pytest.raises(RuntimeError, match="only inside"):
