@@ -436,7 +436,7 @@ def test_local_blend_starts_at_the_official_step(tiny_pipe, last_off):
     blend = make_local_blend(tiny_pipe, *BLEND_PAIR, n, **local_blend_settings())
     g = torch.Generator().manual_seed(0)
     for x in blend.layers:
-        blend.add(x, torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1))
+        blend.recorder.add(LocalBlend.MAPS, x, torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1))
     h, w = latent_size(tiny_pipe)
     x_t = torch.randn((2, 4, h, w), generator=g)
     assert (blend.on_step_end(start - 1 if last_off else start, 0, x_t) is None) == last_off
@@ -495,7 +495,7 @@ def test_local_blend_maps_recorded_while_sampling_match_the_official_store(tiny_
     ref, store = reference_blended_run(tiny_pipe, z_t, n, official("p2p", "local_blend.threshold"), start)
     assert sorted(store) == sorted(x.name for x in blend.layers)
     for x in blend.layers:
-        torch.testing.assert_close(blend.maps[x.label].flatten(0, 1), store[x.name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(blend.recorder[LocalBlend.MAPS][x.label].flatten(0, 1), store[x.name], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)  # 6 steps of SDPA vs explicit maps: ~2e-5
 
 
@@ -522,7 +522,8 @@ def reference_fpe_real(pipe, trajectory, target: str, num_steps: int, anchor_off
 def test_fpe_real_anchor_index_is_the_official_one(tiny_pipe):
     n, image = 4, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     traj = ddim_invert(tiny_pipe, encode_image(tiny_pipe, image), "", n, progress=False)
-    ours = fpe_real(tiny_pipe, image, "a red car", "", "ddim", "official", FPE_YAML.self_replace_steps, n, 7.5,
+    ours = fpe_real(tiny_pipe, image, "a red car", "", "ddim", layers="official",
+                    self_replace_steps=FPE_YAML.self_replace_steps, num_inference_steps=n, guidance_scale=7.5,
                     progress=False).latents["edited"]
     torch.testing.assert_close(ours, reference_fpe_real(tiny_pipe, traj, "a red car", n), rtol=1e-4, atol=1e-4)
     one_level_off = reference_fpe_real(tiny_pipe, traj, "a red car", n, anchor_offset=2)
