@@ -42,7 +42,8 @@ def run_name(*, _root_: DictConfig) -> str:
     """What a run folder is named after: the task and what it runs (probe, edit, method, data, model)."""
     sel = lambda key: OmegaConf.select(_root_, key, default=None)  # noqa: E731
     task = task_of(_root_=_root_)
-    parts = {"probe": [sel("probe.name")], "edit": [sel("edit.name")], "ablation": [sel("ablation.name")],
+    edited = sel("edit.name") or ("compare" if sel("edit.methods") else sel("method.name"))
+    parts = {"probe": [sel("probe.name")], "edit": [edited], "ablation": [sel("ablation.name")],
              "benchmark": [sel("benchmark.table"), sel("method.name"), sel("data.name")]}.get(task, [task])
     if task == "probe" or task == "edit":
         parts = [task, *parts]
@@ -226,8 +227,8 @@ def remove_if_empty(run_dir: Path) -> None:
 
 
 # task → the config node holding the sampling settings it uses (default: the node named as the task)
-SETTINGS_NODE = {"benchmark": "method", "eval_toy": "eval", "eval_toy_edit": "toy_edit", "merge": "benchmark",
-                 "train_toy": "toy", "train_toy_clip": "toy_clip"}
+SETTINGS_NODE = {"benchmark": "method", "edit": "method", "eval_toy": "eval", "eval_toy_edit": "method",
+                 "merge": "benchmark", "train_toy": "toy", "train_toy_clip": "toy_clip"}
 NO_MODEL_TASKS = ("merge", "train_toy", "train_toy_clip")  # tasks that load no model of model=
 
 
@@ -237,7 +238,10 @@ def settings_line(cfg: DictConfig) -> str:
     task = task_of(_root_=cfg)
     key = SETTINGS_NODE.get(task, task)
     node = cfg.get(key) if isinstance(cfg.get(key), DictConfig) else OmegaConf.create()
-    what = {"benchmark": f"{cfg.method.name} on {cfg.data.name}" if cfg.get("method") and cfg.get("data") else None}
+    methods = OmegaConf.select(cfg, "edit.methods")
+    what = {"benchmark": f"{cfg.method.name} on {cfg.data.name}" if cfg.get("method") and cfg.get("data") else None,
+            "edit": OmegaConf.select(cfg, "edit.name") or (
+                f"{', '.join(methods)} side by side" if methods else node.get("name"))}
     label = what.get(task, node.get("name"))
     head = f"{task}" + (f" {label}" if label and label != task else "")
     if task in NO_MODEL_TASKS:

@@ -23,7 +23,8 @@ HELP_FLAGS = ("--help", "-h")
 TASKS: dict[str, tuple[str, str]] = {
     "probe": ("Tables 1-3: probe what cross- / self-attention maps encode, per layer",
               "sdattn probe=cross_attn probe.n_per_class=4"),
-    "edit": ("edit one image with Free-Prompt-Editing (generated, or a real photo with edit=fpe_real)",
+    "edit": ("edit one pair: FPE (edit=fpe, edit=fpe_real), any method (task=edit method=p2p), several side by "
+             "side (task=edit edit.methods=[fpe,p2p,masactrl,pnp])",
              'sdattn edit=fpe edit.source_prompt="a white car" edit.target_prompt="a red car"'),
     "benchmark": ("Tables 4-5: one editor on an edit benchmark, scored and timed; rewrites the tables",
                   "sdattn experiment=table4 method=p2p data.limit=4"),

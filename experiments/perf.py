@@ -7,7 +7,7 @@ CFG, all decoded to images:
   model's config, the two prompts, the same initial latent, ``output_type="pt"``: full, decoded) —
   what a user would pick instead of our sampler;
 - ``plain``: our sampler (:func:`sdattn.sampling.sample`) on [source, target];
-- ``fpe``: FPE on generated images (Alg. 1; layers ``edit.layers``, else ``model.fpe_layers``);
+- ``fpe``: FPE on generated images (Alg. 1; its settings: ``configs/method/fpe.yaml``, e.g. ``method.layers``);
 - ``invert+sample``: VAE-encode + DDIM inversion + sampling [source, target] from the inverted latent;
 - ``fpe_real``: FPE on a real image (Alg. 2), a fixed random image of the model's size.
 
@@ -148,11 +148,13 @@ def edit_calls(pipe, cfg, steps: int) -> dict[str, Callable[[], object]]:
 
     from editing.fpe import fpe_generated, fpe_real
     from editing.inversion import ddim_invert, image_size
+    from experiments.common import method_config
     from sdattn.sampling import ddim_scheduler, encode_image, initial_latents, sample
 
     guidance = float(cfg.model.guidance_scale)
     src, tgt = str(cfg.model.examples.edit_source), str(cfg.model.examples.edit_target)
-    layers = str(cfg.edit.layers) if cfg.get("edit") else str(cfg.model.fpe_layers)
+    settings = method_config(cfg, "fpe")  # configs/method/fpe.yaml (with method.* overrides when method=fpe)
+    fpe = {k: settings[k] for k in ("layers", "self_replace_steps")}
     image = torch.rand((1, 3, *image_size(pipe)), generator=torch.Generator().manual_seed(0))
     z = initial_latents(pipe, [0]).repeat(2, 1, 1, 1)
     components = {**pipe.components, "scheduler": ddim_scheduler(pipe)}
@@ -167,9 +169,9 @@ def edit_calls(pipe, cfg, steps: int) -> dict[str, Callable[[], object]]:
         "diffusers": lambda: reference(prompt=[src, tgt], latents=z.to(pipe.unet.device, pipe.unet.dtype),
                                        num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images,
         "plain": lambda: sample(pipe, [src, tgt], latents=z, **kw).images,
-        "fpe": lambda: fpe_generated(pipe, src, tgt, 0, layers=layers, **kw),
+        "fpe": lambda: fpe_generated(pipe, src, tgt, 0, **fpe, **kw),
         "invert+sample": lambda: sample(pipe, ["", tgt], latents=inverted().repeat(2, 1, 1, 1), **kw),
-        "fpe_real": lambda: fpe_real(pipe, image, tgt, layers=layers, **kw),
+        "fpe_real": lambda: fpe_real(pipe, image, tgt, **fpe, **kw),
     }
 
 
@@ -196,7 +198,7 @@ def _capture_setup(cfg, n_prompts: int):
 def capture_calls(pipe, cfg, steps: int, n_prompts: int) -> tuple[dict[str, Callable[[], object]], object]:
     """The capture variants as argument-free calls, and the probe layer indices they use."""
     from probing.capture import capture_features
-    from sdattn.layers import LayerSelector, enumerate_layers
+    from sdattn.layers import enumerate_layers, select_layers
     from sdattn.sampling import latent_size, sample
 
     guidance = float(cfg.model.guidance_scale)
@@ -206,7 +208,7 @@ def capture_calls(pipe, cfg, steps: int, n_prompts: int) -> tuple[dict[str, Call
 
     def capture(kind):
         spec = specs[kind]
-        layers = LayerSelector(kinds=kind, indices=indices).select(all_layers)
+        layers = select_layers(all_layers, indices, kind)
         return lambda: capture_features(pipe, layers, spec, texts, seeds, words if kind == "cross" else None,
                                         num_inference_steps=steps, guidance_scale=guidance)
 
@@ -304,7 +306,7 @@ def run(args) -> dict:
     """Load the model once, measure the chosen groups, write JSON + Markdown, print the table."""
     import torch
 
-    from experiments.common import load_model
+    from experiments.common import load_model, method_config
     from experiments.outputs import check_writable
 
     torch.set_num_threads(args.threads)
@@ -328,7 +330,7 @@ def run(args) -> dict:
     for group in groups:
         if group == "edit":
             calls, baselines, extra = edit_calls(pipe, cfg, steps), EDIT_BASELINE, {"prompts": 2}
-            extra["fpe_layers"] = str(cfg.edit.layers) if cfg.get("edit") else str(cfg.model.get("fpe_layers"))
+            extra["fpe_layers"] = str(method_config(cfg, "fpe")["layers"])
         else:
             calls, layers = capture_calls(pipe, cfg, steps, args.prompts)
             baselines, extra = CAPTURE_BASELINE, {"prompts": args.prompts, "layers": str(layers)}

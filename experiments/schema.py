@@ -35,12 +35,13 @@ HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
 
 def task_of(*, _root_) -> str:
-    """The task a config runs: ``task``, else "edit" when an edit is chosen, else "probe" (the one rule: run,
-    run folder names, the multirun folder through the ``task_name`` resolver, tracking, what a run reads)."""
+    """The task a config runs: ``task``, else "edit" when an edit config is chosen (``edit.name``: edit=fpe),
+    else "probe" (the one rule: run, run folder names, the multirun folder through the ``task_name``
+    resolver, tracking, what a run reads)."""
     from omegaconf import OmegaConf
 
     return OmegaConf.select(_root_, "task", default=None) or (
-        "edit" if OmegaConf.select(_root_, "edit", default=None) else "probe")
+        "edit" if OmegaConf.select(_root_, "edit.name", default=None) else "probe")
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -97,16 +98,22 @@ def number(key, value, node) -> None:
 
 
 def fraction(key, value, node) -> None:
-    """A fraction of the sampling steps (f or [start, end]); per image kind ({generated: .., real: ..})."""
-    from editing.replace import step_fractions
+    if value is not None and (not _is_number(value) or not (math.isfinite(value) and 0 <= value <= 1)):
+        raise UserError(f"{key}={value!r} is outside [0, 1]; allowed: a fraction")
+
+
+def step_window(key, value, node) -> None:
+    """The steps a setting acts on, as fractions (:class:`sdattn.steps.StepSpec`: f, [start, end], "all", ...);
+    per image kind ({generated: .., real: ..})."""
+    from sdattn.steps import StepSpec
 
     if isinstance(value, dict):
         for kind, v in value.items():
             if kind not in ("generated", "real"):
                 raise UserError(f"{key}.{kind} is not an image kind; allowed: generated, real")
-            fraction(f"{key}.{kind}", v, node)
+            step_window(f"{key}.{kind}", v, node)
     elif value is not None:
-        step_fractions(value, key)
+        StepSpec.parse(value, "fraction", key)
 
 
 def shard(key, value, node) -> None:
@@ -203,12 +210,12 @@ class Group:
     ignore: tuple[str, ...] = ()
 
 
-def _real(node: dict) -> bool:
-    return node.get("mode") == "real"
+def _image_required(node: dict) -> bool:
+    return bool(node.get("image_required"))
 
 
-def _inverts_with_caption(node: dict) -> bool:
-    return node.get("mode") != "real" or node.get("inversion") == "null_text"
+def _generated(node: dict) -> bool:
+    return node.get("image") in (None, "")
 
 
 NULL_TEXT = Group({"inner_steps": count})
@@ -220,7 +227,7 @@ PROBE = Group({
 })
 
 ABLATION = Group({
-    "kind": one_of("cross", "self", "tokens"), "steps": fraction, "seeds": seeds,
+    "kind": one_of("cross", "self", "tokens"), "steps": step_window, "seeds": seeds,
     "num_inference_steps": step_count, "guidance_scale": guidance, "cell": count,
     "source_prompt": prompt(why="the source image is generated from it"), "target_prompt": prompt(),
 })
@@ -233,20 +240,17 @@ GROUPS: dict[str, Group] = {
     "paths": Group({"log_dir": output_dir, "cache_dir": output_dir, "output_dir": output_dir}),
     "model": Group({"steps": step_count, "guidance_scale": guidance}),
     "edit": Group({
-        "mode": one_of("generated", "real"), "num_inference_steps": step_count, "guidance_scale": guidance,
-        "self_replace_steps": fraction, "inversion": one_of("ddim", "null_text"),
-        "image": input_image(required=_real),
-        "source_prompt": prompt(_inverts_with_caption, "the source image is generated from it, or null-text "
-                                                       "inversion inverts with it"),
-        "target_prompt": prompt(),
+        "image": input_image(required=_image_required), "image_required": boolean,
+        "source_prompt": prompt(_generated, "the source image is generated from it"),
+        "target_prompt": prompt(), "warmup": boolean, "cell": count,
     }),
     "null_text": NULL_TEXT,
     "method": Group({
         "num_inference_steps": step_count, "guidance_scale": guidance, "source_guidance_scale": guidance,
         "inversion_guidance_scale": guidance, "image_guidance_scale": guidance,
         "source_num_inference_steps": step_count, "inversion_steps": step_count,
-        "self_replace_steps": fraction, "cross_replace_steps": fraction, "feature_steps": fraction,
-        "attn_steps": fraction, "strength": fraction, "inpaint_strength": fraction,
+        "self_replace_steps": step_window, "cross_replace_steps": step_window, "feature_steps": step_window,
+        "attn_steps": step_window, "strength": fraction, "inpaint_strength": fraction,
         "mask_encode_strength": fraction, "inversion_cache": output_dir,
     }, target=True, ignore=("name",)),
     "data": Group({"limit": count, "pairs_per_kind": count, "seed": seed, "path": input_file,
@@ -262,8 +266,7 @@ GROUPS: dict[str, Group] = {
                      "edits.bootstrap": count, "edits.grid_cases": count, "edits.cell": count}),
     "eval": Group({"per_combo": count, "num_inference_steps": step_count, "guidance_scale": guidance,
                    "seed": seed, "batch": count, "threads": count}),
-    "toy_edit": Group({"n": count, "self_replace_steps": fraction, "num_inference_steps": step_count,
-                       "guidance_scale": guidance, "grid_rows": count}),
+    "toy_edit": Group({"n": count, "grid_rows": count}),
     "toy": Group({"seed": seed, "threads": count, "num_inference_steps": step_count, "guidance_scale": guidance,
                   "output_dir": output_dir, "work_dir": output_dir}),
     "toy_clip": Group({"seed": seed, "threads": count, "batch": count, "output_dir": output_dir,
@@ -290,14 +293,14 @@ RUN_READS = ("task", "seed", "device", "dtype", "compile", "progress", "resize",
              "paths", "model", "hydra")
 TASK_READS: dict[str, tuple[str, ...]] = {
     "probe": ("probe", "trainer", "logger"),
-    "edit": ("edit",),
+    "edit": ("edit", "method"),
     "attention_maps": ("attention_maps", "prompt"),
     "ablation": ("ablation",),
-    "benchmark": ("method", "data", "metrics", "benchmark", "logger"),
+    "benchmark": ("method", "data", "metric", "metrics", "benchmark", "logger"),
     "merge": ("metrics", "benchmark"),
     "claims": ("claims", "trainer"),
     "eval_toy": ("eval",),
-    "eval_toy_edit": ("toy_edit",),
+    "eval_toy_edit": ("toy_edit", "method"),
     "train_toy": ("toy", "logger"),
     "train_toy_clip": ("toy_clip", "logger"),
 }

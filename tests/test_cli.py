@@ -134,7 +134,9 @@ def test_a_users_own_method_config_is_found_by_name(tmp_path):
 @pytest.mark.parametrize("overrides,shown,hidden", [
     (["probe=self_attn", "probe.num_inference_steps=3", "probe.layers=[2,5]"],
      ["probe self_attn: model tiny", ": 3 steps", "probe.layers [2, 5]"], ["FPE", "50 steps"]),
-    (["edit=fpe", "edit.layers=2-5"], ["edit fpe: model tiny", "edit.layers 2-5", "50 steps"], ["official"]),
+    (["edit=fpe", "method.layers=2-5"], ["edit fpe: model tiny", "method.layers 2-5", "50 steps"], ["official"]),
+    (["task=edit", "method=p2p"], ["edit p2p: model tiny", "50 steps"], ["layers"]),
+    (["task=edit", "edit.methods=[fpe,pnp]"], ["edit fpe, pnp side by side: model tiny"], ["layers"]),
     (["experiment=table4", "method=fpe", "method.layers=4-14"],
      ["benchmark fpe on toy_edit", "method.layers 4-14"], []),
     (["experiment=merge"], ["merge: seed 0"], ["model"]),

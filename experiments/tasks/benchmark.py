@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from editing.methods import build_method, method_settings
 from evaluation.datasets import LoadedDataset
 from evaluation.merge import shard_line, write_plan, write_tables_locked
 from evaluation.metric_models import clip_fingerprint, load_clip
@@ -25,31 +25,14 @@ from evaluation.metrics import DEFAULT_CLIP_MODEL
 from evaluation.reconstruction import ReconstructionCheck
 from evaluation.records import collect
 from evaluation.runner import run_pairs
+from evaluation.scorers import build_metrics, metrics_columns, metrics_meta, scorer
 from evaluation.shards import SHARD_KEY, parse_shard, shard_dataset
-from evaluation.structure import load_structure, structure_fingerprint
 from evaluation.tables import COLUMNS, table5_groups
 from experiments.common import instantiate, load_model, model_fingerprint, plain
 from experiments.tracking import log_benchmark
 from sdattn.errors import UserError
-from toyworld.edit_benchmark import toy_scores
 
 PROCESS_START = int(time.time())
-
-
-def method_settings(method_cfg) -> dict:
-    """A method config as plain Python, resolved, without Hydra's ``_target_`` / ``_partial_`` keys:
-    what identifies the method's settings (the record store's meta)."""
-    spec = dict(plain(method_cfg))
-    return {k: v for k, v in spec.items() if not k.startswith("_")}
-
-
-def build_method(method_cfg) -> tuple[str, Callable]:
-    """(name, edit) of a method config (``configs/method/<name>.yaml``): ``_target_`` instantiated with
-    the config's settings; ``edit(pipe, example, seed, image=None) -> (source, edited)``. ``name`` is the
-    label of the rows, not an argument. (The settings are checked by the schema: :mod:`experiments.schema`.)"""
-    spec = dict(plain(method_cfg))
-    name = str(spec.pop("name"))
-    return name, instantiate(spec, _convert_="all")
 
 
 def load_data(data_cfg) -> LoadedDataset:
@@ -58,9 +41,6 @@ def load_data(data_cfg) -> LoadedDataset:
     return instantiate(data_cfg, _convert_="all")
 
 
-def structure_scorer(structure: Callable) -> Callable:
-    """(example, source, edited) → {"structure": DINO self-similarity distance} for the runner."""
-    return lambda example, source, edited: {"structure": float(structure(source, edited)[0])}
 
 
 def run_id() -> str:
@@ -99,29 +79,26 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(bench.get("out_dir") or root / str(cfg.data.name) / name)
     out_dir = out_dir / shard.folder if shard else out_dir
 
-    structure_name = (plain(cfg.get("metrics")) or {}).get("structure")
     clip = load_clip(clip_name, device=cfg.device)  # ModelLoadError (one line) when unavailable
-    structure = load_structure(structure_name, device=cfg.device)  # None when not configured
+    metrics = build_metrics(cfg.get("metric"))  # the per-pair score plug-ins (configs/metric/), models loaded
     pipe = load_model(cfg)
-    meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "structure": structure_name,
-            "model": str(cfg.model.name),
+    meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "metrics": metrics_meta(metrics),
+            "columns": metrics_columns(metrics), "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
-            "method_cfg": method_settings(method_cfg), "resize": str(cfg.resize),
+            "method_cfg": method_settings(plain(method_cfg)), "resize": str(cfg.resize),
             # the weights themselves: a model retrained or replaced under the same name or path is other settings
-            "model_fingerprint": model_fingerprint(cfg, pipe), "clip_fingerprint": clip_fingerprint(clip_name),
-            "structure_fingerprint": structure_fingerprint(structure_name)}
+            "model_fingerprint": model_fingerprint(cfg, pipe), "clip_fingerprint": clip_fingerprint(clip_name)}
     if shard:
         meta[SHARD_KEY] = str(shard)
     write_plan(out_dir, dataset, shard)
-    # Extra scores: DINO structure distance when configured; the toy world's own edit check, which
-    # applies to the pairs that carry the world's ground truth (toy datasets) and is {} for others.
     # Real pairs: how well the model reconstructs the input (reconstruction_psnr; a warning below the threshold).
     recon = ReconstructionCheck(pipe, str(cfg.resize), float(cfg.min_reconstruction_psnr), str(cfg.model.name))
-    scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores, recon]
+    scorers = [scorer(m) for m in metrics] + [recon]
     summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed), run_id=run_id(),
                         resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers)
     tables = write_tables_locked(root, clip_name, str(cfg.model.name), **table_opts)
-    log_benchmark(cfg, str(cfg.data.name), name, collect(root, clip_name).get(str(cfg.data.name), {}), COLUMNS,
+    scores = {**COLUMNS, **{c["key"]: c["header"] for c in metrics_columns(metrics)}}  # the runner's + plug-ins'
+    log_benchmark(cfg, str(cfg.data.name), name, collect(root, clip_name).get(str(cfg.data.name), {}), scores,
                   out_dir, summary.edited, int(bench.get("panel_images", 8)))
     print(dataset.summary())
     print(shard_line(str(cfg.data.name), name, shard, summary.line(name)))
@@ -133,5 +110,8 @@ def run(cfg: DictConfig) -> dict:
     if shown is not None:
         table, files, cap = shown
         print(f"\n{cap}\n{table.to_markdown()}\n\ntables in {Path(files['md']).parent}")
+    if tables.get("paper") is not None:  # benchmark.compare_paper: the paper's table beside ours
+        table, files, cap = tables["paper"]
+        print(f"\n{cap}\n{table.to_markdown()}\n\n(in {files['md']})")
     return {"summary": summary, "tables": tables, "out_dir": str(out_dir), "root": str(root),
             "dataset": dataset.summary()}

@@ -26,9 +26,9 @@ from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family, resolve_token, word_token_positions
 from probing.store import FeatureStore
-from probing.tables import accuracy_table, formatted
+from probing.tables import accuracy_table, beside_paper, formatted, paper_caption, paper_probe_table, sd1x_layout
 from sdattn.errors import UserError
-from sdattn.layers import LayerSelector, enumerate_layers
+from sdattn.layers import enumerate_layers, select_layers
 from sdattn.sampling import check_prompts, latent_size
 from sdattn.tables import write_table
 
@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
     classes = list(dict.fromkeys(x.label for x in prompts))
     pipe = load_model(cfg)
     all_layers = enumerate_layers(pipe.unet, latent_size(pipe))
-    layers = LayerSelector(kinds=p.kind, indices=plain(p.layers)).select(all_layers)
+    layers = select_layers(all_layers, plain(p.layers), p.kind)
     spec = CaptureSpec(kind=p.kind, tokens=list(p.tokens), steps=p.steps, grid=p.grid, pool=p.pool)
     if p.kind == "cross" and not spec.tokens:
         raise UserError("probe.tokens is empty: name the words whose cross-attention maps to probe, e.g. ['{cls}']")
@@ -123,7 +123,13 @@ def run(cfg: DictConfig) -> dict:
         table = formatted(mean, std, with_std=len(p.seeds) > 1)
         files[stem] = write_table(table, out, stem, caption)
         tables[stem] = mean
-        print(f"\n{caption}\n{table.to_markdown()}\n")
+        shown, shown_caption = table, caption
+        paper = paper_probe_table(Path(cfg.paths.data_dir) / "paper", p.name, token) \
+            if sd1x_layout(all_layers) else None
+        if paper is not None:  # the paper's numbers in the cells we share (same class, same layer number)
+            shown, shown_caption = beside_paper(table, paper), f"{caption}; {paper_caption(paper, str(cfg.model.name))}"
+            files[f"{stem}_vs_paper"] = write_table(shown, out, f"{stem}_vs_paper", shown_caption)
+        print(f"\n{shown_caption}\n{shown.to_markdown()}\n")
     log_probe(cfg, tables, str(p.name))
     print(f"tables written to {out}")
     return {"tables": tables, "files": files, "layers": [x.label for x in layers], "classes": classes,
