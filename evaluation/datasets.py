@@ -24,15 +24,22 @@ Supported sources (``load_dataset`` names):
 The toy world's generated pairs (``toy_edit``, ...) are loaded by :mod:`toyworld.edit_benchmark`; every
 ``configs/data/*.yaml`` names its loader (``_target_``).
 
+Image paths resolve under the dataset's folder (``data.root``, for PnP TI2I the YAML's folder without
+one): a path that leaves it (``../x.jpg``) is refused when the dataset loads, and so is an absolute
+path unless ``allow_absolute_paths`` (``+data.allow_absolute_paths=true``) — one line naming the pair
+and the path. Files named after pairs use :func:`file_stem` (no ``/``, no ``..``).
+
 Missing images are never dropped silently: every example is kept, and ``LoadedDataset.missing_images``
-lists the resolved paths that do not exist (``missing_examples`` counts the examples that use them).
-``LoadedDataset.available()`` gives the examples a runner can edit, and ``summary()`` the one line to
-report.
+lists the resolved paths that do not exist or cannot be read as images (``unreadable_images``: those
+that exist; ``missing_examples`` counts the examples that use either). Both are found when the dataset
+loads, before any model. ``LoadedDataset.available()`` gives the examples a runner can edit, and
+``summary()`` the one line to report.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -76,13 +83,20 @@ class EditExample:
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
 
+def pair_seed(example: EditExample, position: int, seed: int) -> int:
+    """The noise seed of the pair at ``position`` of its full dataset: its own, else ``seed`` + ``position``
+    (the same in a sharded run as in one process)."""
+    return example.seed if example.seed is not None else seed + position
+
+
 @dataclass
 class LoadedDataset:
     """Examples of one benchmark plus the image paths (resolved) that do not exist."""
 
     name: str
     examples: list[EditExample]
-    missing_images: list[str] = field(default_factory=list)
+    missing_images: list[str] = field(default_factory=list)  # do not exist, or cannot be read
+    unreadable_images: list[str] = field(default_factory=list)  # of those: exist but are not images
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -106,6 +120,8 @@ class LoadedDataset:
         if self.missing_images:
             line += (f"; {self.missing_examples} skipped: {len(self.missing_images)} images missing "
                      f"(first: {self.missing_images[0]})")
+        if self.unreadable_images:
+            line += f", of which {len(self.unreadable_images)} unreadable (first: {self.unreadable_images[0]})"
         return line
 
 
@@ -129,20 +145,77 @@ def check_limit(limit: int | None) -> int | None:
     return limit
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def file_stem(example_id: str) -> str:
+    """The file name (without suffix) of pair ``example_id``: runs of characters other than letters, digits,
+    ``_`` and ``-`` become ``_`` ("car_fake_edit/00001" → "car_fake_edit_00001"; no folders, no "..")."""
+    return _UNSAFE.sub("_", str(example_id)).strip("_") or "pair"
+
+
+def image_in_folder(name, folder: str | Path, example_id: str, what: str = "data.root",
+                    allow_absolute: bool = False) -> str:
+    """The path of the image ``name`` of pair ``example_id``, inside ``folder``: a relative path that
+    leaves it is refused, an absolute one unless ``allow_absolute``."""
+    text = str(name)
+    if os.path.isabs(text):
+        if not allow_absolute:
+            raise UserError(f"pair {example_id}: image path {text!r} is absolute; images resolve under {what} "
+                            f"{str(folder)!r} (give a relative path, or +data.allow_absolute_paths=true)")
+        return text
+    if os.path.normpath(text).split(os.sep)[0] == os.pardir:
+        raise UserError(f"pair {example_id}: image path {text!r} leaves {what} {str(folder)!r}; allowed: a path "
+                        "inside it")
+    return str(Path(folder) / text)
+
+
+def _unreadable(path: str) -> bool:
+    """Whether the file at ``path`` is not an image PIL can open (its header only: fast)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return False
+    except (UnidentifiedImageError, OSError, ValueError):
+        return True
+
+
+def check_prompts_given(example: EditExample) -> None:
+    """Every method edits toward the target prompt, and generates a generated pair's source from its source
+    prompt: an empty one is an error naming the pair (a real image's source prompt may be empty)."""
+    if not example.target_prompt.strip():
+        raise UserError(f"pair {example.id}: the target prompt is empty; every pair needs one")
+    if example.image_path is None and not example.source_prompt.strip():
+        raise UserError(f"pair {example.id}: the source prompt is empty; a generated pair's source image is "
+                        "generated from it")
+
+
 def finish_dataset(name: str, examples: list[EditExample], limit: int | None) -> LoadedDataset:
+    """The examples (the first ``limit``) checked: prompts given (:func:`check_prompts_given`), missing or
+    unreadable images listed, two pairs whose files would get one name (:func:`file_stem`) refused."""
     limit = check_limit(limit)
     if limit is not None:
         examples = examples[:limit]
-    missing = sorted({ex.image_path for ex in examples
-                      if ex.image_path is not None and not Path(ex.image_path).is_file()})
-    return LoadedDataset(name=name, examples=examples, missing_images=missing)
+    stems: dict[str, str] = {}
+    for ex in examples:
+        check_prompts_given(ex)
+        other = stems.setdefault(file_stem(ex.id), ex.id)
+        if other != ex.id:
+            raise UserError(f"pairs {other!r} and {ex.id!r} of {name} would share the file name {file_stem(ex.id)!r}; "
+                            "give them ids that differ in letters or digits")
+    images = sorted({ex.image_path for ex in examples if ex.image_path is not None})
+    missing = [p for p in images if not Path(p).is_file()]
+    unreadable = [p for p in images if p not in set(missing) and _unreadable(p)]
+    return LoadedDataset(name=name, examples=examples, missing_images=sorted(missing + unreadable),
+                         unreadable_images=unreadable)
 
 
 # --------------------------------------------------------------------------------------------- FPE
 
 def load_fpe(path: str | Path, name: str = "fpe", root: str | Path | None = None,
-             limit: int | None = None, real: bool | None = None) -> LoadedDataset:
-    """One of the Free-Prompt-Editing JSON files. Rows with ``image_name`` need ``root``."""
+             limit: int | None = None, real: bool | None = None, allow_absolute_paths: bool = False) -> LoadedDataset:
+    """One of the Free-Prompt-Editing JSON files. Rows with ``image_name`` need ``root`` (and lie under it)."""
     rows = read_json(path, "data.path")
     if isinstance(rows, dict):  # tolerate {"data": [...]} or {id: row}
         rows = rows.get("data", list(rows.values()))
@@ -166,7 +239,8 @@ def load_fpe(path: str | Path, name: str = "fpe", root: str | Path | None = None
                             f"and 'edit_prompt'; has {sorted(row)}")
         targets = targets if isinstance(targets, list) else [targets]  # a row may list several targets
         image = row.get("image_name")
-        image_path = str(Path(root) / image) if (real and image is not None) else None
+        image_path = (image_in_folder(image, root, f"{name}/{i:05d}", allow_absolute=allow_absolute_paths)
+                      if (real and image is not None) else None)
         for j, tgt in enumerate(targets):
             ex_id = f"{name}/{i:05d}" if len(targets) == 1 else f"{name}/{i:05d}_{j}"
             extra = {"index": i}
@@ -228,22 +302,25 @@ def ti2i_examples(name: str, entries: list[dict], image) -> list[EditExample]:
         extra_common = {key: entry[key] for key in ("scale", "ddim_steps") if key in entry}
         for j, tgt in enumerate(targets):
             ex_id = f"{name}/{k:03d}_{j:03d}" if len(entries) > 1 else f"{name}/{j:03d}"
-            examples.append(EditExample(ex_id, str(entry.get("source_prompt") or ""), str(tgt), image(entry),
+            examples.append(EditExample(ex_id, str(entry.get("source_prompt") or ""), str(tgt), image(entry, ex_id),
                                         None if seed is None else int(seed), {"entry": k, "index": j, **extra_common}))
     return examples
 
 
 def load_pnp_ti2i(path: str | Path, root: str | Path | None = None, limit: int | None = None,
-                  name: str = "pnp_ti2i") -> LoadedDataset:
-    """A Plug-and-Play TI2I YAML; relative ``init_img`` resolves under ``root`` (default: the YAML's folder),
-    else, as the released benchmark folders are laid out, its file name under ``root/data`` or ``root``."""
+                  name: str = "pnp_ti2i", allow_absolute_paths: bool = False) -> LoadedDataset:
+    """A Plug-and-Play TI2I YAML; ``init_img`` resolves under ``root`` (default: the YAML's folder), else, as
+    the released benchmark folders are laid out, its file name under ``root/data`` or ``root`` (a path leaving
+    the folder refused; an absolute one unless ``allow_absolute_paths``)."""
     p, entries = read_ti2i_entries(path, ("init_img", "target_prompts"))
     base = Path(root) if root is not None else p.parent
+    where = "data.root" if root is not None else "the folder of data.path"
 
-    def image(entry) -> str:
+    def image(entry, ex_id: str) -> str:
         img = Path(str(entry["init_img"]))
+        path = image_in_folder(img, base, ex_id, where, allow_absolute_paths)  # refuses a path outside base
         if img.is_absolute():
-            return str(img)
+            return path
         found = [c for c in (base / img, base / "data" / img.name, base / img.name) if c.is_file()]
         return str(found[0] if found else base / img)
 
@@ -256,7 +333,7 @@ def load_ti2i_prompts(path: str | Path, name: str, limit: int | None = None) -> 
     source is generated from its source prompt with the entry's seed (the official sets generated theirs with the
     entry's ``scale`` and ``ddim_steps``, kept in ``extra``; here with the model's, as every generated pair)."""
     _, entries = read_ti2i_entries(path, ("source_prompt", "target_prompts"))
-    return finish_dataset(name, ti2i_examples(name, entries, lambda entry: None), limit)
+    return finish_dataset(name, ti2i_examples(name, entries, lambda entry, ex_id: None), limit)
 
 
 # ------------------------------------------------------------------------------------ PIE-Bench
@@ -295,7 +372,7 @@ def decode_rle_mask(rle, size: int = PIE_MASK_SIZE, official_border: bool = Fals
 
 
 def load_pie_bench(root: str | Path | None, limit: int | None = None,
-                   path: str | Path | None = None) -> LoadedDataset:
+                   path: str | Path | None = None, allow_absolute_paths: bool = False) -> LoadedDataset:
     """PIE-Bench: ``<root>/mapping_file.json`` (or ``path``), images under ``<root>/annotation_images``."""
     if root is None and path is None:
         raise UserError("data.root is required for pie_bench: give the folder holding mapping_file.json "
@@ -313,7 +390,8 @@ def load_pie_bench(root: str | Path | None, limit: int | None = None,
         src, src_words = strip_brackets(entry["original_prompt"])
         tgt, tgt_words = strip_brackets(entry["editing_prompt"])
         rel = entry["image_path"]
-        img = base / "annotation_images" / rel
+        img = Path(image_in_folder(rel, base / "annotation_images", f"pie_bench/{key}", "data.root's annotation_images",
+                                   allow_absolute_paths))
         if not img.is_file() and (base / rel).is_file():
             img = base / rel
         extra = {"edited_words": tgt_words, "source_words": src_words,
@@ -337,7 +415,7 @@ def example_mask(example: EditExample, official_border: bool = False) -> np.ndar
 # ------------------------------------------------------------------------------------ entry point
 
 def load_dataset(name: str, root: str | None = None, limit: int | None = None,
-                 path: str | None = None) -> LoadedDataset:
+                 path: str | None = None, allow_absolute_paths: bool = False) -> LoadedDataset:
     """Load benchmark ``name`` (see :data:`DATASET_NAMES`).
 
     - FPE names: ``path`` = the official JSON file (required); ``root`` = image folder (required for the
@@ -345,6 +423,8 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
     - ``pnp_ti2i`` and the TI2I sets: ``path`` = the YAML (or ``root`` if it names a .yaml file); ``root`` = image
       folder (real sets).
     - ``pie_bench``: ``root`` = folder with ``mapping_file.json`` (``path`` may name the mapping file).
+
+    ``allow_absolute_paths``: accept image paths that are absolute (else refused: images lie under ``root``).
     """
     if name not in DATASET_NAMES:
         raise UserError(f"data.name {name!r} is not one of {', '.join(DATASET_NAMES)}")
@@ -352,7 +432,8 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
         if path is None:
             raise UserError(f"data.path is required for {name}: give the FPE file {FPE_FILES[name]} "
                             "(alibaba/EasyNLP diffusion/FreePromptEditing/datasets/)")
-        return load_fpe(path, name=name, root=root, limit=limit, real=name in FPE_REAL)
+        return load_fpe(path, name=name, root=root, limit=limit, real=name in FPE_REAL,
+                        allow_absolute_paths=allow_absolute_paths)
     if name == "pnp_ti2i" or name in TI2I_SETS:
         if path is None and root is not None and str(root).endswith((".yaml", ".yml")):
             path, root = root, None
@@ -360,5 +441,5 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
             raise UserError(f"data.path is required for {name}: give the Plug-and-Play TI2I YAML")
         if TI2I_SETS.get(name) == "fake":
             return load_ti2i_prompts(path, name, limit=limit)
-        return load_pnp_ti2i(path, root=root, limit=limit, name=name)
-    return load_pie_bench(root, limit=limit, path=path)
+        return load_pnp_ti2i(path, root=root, limit=limit, name=name, allow_absolute_paths=allow_absolute_paths)
+    return load_pie_bench(root, limit=limit, path=path, allow_absolute_paths=allow_absolute_paths)

@@ -2,7 +2,7 @@
 
     <dir>/meta.json            what produced the rows (a re-run with other settings is refused)
     <dir>/pairs.jsonl          one JSON line per pair, appended with flush + fsync
-    <dir>/images/<id>.png      the edited image (+ <id>_source.png)
+    <dir>/images/<stem>.png    the edited image (+ <stem>_source.png); stem: the pair id made a file name
 
 A killed run loses at most the pair in flight: a torn last line is dropped on read (and cut off before
 the next append), and a re-run skips every pair already in ``pairs.jsonl``. One run at a time writes a
@@ -24,6 +24,7 @@ from editing.grid import to_pil
 from sdattn.errors import UserError
 from sdattn.files import atomic_save, atomic_write_text
 
+from .datasets import file_stem
 from .shards import identity, merge_runs, record_folders, run_key
 
 META = "meta.json"
@@ -122,11 +123,18 @@ class RecordStore:
             os.fsync(f.fileno())
 
     def save_images(self, example_id: str, source: torch.Tensor, edited: torch.Tensor) -> None:
-        """(1, 3, H, W) images in [0, 1] → ``images/<id>.png`` and ``images/<id>_source.png``, atomically."""
-        for image, path in ((edited, self.images_dir / f"{example_id}.png"),
-                            (source, self.images_dir / f"{example_id}_source.png")):
+        """(1, 3, H, W) images in [0, 1] → ``images/<stem>.png`` and ``images/<stem>_source.png``, atomically
+        (``stem``: :func:`evaluation.datasets.file_stem` of the pair id: no sub-folders, no "..")."""
+        source_path, edited_path = image_files(self.dir, example_id)
+        for image, path in ((edited, edited_path), (source, source_path)):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save(path, lambda tmp, image=image: to_pil(image).save(tmp))
+
+
+def image_files(run_dir: str | Path, example_id: str) -> tuple[Path, Path]:
+    """(source, edited) image files of pair ``example_id`` in the record folder ``run_dir``."""
+    stem = file_stem(example_id)
+    return Path(run_dir) / "images" / f"{stem}_source.png", Path(run_dir) / "images" / f"{stem}.png"
 
 
 def collect_columns(root: str | Path) -> dict[str, dict]:

@@ -20,6 +20,7 @@ from editing.inversion import image_size
 from editing.methods import timed_edit
 from sdattn.errors import UserError, first_line
 
+from .datasets import pair_seed
 from .metrics import ClipMetrics
 from .records import RecordStore
 
@@ -85,7 +86,7 @@ def run_pairs(
     """Edit every available pair of ``dataset`` (a LoadedDataset) not yet in ``out_dir``'s record store
     with ``edit(pipe, example, seed, image) -> (source, edited)`` (a method config instantiated).
 
-    Seeds: the example's own seed, else ``seed`` + the pair's position in the dataset. Time per pair
+    Seeds: :func:`evaluation.datasets.pair_seed` (its own, else ``seed`` + its position in the dataset). Time per pair
     is measured warm (one uncounted warm-up edit of the first pair to edit; model and CLIP loading
     excluded; ``torch.cuda.synchronize()`` on CUDA) and covers the whole edit (inversion included).
     Real images are read as RGB and fitted to the model's size by ``resize`` (counted in the summary).
@@ -114,7 +115,7 @@ def _run_locked(store, pipe, dataset, method, edit, clip, meta, seed, run_id, re
         return image
 
     def one(ex):
-        s = ex.seed if ex.seed is not None else seed + position[ex.id]
+        s = pair_seed(ex, position[ex.id], seed)
         image = None if ex.image_path is None else load(ex.image_path)
         return s, *timed_edit(pipe, edit, ex, s, image, clock)
 

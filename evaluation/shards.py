@@ -66,15 +66,18 @@ def shard_of_folder(folder: str | Path) -> Shard | None:
 
 def shard_dataset(dataset, shard: Shard | None, seed: int):
     """The examples of ``dataset`` (a LoadedDataset) that ``shard`` owns, each with the seed it has in
-    the single-process run (its own, else ``seed`` + its position in the FULL dataset), so every pair
-    is edited exactly as without sharding."""
+    the single-process run (:func:`evaluation.datasets.pair_seed` of its position in the FULL dataset), so
+    every pair is edited exactly as without sharding."""
     if shard is None:
         return dataset
-    examples = [ex if ex.seed is not None else dataclasses.replace(ex, seed=seed + p)
+    from .datasets import pair_seed
+
+    examples = [dataclasses.replace(ex, seed=pair_seed(ex, p, seed))
                 for p, ex in zip(shard.positions(len(dataset.examples)), shard.select(dataset.examples))]
     images = {ex.image_path for ex in examples}
     return dataclasses.replace(dataset, examples=examples,
-                               missing_images=[i for i in dataset.missing_images if i in images])
+                               missing_images=[i for i in dataset.missing_images if i in images],
+                               unreadable_images=[i for i in dataset.unreadable_images if i in images])
 
 
 def record_folders(root: str | Path, rows_file: str) -> list[Path]:

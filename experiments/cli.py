@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.schema import task_of
 from sdattn.errors import UserError, first_line
 from sdattn.files import REPO_ROOT
 from sdattn.settings import load_settings
@@ -28,13 +29,6 @@ def slug(text: str) -> str:
     """``text`` as a short, safe folder-name part."""
     s = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(text)).strip("_")
     return s[:SLUG_MAX]
-
-
-def task_of(*, _root_: DictConfig) -> str:
-    """The task a config runs: ``task``, else "edit" when an edit config is chosen (``edit.name``: edit=fpe),
-    else "probe"."""
-    return OmegaConf.select(_root_, "task", default=None) or (
-        "edit" if OmegaConf.select(_root_, "edit.name", default=None) else "probe")
 
 
 def work_dir() -> str:
@@ -89,40 +83,85 @@ def _jobs_overrides(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
-def check_command_line(argv: list[str], config_name: str = "run") -> None:
+def check_command_line(argv: list[str], config_name: str = "run"):
     """Compose every job of ``argv`` and validate it: Hydra's errors (an unknown group option, a
-    misspelled key, a bad override) and bad values become one :class:`UserError` before anything runs."""
+    misspelled key, a bad override), bad values, output folders that cannot be written, input files that
+    cannot be read and keys no part of the run reads become one :class:`UserError` before anything runs.
+    Returns the run's folder to claim (:class:`experiments.outputs.RunFolder`; None for ``--help`` etc.)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
+    from .outputs import RunFolder, check_writable
+    from .schema import unread_keys
     from .search_path import search_path_override
     from .validate import validate
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
-        return  # Hydra's own output, not a run
+        return None  # Hydra's own output, not a run
     user = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
     search = search_path_override(args.config_dir, args.overrides)  # the user's own config folders
     try:
         jobs = _jobs_overrides(user)
     except Exception as e:  # noqa: BLE001 - Hydra's override grammar errors, one line
         raise UserError(f"bad override: {first_line(e)}") from e
+    folder_key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    explicit = any(o.lstrip("+").startswith(folder_key + "=") for o in args.overrides)
     sets_output = any(o.startswith("paths.output_dir=") for o in user)
+    folder = None
+    folders = [o for o in args.overrides if o.lstrip("+").startswith(("hydra.run.", "hydra.sweep.", "hydra.job."))]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             for job in jobs:
-                extra = [] if sets_output else ["paths.output_dir=" + str(Path(work_dir()) / "outputs" / "check")]
                 try:
-                    cfg = compose(config_name, overrides=job + extra + search)
+                    cfg = compose(config_name, overrides=job + folders + search, return_hydra_config=True)
+                    HydraConfig.instance().set_config(cfg)
+                    run_dir = str(OmegaConf.select(cfg, folder_key))
                 except UserError:
                     raise
                 except Exception as e:  # noqa: BLE001 - Hydra's composition errors, one line
                     raise UserError(_hydra_message(e)) from e
-                validate(cfg)
+                if folder is None:  # the run's folder: under paths.log_dir unless given
+                    if not explicit:
+                        check_writable("paths.log_dir", OmegaConf.select(cfg, "paths.log_dir"))
+                    check_writable(folder_key, run_dir)
+                    folder = RunFolder(folder_key, Path(run_dir), explicit)
+                if not sets_output:
+                    cfg.paths.output_dir = run_dir
+                plain = validate(cfg)
+                added, set_keys = _command_line_keys(job, set(cfg.hydra.runtime.choices))
+                task = task_of(_root_=cfg)
+                unread = unread_keys(task, added, set_keys, plain)
+                if unread:
+                    shown = [o for o in job if _override_key(o) in unread]
+                    raise UserError(f"not read by this run (task {task}): {', '.join(shown)}; remove "
+                                    "them (`--cfg job` lists this run's keys; +key=value adds only a key the run "
+                                    "reads)")
     finally:
+        HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
+    return folder
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _command_line_keys(overrides: list[str], groups: set[str]) -> tuple[list[str], list[str]]:
+    """(keys added with ``+``/``++``, keys set with ``key=value``) of ``overrides``; choices of the config
+    ``groups`` (``model=toy``), deletions (``~key``) and Hydra's own keys left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    added, set_keys = [], []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group
+        if o.is_delete() or key.startswith("hydra") or o.package is not None or key in groups:
+            continue
+        (added if o.is_add() or o.is_force_add() else set_keys).append(key)
+    return added, set_keys
 
 
 def _hydra_message(e: BaseException) -> str:

@@ -307,9 +307,12 @@ def run(args) -> dict:
     import torch
 
     from experiments.common import load_model, method_config
+    from experiments.outputs import check_writable
 
     torch.set_num_threads(args.threads)
     cfg = compose_config(args.model, args.overrides)
+    out = Path(args.out or Path(cfg.paths.output_dir) / "perf")
+    check_writable("--out", out)  # before the model loads
     pipe = load_model(cfg)
     device = pipe.unet.device
     released = device.type == "cuda" or release_freed_memory_at_once()
@@ -344,7 +347,6 @@ def run(args) -> dict:
             paired = lockstep_ratios(calls, twin_calls, baselines, unets, lockstep)
         result["groups"][group] = {**extra, "rows": summarise(raw, baselines, paired)}
     text = render(result)
-    out = Path(args.out or Path(cfg.paths.output_dir) / "perf")
     out.mkdir(parents=True, exist_ok=True)
     stem = f"perf_{args.command}_{result['model']}_{device.type}"
     _write_atomic(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")

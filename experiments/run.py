@@ -3,7 +3,8 @@
 Thin by design: check the command line (every job's config composed and validated before anything
 runs), then for each job print its settings, pick the task and call ``experiments.tasks.<task>.run(cfg)``.
 Bad input (:class:`sdattn.errors.UserError`, Hydra's composition errors included) is printed as one
-``error: ...`` line with exit status 2; ``SDATTN_VERBOSE=1`` shows the full traceback instead.
+``error: ...`` line with exit status 2 (and the failed run's folder removed); ``SDATTN_VERBOSE=1`` prints
+the full traceback before that line (still exit 2). Each run claims its own folder (:mod:`experiments.outputs`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ set_process_defaults()  # never wait on the hub unless the user asks (HF_HUB_OFF
 
 import importlib  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from experiments.help import TASKS, exit_if_help  # noqa: E402
@@ -80,7 +82,7 @@ def main(cfg: DictConfig):
             dispatch(cfg)
     except UserError as e:
         if verbose():
-            raise
+            traceback.print_exc()
         fail(str(e), run_dir)
     except KeyboardInterrupt:
         print("interrupted: everything already written is kept; re-run to resume", file=sys.stderr)
@@ -92,10 +94,12 @@ def cli(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         check_launcher(argv)
-        check_command_line(argv)
+        folder = check_command_line(argv)
+        if folder is not None:  # the run's own folder: two runs never share one
+            sys.argv = [sys.argv[0], *argv, folder.claim()]
     except UserError as e:
         if verbose():
-            raise
+            traceback.print_exc()
         fail(str(e))
     main()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from evaluation.records import image_files
 from evaluation.tables import mean_std
 from experiments.cli import task_of
 
@@ -203,9 +204,9 @@ def log_benchmark(cfg: DictConfig, data: str, method: str, rows_by_method: dict[
         table.append(row)
     records = {r["id"]: r for r in rows_by_method.get(method, [])}
     ids = [i for i in this_run if i in records] or list(records)
-    folder, samples, images = Path(out_dir) / "images", [], []
+    samples, images = [], []
     for i in ids[:n_images]:
-        r, src, edited = records[i], folder / f"{i}_source.png", folder / f"{i}.png"
+        r, (src, edited) = records[i], image_files(out_dir, i)
         if src.is_file() and edited.is_file():
             scores = {k: _number(r.get(k)) for k in metrics}
             samples.append({"id": i, "source": src, "edited": edited, "source_prompt": r["source_prompt"],

@@ -2,20 +2,23 @@
 
 Each shard is written atomically (temp file + rename) before the manifest names it, so an
 interrupted run loses at most the batch in flight and a re-run skips every finished sample.
-Several processes may fill one store at once (``probe.shard=i/n`` capture jobs): every manifest
-update re-reads the manifest and writes it back while holding ``manifest.json.lock`` (a
-:class:`filelock.FileLock`), so no writer's shards are lost and no two writers pick one shard name.
+Several processes may fill one store at once (``probe.shard=i/n`` capture jobs, or two runs of one
+probe): every manifest update re-reads the manifest and writes it back while holding
+``manifest.json.lock`` (a :class:`filelock.FileLock`), so no writer's shards are lost and no two writers
+pick one shard name. :meth:`FeatureStore.fill` captures each batch of samples under a lock of its own
+(``locks/<batch hash>.lock``): a batch another process is capturing is skipped, taken up after the free
+ones and then found stored, so every sample is captured once and two jobs share the work.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from sdattn.files import atomic_save, atomic_write_text
@@ -53,6 +56,32 @@ class FeatureStore:
     def missing(self, ids: Iterable[str]) -> list[str]:
         done = self.done_ids()
         return [i for i in ids if i not in done]
+
+    def fill(self, batches: list[list[str]], capture: Callable[[list[str]], dict[str, torch.Tensor]]) -> int:
+        """Store the features of every id of ``batches`` that is not stored yet, each captured once across
+        processes: ``capture(ids)`` → one row per id, called for the missing ids of a batch while holding
+        that batch's lock. Batches another process holds are done last (waiting for it; usually they are
+        stored by then). Returns the number of ids captured by this call."""
+        (self.dir / "locks").mkdir(exist_ok=True)
+        pending, wait, captured = list(batches), 0, 0
+        while pending:
+            deferred = []
+            for ids in pending:
+                lock = FileLock(str(self.dir / "locks" / f"{config_hash(sorted(ids))}.lock"))
+                try:
+                    lock.acquire(timeout=wait)
+                except Timeout:
+                    deferred.append(ids)
+                    continue
+                try:
+                    todo = self.missing(ids)
+                    if todo:
+                        self.add(todo, capture(todo))
+                        captured += len(todo)
+                finally:
+                    lock.release()
+            pending, wait = deferred, -1  # second pass: wait for the batches others hold
+        return captured
 
     def add(self, ids: list[str], features: dict[str, torch.Tensor]) -> None:
         """Write one shard: ``features[name]`` has one row per id."""

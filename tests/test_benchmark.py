@@ -15,7 +15,7 @@ from editing.baselines.p2p import p2p_hooks
 from editing.img2img import sdedit_start
 from editing.seq_aligner import refinement_mapper
 from evaluation import runner as R
-from evaluation.datasets import EditExample
+from evaluation.datasets import EditExample, file_stem
 from evaluation.records import read_pairs
 from evaluation.tables import REL_FPE, TABLE5_ROWS
 from experiments.run import dispatch
@@ -56,7 +56,8 @@ def test_every_method_end_to_end_and_table_columns(bench, tmp_path, capsys):
         assert [r["status"] for r in rows] == ["ok", "ok"], rows  # pair 2: p2p refine (token counts differ)
         for r in rows:
             assert 0 <= r["clip_score"] <= 100 and -1 <= r["clip_directional"] <= 1 and r["time_s"] > 0
-            assert (tmp_path / "logs/benchmark/tiny/car_fake_edit" / m / "images" / f"{r['id']}.png").is_file()
+            folder = tmp_path / "logs/benchmark/tiny/car_fake_edit" / m
+            assert (folder / "images" / f"{file_stem(r['id'])}.png").is_file()
     table, files, cap = res["tables"]["table4"]["car_fake_edit"]
     assert sorted(table.index) == sorted(set(ALL) - set(REAL_ONLY)) and table.index[0] == "fpe"
     assert list(table.columns) == ["CLIP score ↑", "CLIP dir. sim. ↑", "Time (s) ↓", "PSNR ↑", "SSIM ↑",
@@ -170,7 +171,7 @@ def test_time_ratios_only_between_rows_timed_together():
     assert apart.loc["p2p", REL_FPE] == "–" and apart.loc["fpe", REL_FPE] == "1.00×"
 
 
-def test_unreadable_image_is_skipped_and_reported(bench, tmp_path, capsys):
+def test_unreadable_image_is_skipped_and_reported_before_any_model(bench, tmp_path, capsys):
     Image.new("RGB", (40, 36), (200, 30, 30)).save(tmp_path / "car.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     data = tmp_path / "real.json"
@@ -178,8 +179,9 @@ def test_unreadable_image_is_skipped_and_reported(bench, tmp_path, capsys):
                                 {"image_name": "car.png", "soure_prompt": "a red car", "edit_prompt": "a blue car"}]))
     res = bench("method=sdedit_0.5", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}")
     rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
-    assert [r["status"] for r in rows] == ["error", "ok"] and "cannot be read" in rows[0]["error"]
-    assert "1 errors (first: car_real_edit/00000: image" in capsys.readouterr().out
+    assert [(r["id"], r["status"]) for r in rows] == [("car_real_edit/00001", "ok")]
+    assert res["summary"].missing == 1
+    assert res["dataset"].endswith(f"of which 1 unreadable (first: {tmp_path}/broken.png)")
 
 
 def test_method_error_is_skipped_and_reported(bench, capsys):
@@ -255,7 +257,7 @@ def test_real_image_pairs_every_method(bench, tmp_path):
         res = bench(f"method={m}", "data=car_real_edit", f"data.path={data}", f"data.root={tmp_path}", *extra)
         rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
         assert [r["status"] for r in rows] == ["ok"] and rows[0]["image_path"].endswith("car.png")
-    src = Image.open(f"{res['out_dir']}/images/car_real_edit/00000_source.png")
+    src = Image.open(f"{res['out_dir']}/images/car_real_edit_00000_source.png")
     assert src.size == (32, 32)  # the input image (cropped to the model size) is the source
 
 

@@ -179,4 +179,5 @@ def test_steps_of_any_ablation_node_are_fractions_and_other_steps_are_not():
     with pytest.raises(UserError, match=r"^claims\.ablations\.extra\.steps=1\.5 is outside \[0, 1\]"):
         check_command_line([*extra, "claims.ablations.extra.steps=1.5"])
     check_command_line([*extra, "claims.ablations.extra.steps=[0.2,0.6]", "model.steps=25"])
-    check_command_line(["experiment=fig4_cross", "model.steps=25", "probe.steps=[0,1]"])
+    check_command_line(["experiment=fig4_cross", "model.steps=25"])
+    check_command_line(["probe=cross_attn", "probe.steps=[0,1]"])

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from evaluation.datasets import (
     DATASET_NAMES,
@@ -55,7 +56,7 @@ def test_official_fpe_counts(name, tmp_path):
 
 @needs_fpe
 def test_car_real_example_and_present_image(tmp_path):
-    (tmp_path / "002657.jpg").write_bytes(b"x")
+    Image.new("RGB", (8, 8)).save(tmp_path / "002657.jpg")
     ds = load_dataset("car_real_edit", root=str(tmp_path), limit=None, path=str(FPE / "Car_real_edit.json"))
     first = ds.examples[0]
     assert (first.source_prompt, first.target_prompt) == ("a white car", "a red car")
@@ -102,7 +103,7 @@ def test_unknown_dataset_name():
 
 def test_pnp_ti2i_yaml(tmp_path):
     (tmp_path / "imgs").mkdir()
-    (tmp_path / "imgs" / "horse.png").write_bytes(b"x")
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "horse.png")
     y = tmp_path / "pnp.yaml"
     y.write_text("init_img: imgs/horse.png\nsource_prompt: a photo of a horse\nseed: 7\nscale: 7.5\n"
                  "ddim_steps: 50\ntarget_prompts:\n  - a photo of a zebra\n  - a photo of a robot horse\n")
@@ -150,7 +151,7 @@ def test_rle_mask_pixel_exact():
 
 def test_pie_bench(tmp_path):
     (tmp_path / "annotation_images" / "0_random_140").mkdir(parents=True)
-    (tmp_path / "annotation_images" / "0_random_140" / "000000000000.jpg").write_bytes(b"x")
+    Image.new("RGB", (8, 8)).save(tmp_path / "annotation_images" / "0_random_140" / "000000000000.jpg")
     truth = np.zeros((512, 512), dtype=bool)
     truth[10:20, 30:35] = True
     mapping = {

@@ -22,6 +22,7 @@ from evaluation.datasets import LoadedDataset
 from evaluation.merge import shard_line, write_plan, write_tables_locked
 from evaluation.metric_models import clip_fingerprint, load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
+from evaluation.reconstruction import ReconstructionCheck
 from evaluation.records import collect
 from evaluation.runner import run_pairs
 from evaluation.scorers import build_metrics, metrics_columns, metrics_meta, scorer
@@ -68,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.get("data"):
         raise UserError("data is required for task=benchmark: e.g. data=car_fake_edit data.path=Car_fake_edit.json")
     method_cfg = cfg.method
-    name, edit = build_method(method_cfg)  # a bad setting or target → one-line error before any loading
+    name, edit = build_method(method_cfg)
     bench = (plain(cfg.get("benchmark")) or {})
     shard = parse_shard(bench.get("shard"), "benchmark.shard")
     dataset = shard_dataset(load_data(cfg.data), shard, int(cfg.seed))
@@ -90,7 +91,9 @@ def run(cfg: DictConfig) -> dict:
     if shard:
         meta[SHARD_KEY] = str(shard)
     write_plan(out_dir, dataset, shard)
-    scorers = [scorer(m) for m in metrics]
+    # Real pairs: how well the model reconstructs the input (reconstruction_psnr; a warning below the threshold).
+    recon = ReconstructionCheck(pipe, str(cfg.resize), float(cfg.min_reconstruction_psnr), str(cfg.model.name))
+    scorers = [scorer(m) for m in metrics] + [recon]
     summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed), run_id=run_id(),
                         resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers)
     tables = write_tables_locked(root, clip_name, str(cfg.model.name), **table_opts)
@@ -99,6 +102,8 @@ def run(cfg: DictConfig) -> dict:
                   out_dir, summary.edited, int(bench.get("panel_images", 8)))
     print(dataset.summary())
     print(shard_line(str(cfg.data.name), name, shard, summary.line(name)))
+    if recon.warning():
+        print(recon.warning())
     shown = tables["table4"].get(str(cfg.data.name))
     if bench.get("table") == "table5" and tables["table5"] is not None:
         shown = tables["table5"]

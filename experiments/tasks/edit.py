@@ -14,6 +14,7 @@ from editing.inversion import image_size
 from editing.methods import Pair, build_method, method_settings, run_method, save_run, with_settings
 from evaluation.compare import compare_methods, comparison_rows, comparison_table, write_comparison
 from evaluation.metric_models import load_clip
+from evaluation.reconstruction import reconstruction_line, reconstruction_warning, round_trip_psnr
 from experiments.common import load_model, method_config, output_dir, plain
 from sdattn.errors import UserError
 
@@ -37,6 +38,14 @@ def method_names(cfg: DictConfig) -> list[str]:
     return names
 
 
+def report_reconstruction(value: float, cfg: DictConfig) -> None:
+    """A real image's reconstruction quality, and a warning line when the model cannot represent it."""
+    print(reconstruction_line(value, cfg.min_reconstruction_psnr))
+    warning = reconstruction_warning(value, cfg.min_reconstruction_psnr, str(cfg.model.name))
+    if warning:
+        print(warning)
+
+
 def run(cfg: DictConfig) -> dict:
     """Writes source, edited, grid and latents (per method in ``<method>/`` when comparing, with
     ``compare.png/json/md``); returns the files and the runs."""
@@ -52,6 +61,8 @@ def run(cfg: DictConfig) -> dict:
     clip = load_clip(str(e.clip), device=cfg.device) if comparing and e.clip else None
     pipe = load_model(cfg)
     image = None if e.image is None else load_image(str(e.image), image_size(pipe), cfg.resize)
+    if image is not None:  # before any edit: can the model represent the image?
+        report_reconstruction(round_trip_psnr(pipe, image), cfg)
     pair = Pair(str(e.source_prompt), str(e.target_prompt))
     source_caption = pair.source_prompt if image is None else Path(str(e.image)).name
     out = output_dir(cfg)

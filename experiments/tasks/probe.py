@@ -56,16 +56,25 @@ def collect_features(cfg: DictConfig, pipe, prompts, layers, spec: CaptureSpec, 
     for x in todo:
         for t in spec.tokens:
             word_token_positions(pipe.tokenizer, x.prompt, resolve_token(t, x))  # a word not in the prompt
-    batches = [todo[i:i + p.batch_size] for i in range(0, len(todo), p.batch_size)]
-    for batch in tqdm(batches, desc=f"capture ({len(todo)} of {len(prompts)} images)", disable=not cfg.progress):
+    by_id = {x.id: x for x in todo}
+    bar = tqdm(total=len(todo), desc=f"capture ({len(todo)} of {len(prompts)} images)", disable=not cfg.progress)
+
+    def capture(ids: list[str]) -> dict:
+        batch = [by_id[i] for i in ids]
         words = [[resolve_token(t, x) for t in spec.tokens] for x in batch]
         feats = capture_features(pipe, layers, spec, [x.prompt for x in batch], [x.seed for x in batch], words,
                                  p.num_inference_steps, p.guidance_scale)
-        store.add([x.id for x in batch], feats)
+        bar.update(len(ids))
+        return feats
+
+    # each batch captured once, also when another job fills the same cache at the same time
+    captured = store.fill([[x.id for x in todo[i:i + p.batch_size]] for i in range(0, len(todo), p.batch_size)],
+                          capture)
+    bar.close()
     if shard:
         left = len(store.missing([x.id for x in prompts]))
-        print(f"probe capture shard {shard}: {len(todo)} of {len(mine)} prompts captured now, "
-              f"{len(mine) - len(todo)} already cached; {left} of {len(prompts)} prompts of all shards left; "
+        print(f"probe capture shard {shard}: {captured} of {len(mine)} prompts captured now, "
+              f"{len(mine) - captured} already cached; {left} of {len(prompts)} prompts of all shards left; "
               f"cache {store.dir}")
         return None
     return store.load([x.id for x in prompts])
