@@ -38,7 +38,7 @@ __all__ = ["PROJECT_ROOT", "dispatch", "main", "task_name"]
 register_resolvers()
 
 TASKS = ("probe", "edit", "attention_maps", "ablation", "train_toy", "eval_toy", "eval_toy_edit", "train_toy_clip",
-         "benchmark", "merge", "claims")
+         "benchmark", "merge", "claims", "app")
 
 
 def task_name(cfg: DictConfig) -> str:

@@ -1,0 +1,375 @@
+"""The attention explorer's one door to the library: every model call of the page goes through here.
+
+The page (:mod:`experiments.app.ui`) sees plain data — numpy images, lists, dicts — and never imports
+``probing`` / ``editing`` / ``sdattn`` itself. Two seams are meant to be re-pointed when the library grows:
+
+- :meth:`Backend.record` records the maps with two small hooks on the shared hook layer
+  (:class:`sdattn.hooks.HookSet`): every word's cross-attention map per layer, step and head, and one
+  self layer's full map. The attention recorder of issue 22 (a ``run_with_cache``-style context
+  manager) replaces :class:`CrossRecorder` / :class:`SelfRecorder` here.
+- :meth:`Backend.edit` builds each editor from ``configs/method/<name>.yaml`` with Hydra (compose +
+  :func:`experiments.tasks.benchmark.build_method`, as the benchmark does) and calls
+  ``edit(pipe, example, seed, image) -> (source, edited)``. The library's edit API replaces
+  :meth:`Backend.method_node` / :func:`build_method` here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from editing.images import load_image
+from editing.inversion import image_size
+from evaluation.datasets import EditExample
+from evaluation.metric_models import load_clip
+from experiments.cli import CONFIG_DIR, register_resolvers, settings_line
+from experiments.common import load_model, plain
+from experiments.tasks.benchmark import build_method, method_settings
+from experiments.validate import validate
+from probing.attention_maps import full_self_attention, prompt_words, top_components
+from probing.capture import StepAccumulator, token_weights
+from sdattn.errors import UserError, first_line
+from sdattn.hooks import AttentionHook, BatchLayout, HookSet, StepState
+from sdattn.layers import LayerId, enumerate_layers
+from sdattn.sampling import check_prompts, latent_size, sample
+
+__all__ = ["Backend", "EditOutcome", "Recording", "UserError", "first_line"]
+
+Progress = Callable[[float, str], None]  # (fraction done, what) → None
+
+
+@dataclass
+class Recording:
+    """One generated image and the maps recorded while it was sampled."""
+
+    prompt: str
+    seed: int
+    words: list[str]
+    image: np.ndarray  # (H, W, 3) float32 in [0, 1]
+    cross: dict[int, torch.Tensor]  # cross layer index → (S, heads, T, h, w) float16, every step
+    self_layer: int  # the self layer whose map is kept
+    self_map: torch.Tensor  # (N, N) float32: rows are queries (sum to 1), mean over the chosen steps
+    self_grid: tuple[int, int]  # (h, w) of that layer's query grid
+
+
+@dataclass
+class EditOutcome:
+    """An edit of one pair by several methods, with the plain target sample."""
+
+    plain: np.ndarray  # (H, W, 3): the target prompt sampled alone (same seed)
+    plain_note: str  # how the plain target relates to the source ("same noise" or "same seed")
+    rows: list[dict] = field(default_factory=list)  # method, source, edited, time_s, clip_score, ...
+    clip_note: str = ""  # why CLIP scores are missing, if they are
+    plain_clip_score: float | None = None  # CLIP score of the plain target with the target prompt
+
+
+class CrossRecorder(AttentionHook):
+    """Every word's cross-attention map of the conditional branch, per head, at every step.
+
+    softmax(QKᵀ·scale) (1, H, N, L) @ word weights (L, T) → (H, T, h, w), area-pooled to at most
+    ``max_side`` per side, stored as float16 on the CPU under ``store[layer index][step]``.
+    """
+
+    def __init__(self, layer: LayerId, state: StepState, store: dict, weights: torch.Tensor, max_side: int):
+        super().__init__(layer, state)
+        self.store, self.weights, self.max_side = store, weights, max_side  # weights: (T, L)
+
+    def attend(self, attn, query, key, value, mask):
+        out = super().attend(attn, query, key, value, mask)
+        rows = self.state.layout.cond_rows
+        probs = torch.softmax(query[rows].float() @ key[rows].float().transpose(-1, -2) * attn.scale, -1)
+        maps = probs[0] @ self.weights.to(probs.device).T  # (H, N, T)
+        heads, _, words = maps.shape
+        h, w = self.layer.height, self.layer.width
+        maps = maps.transpose(1, 2).reshape(heads * words, 1, h, w)
+        if max(h, w) > self.max_side:
+            maps = F.adaptive_avg_pool2d(maps, (min(h, self.max_side), min(w, self.max_side)))
+        self.store.setdefault(self.layer.index, {})[self.state.step] = \
+            maps.reshape(heads, words, *maps.shape[-2:]).half().cpu()
+        return out
+
+
+class SelfRecorder(AttentionHook):
+    """One self layer's full (N × N) map of the conditional branch (one head or the mean), summed over steps."""
+
+    def __init__(self, layer: LayerId, state: StepState, acc: StepAccumulator, steps: set[int], head: int | None):
+        super().__init__(layer, state)
+        self.acc, self.steps, self.head = acc, steps, head
+
+    def attend(self, attn, query, key, value, mask):
+        out = super().attend(attn, query, key, value, mask)
+        if self.state.step in self.steps:
+            rows = self.state.layout.cond_rows
+            q, k = query[rows], key[rows]
+            if self.head is not None:
+                q, k = q[:, self.head:self.head + 1], k[:, self.head:self.head + 1]
+            self.acc.add("self", full_self_attention(q, k, attn.scale))  # (1, N, N)
+        return out
+
+
+class StepProgress:
+    """A sampler callback that reports the step to ``report``."""
+
+    def __init__(self, report: Progress | None, what: str):
+        self.report, self.what = report, what
+
+    def on_step_begin(self, step: int, timestep: int, num_steps: int, layout: BatchLayout) -> None:
+        if self.report is not None:
+            self.report(step / num_steps, f"{self.what}: step {step + 1}/{num_steps}")
+
+    def on_step_end(self, step: int, timestep: int, latents: torch.Tensor) -> None:
+        return None
+
+
+def compose_run(overrides: Sequence[str]) -> DictConfig:
+    """The run config of ``overrides`` (as ``python -m experiments.run`` composes it), inside or outside a
+    Hydra app."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    if GlobalHydra.instance().is_initialized():
+        return compose("run", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("run", overrides=overrides)
+
+
+def to_numpy_image(images: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [0, 1] → (H, W, 3) float32."""
+    return images[0].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def step_set(lo: int, hi: int, num_steps: int, what: str) -> list[int]:
+    """0-based steps ``lo..hi`` (inclusive), checked against the sampling steps."""
+    lo, hi = int(lo), int(hi)
+    if not 0 <= lo <= hi < num_steps:
+        raise UserError(f"{what} steps {lo}..{hi}: allowed 0 ≤ from ≤ to ≤ {num_steps - 1}")
+    return list(range(lo, hi + 1))
+
+
+class Backend:
+    """The configured model (``cfg.model``, ``cfg.device``, ``cfg.dtype``) and what the page asks of it."""
+
+    def __init__(self, cfg: DictConfig, overrides: Sequence[str] = ()):
+        self.cfg, self.overrides = cfg, list(overrides)
+        self.settings = plain(cfg.app)
+        self.pipe = load_model(cfg)
+        self.layers = enumerate_layers(self.pipe.unet, latent_size(self.pipe))
+        self.heads = {x.name: int(self.pipe.unet.get_submodule(x.module_name).heads) for x in self.layers}
+        self.num_steps, self.guidance = int(cfg.model.steps), float(cfg.model.guidance_scale)
+        self._method_specs: dict[str, dict] = {}
+        self._clip, self._clip_note = None, None
+
+    # ---------------------------------------------------------------------------- the model
+    def describe(self) -> str:
+        return settings_line(self.cfg)
+
+    def layer_table(self) -> list[list]:
+        """Rows (kind, index, block, query grid, heads, diffusers processor) in the model's own numbering."""
+        return [[x.kind, x.index, x.block, f"{x.height}×{x.width}", self.heads[x.name], x.name] for x in self.layers]
+
+    def layer_choices(self, kind: str) -> list[tuple[str, int]]:
+        """(label, index) of the ``kind`` layers, e.g. ("6 · up.2 · 16×16", 6)."""
+        return [(f"{x.index} · {x.block} · {x.height}×{x.width}", x.index) for x in self.layers if x.kind == kind]
+
+    def layer(self, kind: str, index) -> LayerId:
+        """The ``kind`` layer with 1-based ``index`` (the model's own numbering)."""
+        mine = [x for x in self.layers if x.kind == kind]
+        try:
+            i = int(index)
+        except (TypeError, ValueError):
+            i = 0
+        if not 1 <= i <= len(mine):
+            raise UserError(f"{kind} layer {index!r} is not a layer of this model: allowed 1..{len(mine)}")
+        return mine[i - 1]
+
+    def head_count(self, kind: str, indices: Sequence[int] = ()) -> int:
+        """The smallest head count among the chosen ``kind`` layers (all of them when none is chosen)."""
+        chosen = [self.layer(kind, i) for i in indices] or [x for x in self.layers if x.kind == kind]
+        return min(self.heads[x.name] for x in chosen)
+
+    # ---------------------------------------------------------------------------- maps
+    def record(self, prompt: str, seed: int, self_layer: int, self_steps: tuple[int, int] | None = None,
+               self_head: int | None = None, progress: Progress | None = None) -> Recording:
+        """Sample ``prompt`` from ``seed`` once, recording every word's cross map (each layer, step and head)
+        and the self map of ``self_layer`` (mean over ``self_steps``, one head or the mean)."""
+        prompt, seed = str(prompt or "").strip(), self.seed(seed)
+        if not prompt:
+            raise UserError("the prompt is empty: type a prompt, e.g. " + repr(self.settings["prompt"]))
+        check_prompts(self.pipe.tokenizer, [prompt])
+        words = prompt_words(prompt)
+        weights = token_weights(self.pipe.tokenizer, [prompt], [words])[0]  # (T, L)
+        layer = self.layer("self", self_layer)
+        steps = set(step_set(*(self_steps or (0, self.num_steps - 1)), self.num_steps, "self-attention"))
+        head = self.check_head(self_head, self.heads[layer.name], f"self layer {layer.index}")
+        store, acc = {}, StepAccumulator()
+        max_side = int(self.settings["max_map_side"])
+
+        def factory(x: LayerId, state: StepState) -> AttentionHook:
+            return SelfRecorder(x, state, acc, steps, head) if x == layer else \
+                CrossRecorder(x, state, store, weights, max_side)
+
+        chosen = [x for x in self.layers if x.kind == "cross"] + [layer]
+        with HookSet(self.pipe.unet, chosen, factory) as hooks:
+            out = sample(self.pipe, [prompt], [seed], num_inference_steps=self.num_steps,
+                         guidance_scale=self.guidance, callbacks=[hooks, StepProgress(progress, "sampling")],
+                         progress=False)
+        cross = {i: torch.stack([per_step[s] for s in sorted(per_step)]) for i, per_step in store.items()}
+        return Recording(prompt, seed, words, to_numpy_image(out.images), cross, layer.index,
+                         acc.means()["self"][0], (layer.height, layer.width))
+
+    def cross_maps(self, rec: Recording, layers: Sequence[int], steps: tuple[int, int],
+                   head: int | None = None) -> np.ndarray:
+        """(T, h, w) float32: each word's map averaged over ``layers`` (resized bilinearly to the largest
+        grid among them), the steps ``steps[0]..steps[1]`` and one head (or the mean over heads)."""
+        if not layers:
+            raise UserError("no cross layer chosen: pick at least one")
+        chosen = [self.layer("cross", i) for i in layers]
+        idx = step_set(*steps, self.num_steps, "cross-attention")
+        head = self.check_head(head, self.head_count("cross", [x.index for x in chosen]), "the chosen cross layers")
+        maps = [rec.cross[x.index][idx].float().mean(0) for x in chosen]  # each (H, T, h, w)
+        maps = [m.mean(0) if head is None else m[head] for m in maps]  # each (T, h, w)
+        size = max((tuple(m.shape[-2:]) for m in maps), key=lambda s: s[0] * s[1])
+        maps = [m if tuple(m.shape[-2:]) == size else
+                F.interpolate(m[None], size=size, mode="bilinear", align_corners=False)[0] for m in maps]
+        return torch.stack(maps).mean(0).numpy()
+
+    def self_components(self, rec: Recording, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top-``k`` left singular vectors of the recorded self map as (k, h, w), and their singular values."""
+        comps, sigma = top_components(rec.self_map, rec.self_grid, int(k))
+        return comps.numpy(), sigma.numpy()
+
+    def pixel_map(self, rec: Recording, x: float, y: float) -> np.ndarray:
+        """(h, w): what the query at image position (``x``, ``y``) — fractions of the width and height in
+        [0, 1] — attends to in the recorded self map."""
+        if not (0 <= float(x) <= 1 and 0 <= float(y) <= 1):
+            raise UserError(f"pixel ({x}, {y}) is outside the image: give fractions of its width and height in [0, 1]")
+        h, w = rec.self_grid
+        row, col = min(int(float(y) * h), h - 1), min(int(float(x) * w), w - 1)
+        return rec.self_map[row * w + col].reshape(h, w).numpy()
+
+    @staticmethod
+    def check_head(head, heads: int, where: str) -> int | None:
+        """None (the mean over heads) or a head index in 0..heads-1."""
+        if head is None or str(head).strip().lower() in ("", "mean"):
+            return None
+        try:
+            h = int(head)
+        except (TypeError, ValueError):
+            h = -1
+        if not 0 <= h < heads:
+            raise UserError(f"head {head!r} is not a head of {where}: allowed 'mean' or 0..{heads - 1}")
+        return h
+
+    @staticmethod
+    def seed(value) -> int:
+        try:
+            s = int(value)
+        except (TypeError, ValueError):
+            s = -1
+        if s < 0 or s != float(value):
+            raise UserError(f"seed {value!r} is not a seed: allowed an integer ≥ 0")
+        return s
+
+    # ---------------------------------------------------------------------------- editing
+    def methods(self) -> list[str]:
+        """The editors of ``configs/method/`` (one YAML each)."""
+        return sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+
+    def method_spec(self, name: str, settings: dict | None = None) -> dict:
+        """``configs/method/<name>.yaml`` composed on this run's config (Hydra, as ``method=<name>``), resolved,
+        with ``settings`` merged in and checked by the CLI's own rules (fractions, step counts, guidance)."""
+        if name not in self.methods():
+            raise UserError(f"method {name!r} is not one of {self.methods()}")
+        if name not in self._method_specs:  # composed and resolved once: the settings follow the model
+            self._method_specs[name] = plain(compose_run([*self.overrides, f"method={name}", "logger=none"]).method)
+        spec = OmegaConf.to_container(OmegaConf.merge(self._method_specs[name], settings or {}))
+        unknown = sorted(set(settings or {}) - set(self.method_settings(name)))
+        if unknown:
+            raise UserError(f"{unknown[0]!r} is not a setting of method {name!r}; settings: "
+                            f"{', '.join(self.method_settings(name))}")
+        validate(OmegaConf.create({"dtype": self.cfg.dtype, "device": self.cfg.device, "resize": self.cfg.resize,
+                                   "method": spec}))
+        return spec
+
+    def method_settings(self, name: str) -> dict:
+        """The settings of ``configs/method/<name>.yaml`` on this model, resolved (without its name)."""
+        if name not in self._method_specs:
+            self.method_spec(name)
+        settings = method_settings(self._method_specs[name])
+        settings.pop("name", None)
+        return settings
+
+    def clip(self):
+        """The CLIP of ``app.clip`` (loaded once), or None with the reason in ``clip_note``."""
+        if self._clip is None and self._clip_note is None:
+            try:
+                self._clip = load_clip(self.settings["clip"], device=self.cfg.device)
+            except (UserError, OSError) as e:
+                self._clip_note = f"CLIP scores unavailable: {first_line(e)}"
+        return self._clip
+
+    def edit(self, source_prompt: str, target_prompt: str, seed, methods: dict[str, dict],
+             image_path: str | None = None, progress: Progress | None = None) -> EditOutcome:
+        """Edit one pair with each of ``methods`` ({name: setting overrides}): every method's
+        (source, edited) with its time and CLIP scores, and the target prompt sampled alone from ``seed``.
+        Bad input (a prompt outside the vocabulary, an unreadable image, an unknown setting) raises before
+        anything runs; a method that fails on this pair gets its one-line error in its row."""
+        source_prompt, target_prompt = str(source_prompt or "").strip(), str(target_prompt or "").strip()
+        seed = self.seed(seed)
+        if not target_prompt:
+            raise UserError("the target prompt is empty: type what the image should become")
+        if not methods:
+            raise UserError(f"no method chosen: tick at least one of {self.methods()}")
+        if image_path is None and not source_prompt:
+            raise UserError("give a source prompt, or upload an image to edit")
+        check_prompts(self.pipe.tokenizer, [p for p in (source_prompt, target_prompt) if p])
+        image = None
+        if image_path is not None:
+            try:
+                image = load_image(image_path, image_size(self.pipe), str(self.cfg.resize))  # (1, 3, H, W)
+            except UserError as e:  # name the upload, not its temporary path
+                raise UserError(str(e).replace(repr(str(image_path)), repr(Path(image_path).name))) from None
+        editors = {name: build_method(self.method_spec(name, settings))[1] for name, settings in methods.items()}
+        clip = self.clip()
+        report = progress or (lambda fraction, what: None)
+        report(0.0, "plain target")
+        plain_target = sample(self.pipe, [target_prompt], [seed], num_inference_steps=self.num_steps,
+                              guidance_scale=self.guidance, progress=False).images
+        outcome = EditOutcome(to_numpy_image(plain_target), "same seed, no edit" if image is not None else
+                              "same noise, no edit", clip_note=self._clip_note or "")
+        example = EditExample("app", source_prompt, target_prompt, image_path)
+        for i, (name, edit) in enumerate(editors.items()):
+            report((i + 1) / (len(editors) + 1), f"{name} ({i + 1}/{len(editors)})")
+            row = {"method": name, "source": None, "edited": None, "time_s": None, "clip_score": None,
+                   "clip_directional": None, "error": ""}
+            try:
+                self.synchronize()
+                t0 = time.perf_counter()
+                source, edited = edit(self.pipe, example, seed, image)
+                self.synchronize()
+                row["time_s"] = time.perf_counter() - t0
+            except UserError as e:
+                row["error"] = first_line(e)
+                outcome.rows.append(row)
+                continue
+            row["source"], row["edited"] = to_numpy_image(source), to_numpy_image(edited)
+            if clip is not None:
+                score, directional = clip.pair_scores(source.float(), edited.float(), [source_prompt], [target_prompt])
+                row["clip_score"], row["clip_directional"] = float(score[0]), float(directional[0])
+            outcome.rows.append(row)
+        if clip is not None:
+            outcome.plain_clip_score = float(clip.clip_score(plain_target.float(), [target_prompt])[0])
+        return outcome
+
+    def synchronize(self) -> None:
+        if torch.device(self.cfg.device).type == "cuda":
+            torch.cuda.synchronize()

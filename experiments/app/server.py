@@ -1,0 +1,63 @@
+"""Serving the page: loopback by default, uploads and results in a temporary folder removed on exit,
+one queued job at a time on the one model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from omegaconf import DictConfig
+
+from sdattn.errors import UserError, first_line
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@contextmanager
+def running(cfg: DictConfig, overrides: Sequence[str] = ()) -> Iterator[tuple[object, str]]:
+    """The page on the configured model, serving in a background thread: yields (Gradio Blocks, local URL);
+    on exit the server stops and its temporary folder (uploads, shown images) is removed."""
+    a = cfg.app
+    if str(a.host) not in LOOPBACK:
+        print(f"app.host={a.host}: the page is reachable from other machines (no login); "
+              "app.host=127.0.0.1 keeps it on this one")
+    with tempfile.TemporaryDirectory(prefix="sdattn-app-") as tmp:
+        os.environ["GRADIO_TEMP_DIR"] = tmp  # read by gradio when imported and for every upload
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
+        from .backend import Backend
+        from .ui import THEME, build
+
+        backend = Backend(cfg, overrides)
+        if a.warmup:  # the first UNet calls are slow (allocations, kernels): pay for them before serving
+            backend.record(str(a.prompt), int(cfg.seed), int(a.self_layer))
+        page = build(backend).queue(default_concurrency_limit=1)  # one model: one job at a time, in order
+        try:
+            page.launch(server_name=str(a.host), server_port=None if a.port is None else int(a.port),
+                        share=bool(a.share), inbrowser=bool(a.open_browser), show_error=True, ssr_mode=False,
+                        theme=THEME, prevent_thread_lock=True, quiet=True)
+        except OSError as e:
+            raise UserError(f"app.port={a.port} cannot be served on {a.host}: {first_line(e)}; "
+                            "give another app.port (or app.port=null for the first free one)") from None
+        print(f"serving on {page.local_url}" + (f" and {page.share_url}" if page.share_url else "")
+              + f"; uploads and shown images go to {tmp} (removed when the app stops); Ctrl-C stops it", flush=True)
+        try:
+            yield page, page.local_url
+        finally:
+            page.close()
+
+
+def serve(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
+    """Serve until Ctrl-C (or SIGTERM); returns the URL it served on."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with running(cfg, overrides) as (page, url):
+            page.block_thread()  # returns on Ctrl-C / SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return {"url": url}

@@ -1,0 +1,24 @@
+"""The attention explorer in the browser (issue 24): maps, editors and probe results on the configured model.
+
+``python -m experiments.run task=app [model=...] [device=...] [app.port=7860] [app.host=127.0.0.1]``
+serves the page (:mod:`experiments.app`) until Ctrl-C. Needs the extra: ``pip install '.[app]'``.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from sdattn.errors import UserError
+
+
+def run(cfg: DictConfig) -> dict:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError("task=app needs the app extra: pip install '.[app]' (gradio)") from None
+    from hydra.core.hydra_config import HydraConfig
+
+    from experiments.app.server import serve
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return serve(cfg, overrides)
