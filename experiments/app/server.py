@@ -17,8 +17,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @contextmanager
-def running(cfg: DictConfig, overrides: Sequence[str] = ()) -> Iterator[tuple[object, str]]:
-    """The page on the configured model, serving in a background thread: yields (Gradio Blocks, local URL);
+def running(cfg: DictConfig, overrides: Sequence[str] = ()) -> Iterator[tuple[object, str, object]]:
+    """The page on the configured model, serving in a background thread: yields (Gradio Blocks, local URL,
+    its :class:`~experiments.app.backend.Backend`);
     on exit the server stops and its temporary folder (uploads, shown images) is removed."""
     a = cfg.app
     if str(a.host) not in LOOPBACK:
@@ -35,16 +36,17 @@ def running(cfg: DictConfig, overrides: Sequence[str] = ()) -> Iterator[tuple[ob
             backend.record(str(a.prompt), int(cfg.seed), int(a.self_layer))
         page = build(backend).queue(default_concurrency_limit=1)  # one model: one job at a time, in order
         try:
-            page.launch(server_name=str(a.host), server_port=None if a.port is None else int(a.port),
-                        share=bool(a.share), inbrowser=bool(a.open_browser), show_error=True, ssr_mode=False,
-                        theme=THEME, prevent_thread_lock=True, quiet=True)
-        except OSError as e:
-            raise UserError(f"app.port={a.port} cannot be served on {a.host}: {first_line(e)}; "
-                            "give another app.port (or app.port=null for the first free one)") from None
-        print(f"serving on {page.local_url}" + (f" and {page.share_url}" if page.share_url else "")
-              + f"; uploads and shown images go to {tmp} (removed when the app stops); Ctrl-C stops it", flush=True)
-        try:
-            yield page, page.local_url
+            try:
+                page.launch(server_name=str(a.host), server_port=None if a.port is None else int(a.port),
+                            share=bool(a.share), inbrowser=bool(a.open_browser), show_error=True, ssr_mode=False,
+                            theme=THEME, prevent_thread_lock=True, quiet=True)
+            except OSError as e:
+                raise UserError(f"app.port={a.port} cannot be served on {a.host}: {first_line(e)}; "
+                                "give another app.port (or app.port=null for the first free one)") from None
+            print(f"serving on {page.local_url}" + (f" and {page.share_url}" if page.share_url else "")
+                  + f"; uploads and shown images go to {tmp} (removed when the app stops); Ctrl-C stops it",
+                  flush=True)
+            yield page, page.local_url, backend
         finally:
             page.close()
 
@@ -56,7 +58,7 @@ def serve(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        with running(cfg, overrides) as (page, url):
+        with running(cfg, overrides) as (page, url, _):
             page.block_thread()  # returns on Ctrl-C / SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)

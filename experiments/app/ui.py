@@ -74,7 +74,7 @@ def build(backend: Backend) -> gr.Blocks:
 
     @guarded
     def generate(prompt, seed, layers, lo, hi, head, self_layer, self_lo, self_hi, self_head, k,
-                 progress=gr.Progress()):
+                 progress=gr.Progress()):  # noqa: B008 - how Gradio injects its progress bar
         t0 = time.perf_counter()
         rec = backend.record(prompt, seed, self_layer, (self_lo, self_hi), self_head, progress)
         words = word_gallery(rec, layers, lo, hi, head)
@@ -90,7 +90,7 @@ def build(backend: Backend) -> gr.Blocks:
         return word_gallery(rec, layers, lo, hi, head), timed("cross maps", t0)
 
     @guarded
-    def self_maps(rec, self_layer, self_lo, self_hi, self_head, k, progress=gr.Progress()):
+    def self_maps(rec, self_layer, self_lo, self_hi, self_head, k, progress=gr.Progress()):  # noqa: B008 - how Gradio injects its progress bar
         if rec is None:
             raise UserError("generate an image first (prompt, seed, Generate)")
         t0 = time.perf_counter()
@@ -113,8 +113,11 @@ def build(backend: Backend) -> gr.Blocks:
         return shown, timed(f"self-attention of the pixel at ({float(x):.2f}, {float(y):.2f})", t0)
 
     def clicked(rec, evt: gr.SelectData):
-        x, y = evt.index  # pixel of the shown (display_size) image
-        return x / size, y / size
+        if rec is None:
+            return gr.skip(), gr.skip()
+        x, y = evt.index  # pixel of the shown image: display_size high, the image's aspect
+        h, w = rec.image.shape[:2]
+        return x / round(size * w / h), y / size
 
     # ------------------------------------------------------------------ edit
     def settings_text(methods, fpe_layers, fpe_steps) -> str:
@@ -132,7 +135,7 @@ def build(backend: Backend) -> gr.Blocks:
         return settings_text(methods, fpe_layers, fpe_steps)
 
     @guarded
-    def edit(source, target, seed, upload, methods, settings, progress=gr.Progress()):
+    def edit(source, target, seed, upload, methods, settings, progress=gr.Progress()):  # noqa: B008 - how Gradio injects its progress bar
         t0 = time.perf_counter()
         try:
             given = yaml.safe_load(settings or "") or {}
