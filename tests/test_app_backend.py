@@ -125,6 +125,16 @@ def test_method_settings_follow_the_model(backend):
     assert "name" not in fpe and not any(k.startswith("_") for k in fpe)
     assert set(backend.methods()) >= {"fpe", "p2p", "masactrl", "pnp"}
     assert [row[:5] for row in backend.layer_table() if row[0] == "cross"][2] == ["cross", 3, "mid", "4×4", 4]
+    assert "model toy (models/toy;" in backend.describe() and str(ROOT) not in backend.describe()
+
+
+@pytest.mark.slow
+def test_float16_toy(tmp_path):
+    """dtype=float16 on the toy model (CPU, slowly): recorded and shown maps stay float32 and finite."""
+    b = Backend(compose_run(["task=app", f"paths.output_dir={tmp_path}", "logger=none", "dtype=float16"]))
+    rec = b.record(PROMPT, 0, 6)
+    maps = b.cross_maps(rec, [1, 6], (0, 24), "0")
+    assert maps.dtype == np.float32 and np.isfinite(maps).all() and rec.self_map.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------ probe results

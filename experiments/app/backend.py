@@ -29,7 +29,7 @@ from editing.images import load_image
 from editing.inversion import image_size
 from evaluation.datasets import EditExample
 from evaluation.metric_models import load_clip
-from experiments.cli import CONFIG_DIR, register_resolvers, settings_line
+from experiments.cli import CONFIG_DIR, PROJECT_ROOT, register_resolvers, settings_line
 from experiments.common import load_model, plain
 from experiments.tasks.benchmark import build_method, method_settings
 from experiments.validate import validate
@@ -170,7 +170,8 @@ class Backend:
 
     # ---------------------------------------------------------------------------- the model
     def describe(self) -> str:
-        return settings_line(self.cfg)
+        """The run's settings line (as the CLI prints it first), paths inside the project shown relative."""
+        return settings_line(self.cfg).replace(f"{PROJECT_ROOT}/", "")
 
     def layer_table(self) -> list[list]:
         """Rows (kind, index, block, query grid, heads, diffusers processor) in the model's own numbering."""

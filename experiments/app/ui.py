@@ -190,9 +190,9 @@ def build(backend: Backend) -> gr.Blocks:
                 generate_btn = gr.Button("Generate", variant="primary", scale=1, elem_id="maps-generate")
             with gr.Row():
                 image = gr.Image(label="image — click a pixel to see what it attends to", interactive=False,
-                                 elem_id="maps-image", format="png")
-                words = gr.Gallery(label="cross-attention per word", columns=4, height="auto", format="png",
-                                   elem_id="maps-words")
+                                 elem_id="maps-image", format="png", height=420, scale=2)
+                words = gr.Gallery(label="cross-attention per word", columns=4, height=420, format="png",
+                                   elem_id="maps-words", scale=3)
             with gr.Row():
                 layers = gr.Dropdown(cross_choices, value=[v for _, v in cross_choices], multiselect=True, scale=3,
                                      label="cross layers (averaged; the model's numbering: index · block · grid)")
@@ -208,11 +208,11 @@ def build(backend: Backend) -> gr.Blocks:
                     self_head = gr.Dropdown(heads_choices(self_heads), value="mean", label="head")
                     k = gr.Slider(1, 16, int(s["components"]), step=1, label="components")
                 with gr.Row():
-                    comps = gr.Gallery(label="top left singular vectors of the self map", columns=6, height="auto",
-                                       format="png", elem_id="maps-components")
-                    with gr.Column():
+                    comps = gr.Gallery(label="top left singular vectors of the self map", columns=6, height=300,
+                                       format="png", elem_id="maps-components", scale=3)
+                    with gr.Column(scale=1):
                         pixel_map = gr.Image(label="what the clicked pixel attends to", interactive=False,
-                                             format="png", elem_id="maps-pixel")
+                                             format="png", elem_id="maps-pixel", height=220)
                         with gr.Row():
                             px = gr.Number(0.5, label="pixel x (0–1)", minimum=0, maximum=1)
                             py = gr.Number(0.5, label="pixel y (0–1)", minimum=0, maximum=1)
