@@ -1,6 +1,8 @@
 """The attention explorer's adapter (experiments.app.backend) and probe-results reader, without Gradio:
 the recorded maps equal Figure 3's capture, the editors get the page's settings, bad input is one line."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -157,11 +159,13 @@ def test_probe_run_beside_the_paper(tmp_path):
     paper.mkdir()
     (paper / "table1.yaml").write_text(yaml.safe_dump(
         {"source": "test", "layers": [3, 6, 9], "rows": {"red": [0.97, 0.97, 0.93], "Green": [0.93, 0.91, 0.91]}}))
+    (Path(folder) / "cross_attn_vs_paper.csv").write_text("class,L3\nred,81.2 (97)\n")  # a copy beside a reference
     assert find_probe_runs(tmp_path) == [folder]
     t, = read_probe_run(folder, paper)
     assert t.stem == "cross_attn" and t.caption == "cross_attn on tiny"
     assert t.ours.loc["red", "L3"] == 81.2 and t.ours.loc["chance", "Avg"] == 10.0
-    assert t.paper is not None and list(t.paper.index) == ["red"] and list(t.paper.columns) == ["L3", "L6"]
+    assert t.paper is not None and list(t.paper.index) == ["red"] and list(t.paper.columns) == ["L3", "L6"]  # no Avg:
+    # the paper's is over layers 3, 6, 9
     assert t.paper.loc["red", "L6"] == pytest.approx(97.0)
     assert "Table 1" in t.note
 
@@ -180,8 +184,9 @@ def test_probe_run_without_sd_layout_or_paper(tmp_path):
 
 
 def test_paper_table_layouts(tmp_path):
-    (tmp_path / "table3.yaml").write_text(yaml.safe_dump(
-        {"a": {"red": {"Layer 3": 0.5, "Avg.": 0.19}}, "car": {"red": {"Layer 3": 0.38, "Avg.": 0.38}}}))
+    (tmp_path / "table3.yaml").write_text(yaml.safe_dump(  # datasets/paper's layout: token → class → layer
+        {"table": 3, "layers": [3, 6], "tokens": {"a": {"red": {3: 0.5, 6: 0.0, "Avg": 0.19}},
+                                                   "car": {"red": {3: 0.38, 6: 0.88, "Avg": 0.38}}}}))
     car, note = read_paper_table(tmp_path, 3, "car")
     assert car.loc["red", "L3"] == pytest.approx(38.0) and "Table 3 ('car')" in note
     (tmp_path / "table2.csv").write_text("Class,Layer 3,Layer 6,Avg.\ndog,53,60,55\n")

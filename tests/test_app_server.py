@@ -1,6 +1,6 @@
-"""The attention explorer served as a user starts it (``python -m experiments.run task=app`` on the toy
-model, a free local port): its API through gradio_client, then one real browser (Playwright driving the
-system Chromium). Skipped with the reason where the app extra, Playwright or Chromium is not installed."""
+"""The attention explorer served on the toy model on a free local port: its API through gradio_client, then
+one real browser (Playwright driving the system Chromium); the command itself (``python -m experiments.run
+task=app``) in a slow test. Skipped with the reason where the app extra, Playwright or Chromium is missing."""
 
 import os
 import re
@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from io import BytesIO
 from pathlib import Path
 
@@ -22,7 +23,7 @@ pytest.importorskip("gradio", reason="the app extra is not installed: pip instal
 gradio_client = pytest.importorskip("gradio_client", reason="the app extra is not installed: pip install '.[app]'")
 
 PROMPT = "a red star in the park"
-STARTUP_S = 240  # import, model load and warm-up on a busy 2-core CPU
+STARTUP_S = 240  # the command: imports, model load and warm-up on a busy 2-core CPU
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -34,39 +35,23 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m experiments.run task=app`` in a subprocess; ``url`` and its temporary folder once serving."""
+    """The page served in this process on a free port (as ``task=app`` serves it, without the CLI's start-up):
+    ``url`` and its temporary folder; ``stop()`` closes it."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, out: Path):
         if not (ROOT / "models" / "toy" / "model_index.json").exists():
             pytest.skip("the toy-world model is not in models/toy")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "experiments.run", "task=app", f"app.port={free_port()}", "threads=1",
-               "logger=none", "progress=false", f"hydra.run.dir={run_dir}"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines, self.url, self.tmp = [], None, None
-        deadline = time.monotonic() + STARTUP_S
-        while self.url is None and time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                break
-            self.lines.append(line)
-            m = re.search(r"serving on (http://\S+?)/?;.* go to (\S+) \(removed", line)
-            if m:
-                self.url, self.tmp = m[1], Path(m[2])
-        if self.url is None:
-            self.stop()
-            pytest.fail("the app did not start:\n" + "".join(self.lines[-20:]))
+        from experiments.app.backend import compose_run
+        from experiments.app.server import running
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.lines += self.proc.stdout.readlines()
-        return self.proc.wait()
+        overrides = ["task=app", f"app.port={free_port()}", "logger=none", f"paths.output_dir={out}"]
+        self.stack = ExitStack()
+        page, self.url, _ = self.stack.enter_context(running(compose_run(overrides), overrides))
+        self.url = self.url.rstrip("/")
+        self.tmp = Path(os.environ["GRADIO_TEMP_DIR"])
+
+    def stop(self) -> None:
+        self.stack.close()
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +174,35 @@ def test_in_a_real_browser(server, tmp_path):
 
 
 def test_stops_cleanly_and_removes_its_temporary_folder(server):
-    """Last in this file: SIGTERM (as Ctrl-C) stops the server; uploads and shown images are gone."""
+    """Last in this file: the server stops; uploads and shown images are gone with its temporary folder."""
     assert server.tmp.is_dir()
-    assert server.stop() == 0
+    server.stop()
     assert not server.tmp.exists()
+
+
+@pytest.mark.slow
+def test_the_command_serves_and_stops_on_sigterm(tmp_path):
+    """``python -m experiments.run task=app`` as a user starts it: it serves the page on the port asked, and
+    SIGTERM (as Ctrl-C) stops it with exit status 0 and its temporary folder removed."""
+    import urllib.request
+
+    if not (ROOT / "models" / "toy" / "model_index.json").exists():
+        pytest.skip("the toy-world model is not in models/toy")
+    port = free_port()
+    cmd = [sys.executable, "-m", "experiments.run", "task=app", f"app.port={port}", "threads=1", "logger=none",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, found = [], None
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while found is None and time.monotonic() < deadline and (line := proc.stdout.readline()):
+            lines.append(line)
+            found = re.search(r"serving on (http://127\.0\.0\.1:(\d+))/?;.* go to (\S+) \(removed", line)
+        assert found, "the app did not start:\n" + "".join(lines[-20:])
+        assert int(found[2]) == port
+        assert urllib.request.urlopen(found[1], timeout=30).status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+    assert rc == 0 and not Path(found[3]).exists()

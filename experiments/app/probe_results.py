@@ -22,6 +22,7 @@ from sdattn.errors import UserError, first_line
 SD_LAYERS = 16  # SD 1.x: 16 self + 16 cross layers; the paper's columns are in this numbering
 SD_SETTINGS = "SD-1.x defaults"  # sdattn.settings' source for weights without their own sdattn.yaml
 PAPER_TABLES = {("cross", "class"): 1, ("self", "class"): 2, ("cross", "token"): 3}
+BESIDE_PAPER = "_vs_paper"  # a probe run's copy of a table with reference values in its cells: ours are the plain one
 
 
 @dataclass
@@ -63,10 +64,10 @@ def find_probe_runs(root: str | Path, limit: int = 200) -> list[str]:
 
 
 def number(cell) -> float:
-    """``81.2``, ``"81.2"`` or ``"81.2 ± 3.4"`` → 81.2 (NaN when empty)."""
+    """``81.2``, ``"81.2"``, ``"81.2 ± 3.4"`` or ``"81.2 (97)"`` (ours beside a reference) → 81.2 (NaN when empty)."""
     if isinstance(cell, (int, float)):
         return float(cell)
-    text = str(cell).split("±")[0].strip().rstrip("%")
+    text = str(cell).split("±")[0].split("(")[0].strip().rstrip("%")
     return float(text) if text else float("nan")
 
 
@@ -184,7 +185,7 @@ def read_probe_run(folder: str | Path, paper_dir: str | Path) -> list[ProbeTable
     probe = cfg.get("probe") or {}
     kind, name = str(probe.get("kind", "cross")), str(probe.get("name", ""))
     tables = []
-    for path in sorted(folder.glob("*.csv")):
+    for path in sorted(p for p in folder.glob("*.csv") if not p.stem.endswith(BESIDE_PAPER)):
         ours = read_table(path)
         md = path.with_suffix(".md")
         caption = md.read_text(encoding="utf-8").splitlines()[0].strip("* ") if md.is_file() else path.stem
@@ -195,7 +196,9 @@ def read_probe_run(folder: str | Path, paper_dir: str | Path) -> list[ProbeTable
             read_paper_table(paper_dir, which, token)
         if paper is not None:
             rows = [r for r in ours.index if str(r).lower() in paper.index]
-            cols = [c for c in ours.columns if c in paper.columns]
+            layers = [c for c in ours.columns if c != "Avg"]
+            same = layers == [c for c in paper.columns if c != "Avg"]  # Avg compares only over the same layers
+            cols = [c for c in ours.columns if c in paper.columns and (c != "Avg" or same)]
             if rows and cols:
                 paper = paper.loc[[str(r).lower() for r in rows], cols].set_axis(rows, axis=0)
             else:

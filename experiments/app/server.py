@@ -17,6 +17,18 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @contextmanager
+def restored_env(name: str, value: str | None) -> Iterator[None]:
+    """On exit, environment variable ``name`` is ``value`` again (unset when None)."""
+    try:
+        yield
+    finally:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@contextmanager
 def running(cfg: DictConfig, overrides: Sequence[str] = ()) -> Iterator[tuple[object, str, object]]:
     """The page on the configured model, serving in a background thread: yields (Gradio Blocks, local URL,
     its :class:`~experiments.app.backend.Backend`);
@@ -25,7 +37,8 @@ def running(cfg: DictConfig, overrides: Sequence[str] = ()) -> Iterator[tuple[ob
     if str(a.host) not in LOOPBACK:
         print(f"app.host={a.host}: the page is reachable from other machines (no login); "
               "app.host=127.0.0.1 keeps it on this one")
-    with tempfile.TemporaryDirectory(prefix="sdattn-app-") as tmp:
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    with tempfile.TemporaryDirectory(prefix="sdattn-app-") as tmp, restored_env("GRADIO_TEMP_DIR", previous):
         os.environ["GRADIO_TEMP_DIR"] = tmp  # read by gradio when imported and for every upload
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
         from .backend import Backend

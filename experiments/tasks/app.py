@@ -6,16 +6,16 @@ serves the page (:mod:`experiments.app`) until Ctrl-C. Needs the extra: ``pip in
 
 from __future__ import annotations
 
+import importlib.util
+
 from omegaconf import DictConfig
 
 from sdattn.errors import UserError
 
 
 def run(cfg: DictConfig) -> dict:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise UserError("task=app needs the app extra: pip install '.[app]' (gradio)") from None
+    if importlib.util.find_spec("gradio") is None:  # not imported here: the server sets its temporary folder first
+        raise UserError("task=app needs the app extra: pip install '.[app]' (gradio)")
     from hydra.core.hydra_config import HydraConfig
 
     from experiments.app.server import serve
