@@ -205,3 +205,17 @@ def test_task_app_without_the_extra_is_one_line(compose_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio → ImportError
     with pytest.raises(UserError, match=r"pip install '\.\[app\]'"):
         dispatch(compose_cfg("task=app", "logger=none"))
+
+
+def test_a_busy_or_bad_port_is_one_line_before_loading():
+    import socket
+
+    from experiments.app.server import check_port
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(UserError, match=rf"app.port={s.getsockname()[1]} cannot be served on 127.0.0.1: "):
+            check_port("127.0.0.1", s.getsockname()[1])
+    with pytest.raises(UserError, match="is not a port"):
+        check_port("127.0.0.1", 70000)
