@@ -71,6 +71,9 @@ def test_self_map_pixel_and_components(backend, recording):
     assert comps.shape == (4, h, w) and np.all(np.diff(sigma) <= 0)
     one_head = backend.record(PROMPT, 3, 6, (10, 12), "1")
     assert not torch.allclose(one_head.self_map, recording.self_map)
+    again = backend.record(PROMPT, 3, 6, (10, 12), "1", cross_from=recording)  # the self map alone, re-recorded
+    assert again.cross is recording.cross and again.image is recording.image
+    torch.testing.assert_close(again.self_map, one_head.self_map)
 
 
 @pytest.mark.parametrize("call, message", [

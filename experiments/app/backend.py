@@ -167,6 +167,7 @@ class Backend:
         self.num_steps, self.guidance = int(cfg.model.steps), float(cfg.model.guidance_scale)
         self._method_specs: dict[str, dict] = {}
         self._clip, self._clip_note = None, None
+        self._plain: dict[tuple[str, int], torch.Tensor] = {}  # (target prompt, seed) → plain sample, the last few
 
     # ---------------------------------------------------------------------------- the model
     def describe(self) -> str:
@@ -199,10 +200,14 @@ class Backend:
 
     # ---------------------------------------------------------------------------- maps
     def record(self, prompt: str, seed: int, self_layer: int, self_steps: tuple[int, int] | None = None,
-               self_head: int | None = None, progress: Progress | None = None) -> Recording:
+               self_head: int | None = None, progress: Progress | None = None,
+               cross_from: Recording | None = None) -> Recording:
         """Sample ``prompt`` from ``seed`` once, recording every word's cross map (each layer, step and head)
-        and the self map of ``self_layer`` (mean over ``self_steps``, one head or the mean)."""
+        and the self map of ``self_layer`` (mean over ``self_steps``, one head or the mean). ``cross_from``: a
+        recording of the same prompt and seed whose image and cross maps are kept (only the self map is new)."""
         prompt, seed = str(prompt or "").strip(), self.seed(seed)
+        if cross_from is not None and (cross_from.prompt, cross_from.seed) != (prompt, seed):
+            cross_from = None
         if not prompt:
             raise UserError("the prompt is empty: type a prompt, e.g. " + repr(self.settings["prompt"]))
         check_prompts(self.pipe.tokenizer, [prompt])
@@ -218,14 +223,18 @@ class Backend:
             return SelfRecorder(x, state, acc, steps, head) if x == layer else \
                 CrossRecorder(x, state, store, weights, max_side)
 
-        chosen = [x for x in self.layers if x.kind == "cross"] + [layer]
+        chosen = ([] if cross_from else [x for x in self.layers if x.kind == "cross"]) + [layer]
         with HookSet(self.pipe.unet, chosen, factory) as hooks:
             out = sample(self.pipe, [prompt], [seed], num_inference_steps=self.num_steps,
                          guidance_scale=self.guidance, callbacks=[hooks, StepProgress(progress, "sampling")],
-                         progress=False)
-        cross = {i: torch.stack([per_step[s] for s in sorted(per_step)]) for i, per_step in store.items()}
-        return Recording(prompt, seed, words, to_numpy_image(out.images), cross, layer.index,
-                         acc.means()["self"][0], (layer.height, layer.width))
+                         progress=False, decode_images=cross_from is None)
+        if cross_from is not None:
+            image, cross = cross_from.image, cross_from.cross
+        else:
+            image = to_numpy_image(out.images)
+            cross = {i: torch.stack([per_step[s] for s in sorted(per_step)]) for i, per_step in store.items()}
+        return Recording(prompt, seed, words, image, cross, layer.index, acc.means()["self"][0],
+                         (layer.height, layer.width))
 
     def cross_maps(self, rec: Recording, layers: Sequence[int], steps: tuple[int, int],
                    head: int | None = None) -> np.ndarray:
@@ -343,8 +352,7 @@ class Backend:
         clip = self.clip()
         report = progress or (lambda fraction, what: None)
         report(0.0, "plain target")
-        plain_target = sample(self.pipe, [target_prompt], [seed], num_inference_steps=self.num_steps,
-                              guidance_scale=self.guidance, progress=False).images
+        plain_target = self.plain_sample(target_prompt, seed)
         outcome = EditOutcome(to_numpy_image(plain_target), "same seed, no edit" if image is not None else
                               "same noise, no edit", clip_note=self._clip_note or "")
         example = EditExample("app", source_prompt, target_prompt, image_path)
@@ -370,6 +378,17 @@ class Backend:
         if clip is not None:
             outcome.plain_clip_score = float(clip.clip_score(plain_target.float(), [target_prompt])[0])
         return outcome
+
+    def plain_sample(self, prompt: str, seed: int, keep: int = 8) -> torch.Tensor:
+        """``prompt`` sampled alone from ``seed`` (1, 3, H, W); the last ``keep`` are kept, so editing one pair
+        again with other settings samples only the edits."""
+        key = (prompt, seed)
+        if key not in self._plain:
+            self._plain[key] = sample(self.pipe, [prompt], [seed], num_inference_steps=self.num_steps,
+                                      guidance_scale=self.guidance, progress=False).images
+            while len(self._plain) > keep:
+                self._plain.pop(next(iter(self._plain)))
+        return self._plain[key]
 
     def synchronize(self) -> None:
         if torch.device(self.cfg.device).type == "cuda":

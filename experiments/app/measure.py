@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -56,6 +57,17 @@ def interactions(c, backend, photo: str | None, probe_run: str | None) -> dict[s
     return calls
 
 
+def server_times(result) -> tuple[float | None, float | None]:
+    """(wall, CPU) seconds the page's handler reported in its status line ("... in 1.23 s (CPU 0.98 s)")."""
+    texts = [x for x in (result if isinstance(result, tuple) else (result,)) if isinstance(x, str)]
+    m = next((m for x in texts if (m := re.search(r"in ([\d.]+) s \(CPU ([\d.]+) s\)", x))), None)
+    return (float(m[1]), float(m[2])) if m else (None, None)
+
+
+def number(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def _error(call):
     from gradio_client.exceptions import AppError
 
@@ -93,21 +105,25 @@ def main(argv: list[str] | None = None) -> None:
             rows = []
             for what, call in interactions(client, backend, args.photo, args.probe_run).items():
                 call(0)  # warm-up: first compose of a method, first CLIP load, first picture
-                times = []
+                times, server = [], []
                 for r in range(1, args.rounds + 1):
                     t = time.perf_counter()
-                    call(r)
+                    result = call(r)
                     times.append(time.perf_counter() - t)
-                rows.append((what, statistics.median(times), min(times), max(times)))
+                    server.append(server_times(result))
+                rows.append((what, statistics.median(times), min(times), max(times),
+                             *(statistics.median(x) if None not in x else None for x in zip(*server))))
                 print(f"{what}: median {rows[-1][1]:.2f} s", flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     print(f"\nmodel {cfg.model.name} on {cfg.device} ({platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"load average {load[0]:.1f} at the end), {cfg.dtype}, {cfg.model.steps} steps, torch threads "
           f"{torch.get_num_threads()}; page up {started:.1f} s after the model config (load, warm-up, launch); "
-          f"{args.rounds} rounds after a warm-up, round trip through gradio_client (images downloaded)\n")
-    print("| interaction | median s | min s | max s |\n|---|---|---|---|")
-    for what, med, lo, hi in rows:
-        print(f"| {what} | {med:.2f} | {lo:.2f} | {hi:.2f} |")
+          f"{args.rounds} rounds after a warm-up, round trip through gradio_client (images downloaded); "
+          "in the handler: what the page's status line reports (CPU: this process, all its threads)\n")
+    print("| interaction | round trip, median s | min s | max s | in the handler: wall s | CPU s |\n"
+          "|---|---|---|---|---|---|")
+    for what, med, lo, hi, wall, cpu in rows:
+        print(f"| {what} | {med:.2f} | {lo:.2f} | {hi:.2f} | {number(wall)} | {number(cpu)} |")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,15 @@ def rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
-def timed(what: str, t0: float) -> str:
-    return f"{what} in {time.perf_counter() - t0:.2f} s"
+def started() -> tuple[float, float]:
+    """(wall clock, this process's CPU time) now, for :func:`timed`."""
+    return time.perf_counter(), time.process_time()
+
+
+def timed(what: str, t0: tuple[float, float]) -> str:
+    """``what`` with the time it took since ``t0``: wall clock, and CPU time of this process (all its threads:
+    what the interaction costs without other programs competing for the CPU)."""
+    return f"{what} in {time.perf_counter() - t0[0]:.2f} s (CPU {time.process_time() - t0[1]:.2f} s)"
 
 
 def build(backend: Backend) -> gr.Blocks:
@@ -75,7 +82,7 @@ def build(backend: Backend) -> gr.Blocks:
     @guarded
     def generate(prompt, seed, layers, lo, hi, head, self_layer, self_lo, self_hi, self_head, k,
                  progress=gr.Progress()):  # noqa: B008 - how Gradio injects its progress bar
-        t0 = time.perf_counter()
+        t0 = started()
         rec = backend.record(prompt, seed, self_layer, (self_lo, self_hi), self_head, progress)
         words = word_gallery(rec, layers, lo, hi, head)
         status = timed(f"**{rec.prompt}**, seed {rec.seed}: {len(rec.words)} words × {len(rec.cross)} cross "
@@ -86,28 +93,29 @@ def build(backend: Backend) -> gr.Blocks:
     def cross_maps(rec, layers, lo, hi, head):
         if rec is None:
             raise UserError("generate an image first (prompt, seed, Generate)")
-        t0 = time.perf_counter()
+        t0 = started()
         return word_gallery(rec, layers, lo, hi, head), timed("cross maps", t0)
 
     @guarded
     def self_maps(rec, self_layer, self_lo, self_hi, self_head, k, progress=gr.Progress()):  # noqa: B008 - how Gradio injects its progress bar
         if rec is None:
             raise UserError("generate an image first (prompt, seed, Generate)")
-        t0 = time.perf_counter()
-        rec = backend.record(rec.prompt, rec.seed, self_layer, (self_lo, self_hi), self_head, progress)
+        t0 = started()
+        rec = backend.record(rec.prompt, rec.seed, self_layer, (self_lo, self_hi), self_head, progress, cross_from=rec)
         return rec, self_gallery(rec, k), None, timed(f"self layer {rec.self_layer} recorded", t0)
 
     @guarded
     def components(rec, k):
         if rec is None:
             raise UserError("generate an image first (prompt, seed, Generate)")
-        return self_gallery(rec, k)
+        t0 = started()
+        return self_gallery(rec, k), timed(f"top {int(k)} components", t0)
 
     @guarded
     def pixel(rec, x, y):
         if rec is None:
             raise UserError("generate an image first, then click a pixel of it")
-        t0 = time.perf_counter()
+        t0 = started()
         m = backend.pixel_map(rec, x, y)
         shown = render.mark(render.overlay(render.upscale(rec.image, size), m, alpha), float(x), float(y))
         return shown, timed(f"self-attention of the pixel at ({float(x):.2f}, {float(y):.2f})", t0)
@@ -136,7 +144,7 @@ def build(backend: Backend) -> gr.Blocks:
 
     @guarded
     def edit(source, target, seed, upload, methods, settings, progress=gr.Progress()):  # noqa: B008 - how Gradio injects its progress bar
-        t0 = time.perf_counter()
+        t0 = started()
         try:
             given = yaml.safe_load(settings or "") or {}
         except yaml.YAMLError as e:
@@ -256,7 +264,7 @@ def build(backend: Backend) -> gr.Blocks:
               [words, status], api_name="cross_maps")
         gr.on([self_layer.change, self_lo.release, self_hi.release, self_head.change], self_maps,
               [rec, *self_inputs], [rec, comps, pixel_map, status], api_name="self_maps")
-        k.release(components, [rec, k], comps, api_name="components")
+        k.release(components, [rec, k], [comps, status], api_name="components")
         image.select(clicked, rec, [px, py], api_name=False).then(pixel, [rec, px, py], [pixel_map, status],
                                                                    api_name=False)
         gr.on([px.submit, py.submit], pixel, [rec, px, py], [pixel_map, status], api_name="pixel")
