@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh clone:
 #   make run    set up .venv (first time) and run the main job: the probing table of Table 1
-#   make test   set up .venv (first time) and run the fast test suite
+#   make test   set up .venv (first time) and run the fast test suite (every notebook included, small sizes)
+#   make wheel  build dist/sdattn_lab-<version>-py3-none-any.whl (code, configs, models, data; docs/install.md)
 # Pass other overrides with ARGS, e.g. make run ARGS="probe=self_attn".
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ FLOORS ?= .venv-floors
 ARGS   ?= probe=cross_attn
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test test-floors test-slow test-app setup lint bench
+.PHONY: run test test-floors test-slow test-app setup lint bench wheel
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +48,6 @@ lint: setup
 
 bench: setup
 	$(PY) -m experiments.perf all
+
+wheel: setup
+	$(PY) -m pip wheel --no-deps -w dist .

@@ -18,7 +18,7 @@ INVERSIONS = ("ddim", "null_text")
 REAL_SOURCE_PROMPTS = ("empty", "dataset")
 
 
-def self_replace_hooks(pipe, layers="official", steps=0.8, num_inference_steps: int = 50) -> dict:
+def self_replace_hooks(pipe, layers, steps, num_inference_steps: int) -> dict:
     """FPE's hooks: self-attention map of the target ← source on ``layers`` during ``steps``."""
     chosen = select_layers(model_layers(pipe), layers, "self")
     active = step_range(steps, num_inference_steps)
@@ -30,15 +30,17 @@ def fpe_generated(
     source_prompt: str,
     target_prompt: str,
     seed: int,
-    layers="official",
-    self_replace_steps=0.8,
+    *,
+    layers,
+    self_replace_steps,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     negative_prompt: str = "",
     progress: bool = True,
 ) -> EditResult:
     """Alg. 1: source and target from one initial latent; the target's conditional branch uses
-    the source's self-attention maps on ``layers`` for the first ``self_replace_steps``."""
+    the source's self-attention maps on ``layers`` for the first ``self_replace_steps`` (the settings of
+    ``configs/method/fpe.yaml``)."""
     hooks = self_replace_hooks(pipe, layers, self_replace_steps, num_inference_steps)
     z_t = initial_latents(pipe, [seed])
     out = replacement_edit(pipe, source_prompt, target_prompt, z_t, hooks, num_inference_steps, guidance_scale,
@@ -54,8 +56,9 @@ def fpe_real(
     target_prompt: str,
     source_prompt: str = "",
     inversion: str = "ddim",
-    layers="official",
-    self_replace_steps=0.8,
+    *,
+    layers,
+    self_replace_steps,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     null_text: dict | None = None,

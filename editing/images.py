@@ -12,7 +12,9 @@ Fitting (``resize``), each as one official code does it:
   neighbour on the image tensor: exactly FPE's ``edit_real.ipynb`` and MasaCtrl's ``load_image``
   (aliases when a large photo is shrunk, hence not the default);
 - ``crop`` — centre-cropped to the model's aspect ratio, then PIL bicubic: P2P's ``load_512``
-  (square crop, ``Image.resize((512, 512))``).
+  (square crop, ``Image.resize((512, 512))``);
+- ``squash_lanczos`` — the squash with PIL's LANCZOS: pix2pix-zero's ``src/inversion.py``
+  (``Image.open(p).resize((512, 512), Image.Resampling.LANCZOS)``) and Shape-Guided's ``preprocess_image``.
 All accept any size (smaller images are upsampled).
 """
 
@@ -27,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdattn.errors import UserError
 
-RESIZE_MODES = ("squash", "squash_nearest", "crop")
+RESIZE_MODES = ("squash", "squash_nearest", "crop", "squash_lanczos")
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 DIRECT = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV")  # PIL converts these to RGB exactly
 WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -97,7 +99,8 @@ def fit_image(img: Image.Image, size: tuple[int, int], resize: str = "squash") -
         cw, ch = min(img.width, round(img.height * w / h)), min(img.height, round(img.width * h / w))
         left, top = (img.width - cw) // 2, (img.height - ch) // 2
         img = img.crop((left, top, left + cw, top + ch))
-    img = img.resize((w, h), Image.BICUBIC) if img.size != (w, h) else img
+    kernel = Image.LANCZOS if resize == "squash_lanczos" else Image.BICUBIC
+    img = img.resize((w, h), kernel) if img.size != (w, h) else img
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
     return x, fit
 

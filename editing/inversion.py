@@ -1,8 +1,15 @@
-"""Real images into the model: DDIM inversion, null-text inversion (reading and fitting: ``editing.images``)."""
+"""Real images into the model: DDIM inversion, null-text inversion (reading and fitting: ``editing.images``),
+and :func:`shared_inversions`, under which editors that invert the same latents the same way share one
+DDIM inversion (the edit command's comparison of several methods on one image)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import yaml
@@ -19,7 +26,43 @@ def image_size(pipe, height: int | None = None, width: int | None = None) -> tup
     return height or dh, width or dw
 
 
-@torch.no_grad()
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 of the tensors' float32 bytes (CPU)."""
+    h = hashlib.sha256()
+    for x in tensors:
+        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class InversionCache:
+    """The DDIM inversions of one :func:`shared_inversions` block: key → (trajectory, seconds it took);
+    ``reused_s`` = the seconds of the inversions handed out again (what their users did not pay)."""
+
+    trajectories: dict[tuple, tuple[list[torch.Tensor], float]] = field(default_factory=dict)
+    reused_s: float = 0.0
+
+
+SHARED: ContextVar[InversionCache | None] = ContextVar("shared_inversions", default=None)  # set inside the block
+
+
+@contextmanager
+def shared_inversions() -> Iterator[InversionCache]:
+    """Within the block, :func:`ddim_invert` computes each distinct inversion (same UNet, latents, prompt,
+    steps, guidance) once and hands the same trajectory to every later caller."""
+    token = SHARED.set(InversionCache())
+    try:
+        yield SHARED.get()
+    finally:
+        SHARED.reset(token)
+
+
+def reused_inversion_seconds() -> float:
+    """Inside :func:`shared_inversions`: the seconds of the inversions handed out again so far; else 0."""
+    cache = SHARED.get()
+    return 0.0 if cache is None else cache.reused_s
+
+
 def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_steps: int = 50,
                 progress: bool = True, until: int | None = None, guidance_scale: float = 1.0,
                 negative_prompt: str = "") -> list[torch.Tensor]:
@@ -30,7 +73,26 @@ def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", num_inference_ste
     latents (B, C, h, w) → trajectory [z_0, z_1, ..., z_T] (T = num_inference_steps), where
     z_T pairs with the sampler's first step and z_{T-i-1} is what the sampler's step i should reach.
     ``until``: run only the first ``until`` inversion steps → [z_0, ..., z_until] (a prefix of the full one).
+    Inside :func:`shared_inversions` an inversion already computed there is reused.
     """
+    args = (pipe, latents, prompt, num_inference_steps, progress, until, guidance_scale, negative_prompt)
+    cache = SHARED.get()
+    if cache is None:
+        return _ddim_invert(*args)
+    key = (id(pipe.unet), str(pipe.unet.dtype), tuple(latents.shape), tensor_digest(latents), prompt,
+           int(num_inference_steps), until, float(guidance_scale), negative_prompt if guidance_scale > 1 else "")
+    if key in cache.trajectories:
+        trajectory, seconds = cache.trajectories[key]
+        cache.reused_s += seconds
+        return list(trajectory)
+    t0 = time.perf_counter()
+    trajectory = _ddim_invert(*args)
+    cache.trajectories[key] = (trajectory, time.perf_counter() - t0)
+    return list(trajectory)
+
+
+@torch.no_grad()
+def _ddim_invert(pipe, latents, prompt, num_inference_steps, progress, until, guidance_scale, negative_prompt):
     unet = pipe.unet
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(num_inference_steps)

@@ -39,9 +39,11 @@ def step_fractions(spec, key: str = "step fraction") -> tuple[float, float]:
 
 
 def step_range(spec, num_steps: int) -> set[int]:
-    """Active steps: a fraction f → steps 0..round(f·N)-1; a pair [a, b] of fractions → round(a·N)..round(b·N)-1."""
+    """Active steps: a fraction f → steps 0..int(f·N)-1; a pair [a, b] of fractions → int(a·N)..int(b·N)-1.
+    Truncated as the official code does (``int(num_steps * self_replace_steps)`` in FPE's and P2P's
+    controllers, PnP's ``int(n_timesteps * pnp_f_t)``): ``step_range(0.8, 12)`` is steps 0..8."""
     start, end = step_fractions(spec)
-    return set(range(round(start * num_steps), round(end * num_steps)))
+    return set(range(int(start * num_steps), int(end * num_steps)))
 
 
 def select_layers(layers: Sequence[LayerId], spec, kind: str = "self") -> list[LayerId]:

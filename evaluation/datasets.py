@@ -11,6 +11,11 @@ Supported sources (``load_dataset`` names):
 - ``pnp_ti2i``: a Plug-and-Play TI2I YAML (``init_img``, ``target_prompts`` list, optional
   ``source_prompt``, ``seed``, ``scale``, ``ddim_steps``), one example per target prompt. The file may
   also hold a list of such mappings.
+- ``wild_ti2i_real``, ``imagenet_r_ti2i_real``: Plug-and-Play's Wild-TI2I and ImageNet-R-TI2I benchmarks (the
+  ``*-real.yaml`` / ``imnetr-ti2i.yaml`` of its TI2I folder) read as ``pnp_ti2i``; ``wild_ti2i_fake``,
+  ``imagenet_r_ti2i_fake``: their generated-guidance variants (``wild-ti2i-fake.yaml``, ``imnetr-fake-ti2i.yaml``:
+  ``source_prompt``, ``target_prompts``, ``seed``, no image) — the source is generated from the source prompt
+  with the entry's seed, as every generated pair here (Table 5's "fake" columns).
 - ``pie_bench``: PIE-Bench ``mapping_file.json`` (id → ``image_path``, ``original_prompt``,
   ``editing_prompt`` with ``[brackets]`` around edited words, ``editing_type_id``, ``mask`` as RLE).
   Images are looked up under ``<root>/annotation_images/<image_path>`` (the released layout), falling
@@ -45,7 +50,9 @@ FPE_FILES = {
     "imagenet_real_edit": "ImageNet_real_edit.json",
 }
 FPE_REAL = {"car_real_edit", "imagenet_real_edit"}
-DATASET_NAMES = (*FPE_FILES, "pnp_ti2i", "pie_bench")  # the sets load_dataset reads
+TI2I_SETS = {"wild_ti2i_real": "real", "imagenet_r_ti2i_real": "real",  # Plug-and-Play's TI2I benchmarks:
+             "wild_ti2i_fake": "fake", "imagenet_r_ti2i_fake": "fake"}   # image kind of each (Table 5's columns)
+DATASET_NAMES = (*FPE_FILES, "pnp_ti2i", *TI2I_SETS, "pie_bench")  # the sets load_dataset reads
 SOURCE_KEYS = ("soure_prompt", "source_prompt")  # the official files use the misspelling
 
 # The 28 colours of the official Car_fake_edit.json, in the file's order.
@@ -192,37 +199,64 @@ def car_fake_edit_pairs(colors: list[str] | None = None) -> list[EditExample]:
 
 # ------------------------------------------------------------------------------------- PnP TI2I
 
-def load_pnp_ti2i(path: str | Path, root: str | Path | None = None,
-                  limit: int | None = None) -> LoadedDataset:
-    """A Plug-and-Play TI2I YAML; relative ``init_img`` resolves under ``root`` (default: the YAML's folder)."""
+def read_ti2i_entries(path: str | Path | None, needs: tuple[str, ...]) -> tuple[Path, list[dict]]:
+    """A Plug-and-Play TI2I YAML (one mapping or a list of them), each entry with the keys ``needs``."""
     import yaml
 
     p = Path(path) if path is not None else None
     if p is None or not p.is_file():
         raise UserError(f"data.path {str(path)!r} does not exist: give a Plug-and-Play TI2I YAML "
-                        "(init_img, target_prompts, ...)")
+                        f"({', '.join(needs)}, ...)")
     try:
         doc = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise UserError(f"data.path {str(p)!r} is not valid YAML: {first_line(e)}") from e
     entries = doc if isinstance(doc, list) else [doc]
-    base = Path(root) if root is not None else p.parent
-    examples: list[EditExample] = []
     for k, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "init_img" not in entry or "target_prompts" not in entry:
-            raise UserError(f"data.path {str(p)!r} entry {k}: needs 'init_img' and 'target_prompts'")
+        if not isinstance(entry, dict) or any(key not in entry for key in needs):
+            raise UserError(f"data.path {str(p)!r} entry {k}: needs {' and '.join(repr(x) for x in needs)}")
+    return p, entries
+
+
+def ti2i_examples(name: str, entries: list[dict], image) -> list[EditExample]:
+    """One example per target prompt of each entry; ``image(entry)`` → its image path or None (generated)."""
+    examples = []
+    for k, entry in enumerate(entries):
         targets = entry["target_prompts"]
         targets = [targets] if isinstance(targets, str) else list(targets)
-        img = Path(str(entry["init_img"]))
-        img = img if img.is_absolute() else base / img
         seed = entry.get("seed")
         extra_common = {key: entry[key] for key in ("scale", "ddim_steps") if key in entry}
         for j, tgt in enumerate(targets):
-            ex_id = f"pnp_ti2i/{k:03d}_{j:03d}" if len(entries) > 1 else f"pnp_ti2i/{j:03d}"
-            examples.append(EditExample(ex_id, str(entry.get("source_prompt") or ""), str(tgt), str(img),
-                                        None if seed is None else int(seed),
-                                        {"entry": k, "index": j, **extra_common}))
-    return finish_dataset("pnp_ti2i", examples, limit)
+            ex_id = f"{name}/{k:03d}_{j:03d}" if len(entries) > 1 else f"{name}/{j:03d}"
+            examples.append(EditExample(ex_id, str(entry.get("source_prompt") or ""), str(tgt), image(entry),
+                                        None if seed is None else int(seed), {"entry": k, "index": j, **extra_common}))
+    return examples
+
+
+def load_pnp_ti2i(path: str | Path, root: str | Path | None = None, limit: int | None = None,
+                  name: str = "pnp_ti2i") -> LoadedDataset:
+    """A Plug-and-Play TI2I YAML; relative ``init_img`` resolves under ``root`` (default: the YAML's folder),
+    else, as the released benchmark folders are laid out, its file name under ``root/data`` or ``root``."""
+    p, entries = read_ti2i_entries(path, ("init_img", "target_prompts"))
+    base = Path(root) if root is not None else p.parent
+
+    def image(entry) -> str:
+        img = Path(str(entry["init_img"]))
+        if img.is_absolute():
+            return str(img)
+        found = [c for c in (base / img, base / "data" / img.name, base / img.name) if c.is_file()]
+        return str(found[0] if found else base / img)
+
+    return finish_dataset(name, ti2i_examples(name, entries, image), limit)
+
+
+def load_ti2i_prompts(path: str | Path, name: str, limit: int | None = None) -> LoadedDataset:
+    """The generated-guidance TI2I sets (Plug-and-Play's ``wild-ti2i-fake.yaml``, ``imnetr-fake-ti2i.yaml``):
+    entries {``source_prompt``, ``target_prompts``, ``seed``[, ``scale``, ``ddim_steps``]}, no image; each pair's
+    source is generated from its source prompt with the entry's seed (the official sets generated theirs with the
+    entry's ``scale`` and ``ddim_steps``, kept in ``extra``; here with the model's, as every generated pair)."""
+    _, entries = read_ti2i_entries(path, ("source_prompt", "target_prompts"))
+    return finish_dataset(name, ti2i_examples(name, entries, lambda entry: None), limit)
 
 
 # ------------------------------------------------------------------------------------ PIE-Bench
@@ -308,7 +342,8 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
 
     - FPE names: ``path`` = the official JSON file (required); ``root`` = image folder (required for the
       ``*_real_edit`` sets).
-    - ``pnp_ti2i``: ``path`` = the YAML (or ``root`` if it names a .yaml file); ``root`` = image folder.
+    - ``pnp_ti2i`` and the TI2I sets: ``path`` = the YAML (or ``root`` if it names a .yaml file); ``root`` = image
+      folder (real sets).
     - ``pie_bench``: ``root`` = folder with ``mapping_file.json`` (``path`` may name the mapping file).
     """
     if name not in DATASET_NAMES:
@@ -318,10 +353,12 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
             raise UserError(f"data.path is required for {name}: give the FPE file {FPE_FILES[name]} "
                             "(alibaba/EasyNLP diffusion/FreePromptEditing/datasets/)")
         return load_fpe(path, name=name, root=root, limit=limit, real=name in FPE_REAL)
-    if name == "pnp_ti2i":
+    if name == "pnp_ti2i" or name in TI2I_SETS:
         if path is None and root is not None and str(root).endswith((".yaml", ".yml")):
             path, root = root, None
         if path is None:
-            raise UserError("data.path is required for pnp_ti2i: give the Plug-and-Play TI2I YAML")
-        return load_pnp_ti2i(path, root=root, limit=limit)
+            raise UserError(f"data.path is required for {name}: give the Plug-and-Play TI2I YAML")
+        if TI2I_SETS.get(name) == "fake":
+            return load_ti2i_prompts(path, name, limit=limit)
+        return load_pnp_ti2i(path, root=root, limit=limit, name=name)
     return load_pie_bench(root, limit=limit, path=path)

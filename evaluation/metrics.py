@@ -1,4 +1,5 @@
-"""Editing metrics: CLIP score, CLIP directional similarity, PSNR, SSIM — all in torch, no torchvision.
+"""Editing metrics: CLIP score, CLIP directional similarity, PSNR, SSIM — all in torch, no torchvision
+(PSNR and SSIM also as the ``psnr`` / ``ssim`` metric plug-ins, :mod:`evaluation.scorers`).
 
 - CLIP score (torchmetrics' ``CLIPScore`` definition): ``100 · max(cos(E_I, E_T), 0)`` per image–prompt pair.
 - CLIP directional similarity (Gal et al., StyleGAN-NADA; as diffusers' evaluation guide): with L2-normalised
@@ -18,6 +19,7 @@ cache or given as a local folder.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -73,6 +75,18 @@ def ssim(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     preds, target = check_images(preds, "preds"), check_images(target, "target")
     return structural_similarity_index_measure(preds, target, data_range=1.0, reduction="none")
+
+
+def psnr_score(example, source: torch.Tensor, edited: torch.Tensor) -> dict:
+    """The ``psnr`` metric (``configs/metric/psnr.yaml``): PSNR (dB) of edited against source; None for
+    identical images (∞)."""
+    value = float(psnr(edited, source)[0])
+    return {"psnr": value if math.isfinite(value) else None}
+
+
+def ssim_score(example, source: torch.Tensor, edited: torch.Tensor) -> dict:
+    """The ``ssim`` metric (``configs/metric/ssim.yaml``): SSIM of edited against source."""
+    return {"ssim": float(ssim(edited, source)[0])}
 
 
 def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float] = CLIP_MEAN,

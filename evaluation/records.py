@@ -24,7 +24,7 @@ from editing.grid import to_pil
 from sdattn.errors import UserError
 from sdattn.files import atomic_save, atomic_write_text
 
-from .shards import merge_runs, record_folders, run_key
+from .shards import identity, merge_runs, record_folders, run_key
 
 META = "meta.json"
 PAIRS = "pairs.jsonl"
@@ -100,13 +100,14 @@ class RecordStore:
         """Create the folder or check that it was made with ``meta``; → {id: record} already stored
         (a torn last line cut off)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self.meta_path.is_file():
-            old = read_meta(self.dir)
-            if old != meta:
-                diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        old = read_meta(self.dir)
+        if old:
+            a, b = identity(old), identity(meta)
+            if a != b:
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise UserError(f"benchmark.out_dir {str(self.dir)!r} holds rows made with other settings "
                                 f"({', '.join(diff)}); give another benchmark.out_dir or delete that folder")
-        else:
+        if old != meta:  # new, or the same rows shown otherwise (a column renamed): the new presentation
             atomic_write_text(self.meta_path, json.dumps(meta, indent=1, sort_keys=True, default=str))
         return {r["id"]: r for r in self.records(repair=True)}
 
@@ -126,6 +127,16 @@ class RecordStore:
                             (source, self.images_dir / f"{example_id}_source.png")):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save(path, lambda tmp, image=image: to_pil(image).save(tmp))
+
+
+def collect_columns(root: str | Path) -> dict[str, dict]:
+    """{record key: column spec} of the metric plug-ins of every record folder under ``root`` (their
+    ``meta.json`` ``columns``: key, header, digits, why a value can be missing), in the order first seen."""
+    columns: dict[str, dict] = {}
+    for folder in record_folders(root, PAIRS):
+        for spec in read_meta(folder).get("columns") or []:
+            columns.setdefault(spec["key"], {k: v for k, v in spec.items() if k != "key"})
+    return columns
 
 
 def collect(root: str | Path, clip_name: str) -> dict[str, dict[str, list[dict]]]:

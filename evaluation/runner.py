@@ -1,11 +1,10 @@
 """Benchmark runner: edit every pair with one method, time it warm, score it, keep it in the record
-store (:mod:`evaluation.records`). The runner knows only the core scores (CLIP score and directional
-similarity, PSNR, SSIM, time); any other score — the DINO structure distance, the toy world's edit
-check — is a scorer the caller passes in."""
+store (:mod:`evaluation.records`). The runner knows only the paper's scores (CLIP score and directional
+similarity, time); every other score — PSNR, SSIM, the DINO structure distance, the toy world's edit
+check — is a metric plug-in (:mod:`evaluation.scorers`) the caller passes in as a scorer."""
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -18,18 +17,15 @@ from tqdm.auto import tqdm
 
 from editing.images import fit_image, read_rgb
 from editing.inversion import image_size
+from editing.methods import timed_edit
 from sdattn.errors import UserError, first_line
 
-from .metrics import ClipMetrics, psnr, ssim
+from .metrics import ClipMetrics
 from .records import RecordStore
 
-Scorer = Callable[..., dict]  # (example, source, edited) → {score name: value}; {} when it does not apply
+Scorer = Callable[..., dict]  # (example, source, edited) → {score name: value or None}; {} when it does not apply
 
 clock = time.perf_counter  # tests replace it to make timings reproducible
-
-
-def finite_or_none(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 @dataclass
@@ -110,7 +106,6 @@ def _run_locked(store, pipe, dataset, method, edit, clip, meta, seed, run_id, re
     summary.errors = {i: r["error"] for i, r in done.items() if r.get("status") == "error"}
     position = {ex.id: i for i, ex in enumerate(dataset.examples)}
     todo = [ex for ex in dataset.available() if ex.id not in done]
-    cuda = torch.cuda.is_available() and getattr(pipe, "device", torch.device("cpu")).type == "cuda"
     timing = timing_context(pipe, run_id)
     fits = {}  # image path → ImageFit (counted once per image)
 
@@ -121,13 +116,7 @@ def _run_locked(store, pipe, dataset, method, edit, clip, meta, seed, run_id, re
     def one(ex):
         s = ex.seed if ex.seed is not None else seed + position[ex.id]
         image = None if ex.image_path is None else load(ex.image_path)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = clock()
-        src, edited = edit(pipe, ex, s, image)
-        if cuda:
-            torch.cuda.synchronize()
-        return s, src, edited, clock() - t0
+        return s, *timed_edit(pipe, edit, ex, s, image, clock)
 
     warm = False
     for ex in tqdm(todo, desc=f"benchmark {method}", disable=not progress):
@@ -145,9 +134,8 @@ def _run_locked(store, pipe, dataset, method, edit, clip, meta, seed, run_id, re
         rec = {
             "id": ex.id, "status": "ok", "seed": int(s), "source_prompt": ex.source_prompt,
             "target_prompt": ex.target_prompt, "image_path": ex.image_path,
-            "clip_score": float(score[0]), "clip_directional": float(directional[0]),
-            "psnr": finite_or_none(float(psnr(edited, src)[0])), "ssim": float(ssim(edited, src)[0]),
-            "time_s": float(dt), "timed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **timing,
+            "clip_score": float(score[0]), "clip_directional": float(directional[0]), "time_s": float(dt),
+            "timed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **timing,
         }
         rec.update(getattr(edit, "info", {}))  # what an editor reports of its last edit (PnP: inversion cached?)
         for scorer in scorers:

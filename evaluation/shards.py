@@ -18,6 +18,7 @@ from pathlib import Path
 from sdattn.errors import UserError
 
 SHARD_KEY = "shard"  # the meta.json key that may differ between the shards of one run
+PRESENTATION_KEYS = ("columns",)  # meta.json keys that say how rows are shown, not how they were made
 SHARD_GLOB = "shard-*-of-*"
 PLAN = "plan.json"  # per record folder: the pairs it is to hold (for the merge's accounting)
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -89,8 +90,13 @@ def run_key(folder: Path, meta: dict) -> tuple[str, str]:
 
 
 def settings(meta: dict) -> dict:
-    """A meta without the shard key: what must agree between the shards of one run."""
-    return {k: v for k, v in meta.items() if k != SHARD_KEY}
+    """A meta without the shard key and the presentation: what must agree between the shards of one run."""
+    return {k: v for k, v in identity(meta).items() if k != SHARD_KEY}
+
+
+def identity(meta: dict) -> dict:
+    """A meta without its presentation keys (the tables' column headers): what made the rows."""
+    return {k: v for k, v in meta.items() if k not in PRESENTATION_KEYS}
 
 
 def _natural(example_id) -> list:

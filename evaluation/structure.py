@@ -179,3 +179,20 @@ def load_structure(name: str | None, device: str | torch.device | None = None) -
     if str(name) == "tiny-random":
         return tiny_dino(device=device)
     return StructureDistance.from_pretrained(name, device=device)
+
+
+class StructureScore:
+    """The ``structure`` metric (``configs/metric/structure.yaml``): the DINO structure distance of
+    source and edited, ``{"structure": d}``; ``fingerprint`` identifies the DINO weights."""
+
+    def __init__(self, distance: StructureDistance, fingerprint: str | None):
+        self.distance, self.fingerprint = distance, fingerprint
+
+    def __call__(self, example, source: torch.Tensor, edited: torch.Tensor) -> dict:
+        return {"structure": float(self.distance(source, edited)[0])}
+
+
+def structure_score(model: str | None, device: str | torch.device | None = None) -> StructureScore | None:
+    """The ``structure`` metric with the DINO ViT ``model`` (:func:`load_structure`); None (off) without one."""
+    distance = load_structure(model, device=device)
+    return None if distance is None else StructureScore(distance, structure_fingerprint(model))

@@ -22,19 +22,13 @@ from sdattn.files import REPO_ROOT
 from sdattn.tables import write_table
 
 from .metric_models import TINY_CLIP
-from .records import collect
+from .records import collect, collect_columns
 
-COLUMNS = {  # metric key → paper header (Table 4); the columns after Time are our additions
+COLUMNS = {  # the runner's scores → the paper's headers (Table 4); the metric plug-ins' columns follow
     "clip_score": "CLIP score ↑",
     "clip_directional": "CLIP dir. sim. ↑",
     "time_s": "Time (s) ↓",
-    "psnr": "PSNR ↑",
-    "ssim": "SSIM ↑",
-    "structure": "Structure dist. ↓",
-    "toy_edit_ok": "Edit correct ↑",
-    "toy_mask_iou": "Mask IoU ↑",
 }
-OPTIONAL = ("structure", "toy_edit_ok", "toy_mask_iou")  # columns shown only when some row has them
 REL_FPE = "Time rel. FPE"
 TABLE5_METRICS = ("clip_score", "clip_directional")
 
@@ -48,8 +42,7 @@ def cell(mean: float, std: float, digits: int) -> str:
     return "–" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-DIGITS = {"clip_score": 2, "clip_directional": 3, "time_s": 2, "psnr": 2, "ssim": 3, "structure": 4,
-          "toy_edit_ok": 2, "toy_mask_iou": 2}
+DIGITS = {"clip_score": 2, "clip_directional": 4, "time_s": 2}
 
 
 # Presentation only: the paper's row order (FPE first: the time column is relative to it); methods not
@@ -75,15 +68,48 @@ def time_ratio(rows: list[dict], fpe_rows: list[dict]) -> str:
     return f"{mine / fpe:.2f}×" if fpe else "–"
 
 
-def table4(rows_by_method: dict[str, list[dict]]) -> pd.DataFrame:
-    """Rows = methods; columns = the paper's (CLIP score, CLIP dir. sim., Time) + PSNR, SSIM (+ time
-    relative to FPE, between rows timed in the same run, when FPE rows exist). Cells "mean ± std" over pairs."""
+def scored(rows: list[dict], key: str) -> tuple[list, int]:
+    """(the values of ``key`` in the rows that have it, how many of them are None: not scored)."""
+    values = [r[key] for r in rows if key in r]
+    return values, sum(v is None for v in values)
+
+
+def plugin_cell(rows: list[dict], key: str, digits: int) -> str:
+    """"mean ± std" of a metric plug-in's column, "(n/N)" after it when N − n pairs could not be scored."""
+    values, missing = scored(rows, key)
+    text = cell(*mean_std(values), digits)
+    return f"{text} ({len(values) - missing}/{len(values)})" if missing else text
+
+
+def missing_notes(rows_by_method: dict[str, list[dict]], columns: dict[str, dict]) -> list[str]:
+    """One note per (column, method) with pairs not scored: "Mask IoU: fpe over 3 of 4 pairs; 1 unreadable"."""
+    notes = []
+    for key, spec in columns.items():
+        for m in row_order(rows_by_method):
+            values, missing = scored(rows_by_method[m], key)
+            if missing:
+                notes.append(f"{spec['header'].rstrip(' ↑↓')}: {m} over {len(values) - missing} of {len(values)} "
+                             f"pairs; {missing} {spec['missing']}")
+    return notes
+
+
+def table4(rows_by_method: dict[str, list[dict]], columns: dict[str, dict] | None = None,
+           paper: dict | None = None) -> pd.DataFrame:
+    """Rows = methods; columns = the paper's (CLIP score, CLIP dir. sim., Time), then each metric plug-in
+    column of ``columns`` ({record key: {header, digits, missing}}) that some row has (+ time relative to
+    FPE, between rows timed in the same run, when FPE rows exist). Cells "mean ± std" over pairs; a plug-in
+    cell over fewer pairs (some not scored) says "(n/N)". With ``paper`` (this dataset's entry of
+    ``datasets/paper/table4.yaml``) the CS and CDS cells of the methods it has are "ours (paper)"."""
     data = {}
-    present = [k for k in COLUMNS if k not in OPTIONAL
-               or any(r.get(k) is not None for rows in rows_by_method.values() for r in rows)]
+    plugins = {k: c for k, c in (columns or {}).items()
+               if any(k in r for rows in rows_by_method.values() for r in rows)}
     for m in row_order(rows_by_method):
         rows = rows_by_method[m]
-        cells = {COLUMNS[k]: cell(*mean_std([r.get(k) for r in rows]), DIGITS[k]) for k in present}
+        cells = {COLUMNS[k]: cell(*mean_std([r.get(k) for r in rows]), DIGITS[k]) for k in COLUMNS}
+        if paper is not None and isinstance(paper.get(m), dict):
+            for k, short in TABLE5_SHORT.items():
+                cells[COLUMNS[k]] = with_paper(cells[COLUMNS[k]], paper[m].get(short), DIGITS[k])
+        cells.update({c["header"]: plugin_cell(rows, k, c["digits"]) for k, c in plugins.items()})
         if "fpe" in rows_by_method:
             cells[REL_FPE] = time_ratio(rows, rows_by_method["fpe"])
         cells["Pairs"] = str(len(rows))
@@ -145,13 +171,13 @@ def table5_row_order(methods) -> list[str]:
 
 
 def paper_value(paper: dict | None, method: str, group: str | None, kind: str, metric: str):
-    """The paper's published number (``datasets/paper/table5.yaml``) or None where it has none."""
+    """The paper's published number (``datasets/paper/table5.yaml``) or None where it has none ("-")."""
     if not paper or (group is None and metric != "time_s"):
         return None
     entry = (paper.get("methods") or {}).get(method) or {}
     if metric == "time_s":
         return (entry.get("time_s") or {}).get(kind)
-    return (((entry.get("scores") or {}).get(group) or {}).get(kind) or {}).get(metric)
+    return (((entry.get("scores") or {}).get(group) or {}).get(kind) or {}).get(TABLE5_SHORT[metric])
 
 
 def with_paper(ours: str, value, digits: int) -> str:
@@ -193,12 +219,55 @@ def table5(collected: dict[str, dict[str, list[dict]]], groups: list[Table5Group
     return pd.DataFrame.from_dict(data, orient="index")
 
 
-def load_paper_table5(path: str | Path | None = None) -> dict:
-    """The paper's published Table 5 numbers (``datasets/paper/table5.yaml``; null = not transcribed)."""
-    path = Path(path) if path else REPO_ROOT / "datasets" / "paper" / "table5.yaml"
+def load_paper_table(number: int, path: str | Path | None = None) -> dict:
+    """The paper's Table ``number`` as transcribed (``datasets/paper/table<number>.yaml``)."""
+    path = Path(path) if path else REPO_ROOT / "datasets" / "paper" / f"table{number}.yaml"
     if not path.is_file():
         raise UserError(f"benchmark.compare_paper: the paper's numbers file {path} does not exist")
     return yaml.safe_load(path.read_text()) or {}
+
+
+def load_paper_table5(path: str | Path | None = None) -> dict:
+    """The paper's Table 5 (``datasets/paper/table5.yaml``; null = "-" in the paper)."""
+    return load_paper_table(5, path)
+
+
+def paper_number(value, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def paper_table4(paper: dict) -> pd.DataFrame:
+    """The paper's Table 4 as printed: rows = its four datasets, columns CS and CDS of P2P and FPE ("Ours")."""
+    data = {}
+    for entry in (paper.get("datasets") or {}).values():
+        data[entry["label"]] = {f"{TABLE5_SHORT[k]} {label}": paper_number((entry.get(m) or {}).get(TABLE5_SHORT[k]),
+                                                                           DIGITS[k])
+                                for k in TABLE5_METRICS for m, label in (("p2p", "P2P"), ("fpe", "FPE"))}
+    return pd.DataFrame.from_dict(data, orient="index")
+
+
+def paper_table5(paper: dict) -> pd.DataFrame:
+    """The paper's Table 5 in our Table 5 layout: rows = its methods (our labels), per group and image kind CS and
+    CDS, then the editing times fake, real (its A100's); "–" where it has "-"."""
+    data = {}
+    for m in paper.get("methods") or {}:
+        cells = {f"{g} {kind} {TABLE5_SHORT[k]}": paper_number(paper_value(paper, m, g, kind, k), DIGITS[k])
+                 for g in paper.get("groups") or [] for kind in KINDS for k in TABLE5_METRICS}
+        cells |= {f"{TIME} {kind}": paper_number(paper_value(paper, m, None, kind, "time_s"), DIGITS["time_s"])
+                  for kind in KINDS}
+        data[TABLE5_ROWS.get(m, m)] = cells
+    return pd.DataFrame.from_dict(data, orient="index")
+
+
+def paper_role(paper: dict, model_name: str, same_data: bool) -> str:
+    """What the paper's numbers are to this run: a target only for its own model (``model_configs``) on its
+    own data; otherwise another model's (or data's) reference."""
+    source = (f"Liu et al. 2024, Table {paper.get('table')} ({paper.get('model')}"
+              + (f", {paper['hardware']}" if paper.get("hardware") else "") + ")")
+    if same_data and model_name in (paper.get("model_configs") or []):
+        return f"{source}: the target of this run (same model and data)"
+    what = "model" if same_data else "model and data"
+    return f"{source}: a different {what}'s reference, not a target for model {model_name or '?'}"
 
 
 def caption(what: str, clip_name: str) -> str:
@@ -212,21 +281,46 @@ def write_tables(root: str | Path, clip_name: str, model_name: str = "", table5_
                  table5_layout: list[Table5Group] | None = None, compare_paper: bool = False) -> dict:
     """Aggregate everything under ``root`` scored with ``clip_name``; write Table 4 per dataset and (with
     ``table5_too``: the Table 5 experiment) Table 5 across datasets, in ``table5_layout``'s column groups
-    (default: one per dataset), with the paper's numbers beside ours when ``compare_paper``.
-    Returns {"table4": {data: (DataFrame, paths, caption)}, "table5": (DataFrame, paths, caption) or None}."""
+    (default: one per dataset). With ``compare_paper``: the paper's numbers in the cells it shares with ours
+    ("ours (paper)": Table 4 on its four datasets, Table 5 in groups mapped to its groups), and its whole table
+    written beside ours (``table4_paper`` / ``table5_paper``), captioned as a target or as another model's reference.
+    Returns {"table4": {data: (DataFrame, paths, caption)}, "table5": (DataFrame, paths, caption) or None,
+    "paper": (DataFrame, paths, caption) or None}."""
     root = Path(root)
     collected = collect(root, clip_name)
-    result: dict = {"table4": {}, "table5": None}
+    columns = collect_columns(root)
+    result: dict = {"table4": {}, "table5": None, "paper": None}
     model = f", model {model_name}" if model_name else ""
+    paper4 = load_paper_table(4) if compare_paper else None
+    paper4_sets = (paper4 or {}).get("datasets") or {}
     for ds, by_method in collected.items():
-        t = table4(by_method)
+        t = table4(by_method, columns, paper4_sets.get(ds))
+        notes = missing_notes(by_method, columns)
+        missing = f"; (n/N) = over n of N pairs: {'; '.join(notes)}" if notes else ""
+        vs = f"; (paper) = {paper_role(paper4, model_name, True)}" if ds in paper4_sets else ""
         cap = caption(f"Table 4 — {ds}{model}: mean ± std over pairs, time = s/image (warm); {REL_FPE}: between "
-                      "rows timed in the same run (– = not timed together)", clip_name)
+                      f"rows timed in the same run (– = not timed together){vs}{missing}", clip_name)
         result["table4"][ds] = (t, write_table(t, root / ds, "table4", cap, index_label="method"), cap)
     if collected and table5_too:
-        t = table5(collected, table5_layout, load_paper_table5() if compare_paper else None)
-        vs = "; cells: ours (paper, – = not published for this setting)" if compare_paper else ""
+        paper5 = load_paper_table5() if compare_paper else None
+        layout = table5_layout or groups_from_records(collected)
+        mapped = any(g.paper for g in layout)
+        t = table5(collected, layout, paper5 if mapped else None)
+        vs = f"; cells: ours (paper), – = none; paper = {paper_role(paper5, model_name, mapped)}" \
+            if compare_paper and mapped else ""
+        notes = [f"{ds} {n}" for ds, by_method in collected.items() for n in missing_notes(by_method, columns)]
+        missing = f"; scores of these runs over fewer pairs (Table 4): {'; '.join(notes)}" if notes else ""
         cap = caption(f"Table 5 — methods × datasets{model}: mean ± std over pairs, CS = CLIP score, "
-                      f"CDS = CLIP dir. sim., editing time = s/image (warm){vs}", clip_name)
+                      f"CDS = CLIP dir. sim., editing time = s/image (warm){vs}{missing}", clip_name)
         result["table5"] = (t, write_table(t, root, "table5", cap, index_label="method"), cap)
+        if compare_paper:
+            pt = paper_table5(paper5)
+            pcap = (f"The paper's Table 5 — {paper_role(paper5, model_name, mapped)}; times: s/image on its "
+                    "hardware, comparable with ours only as measured on the same hardware")
+            result["paper"] = (pt, write_table(pt, root, "table5_paper", pcap, index_label="method"), pcap)
+    elif collected and compare_paper:
+        pt = paper_table4(paper4)
+        same_data = bool(set(collected) & set(paper4_sets))
+        pcap = f"The paper's Table 4 (CS, CDS of P2P and FPE) — {paper_role(paper4, model_name, same_data)}"
+        result["paper"] = (pt, write_table(pt, root, "table4_paper", pcap, index_label="dataset"), pcap)
     return result

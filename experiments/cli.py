@@ -30,11 +30,26 @@ def slug(text: str) -> str:
     return s[:SLUG_MAX]
 
 
+def task_of(*, _root_: DictConfig) -> str:
+    """The task a config runs: ``task``, else "edit" when an edit config is chosen (``edit.name``: edit=fpe),
+    else "probe"."""
+    return OmegaConf.select(_root_, "task", default=None) or (
+        "edit" if OmegaConf.select(_root_, "edit.name", default=None) else "probe")
+
+
+def work_dir() -> str:
+    """The folder the command runs in (Hydra's, before any ``hydra.job.chdir``): runs write under it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+
+
 def run_name(*, _root_: DictConfig) -> str:
     """What a run folder is named after: the task and what it runs (probe, edit, method, data, model)."""
     sel = lambda key: OmegaConf.select(_root_, key, default=None)  # noqa: E731
-    task = sel("task") or ("edit" if sel("edit") else "probe")
-    parts = {"probe": [sel("probe.name")], "edit": [sel("edit.name")], "ablation": [sel("ablation.name")],
+    task = task_of(_root_=_root_)
+    edited = sel("edit.name") or ("compare" if sel("edit.methods") else sel("method.name"))
+    parts = {"probe": [sel("probe.name")], "edit": [edited], "ablation": [sel("ablation.name")],
              "benchmark": [sel("benchmark.table"), sel("method.name"), sel("data.name")]}.get(task, [task])
     if task == "probe" or task == "edit":
         parts = [task, *parts]
@@ -50,6 +65,8 @@ def register_resolvers() -> None:
         "project_root": lambda: str(PROJECT_ROOT),
         "model_settings": lambda path: load_settings(path, SD1X_SETTINGS),
         "run_name": run_name,
+        "task_name": task_of,
+        "work_dir": work_dir,
         "suffix": lambda text: f"_{slug(text)}" if slug(text) else "",
     }
     for name, fn in resolvers.items():
@@ -79,12 +96,14 @@ def check_command_line(argv: list[str], config_name: str = "run") -> None:
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
 
+    from .search_path import search_path_override
     from .validate import validate
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
         return  # Hydra's own output, not a run
     user = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    search = search_path_override(args.config_dir, args.overrides)  # the user's own config folders
     try:
         jobs = _jobs_overrides(user)
     except Exception as e:  # noqa: BLE001 - Hydra's override grammar errors, one line
@@ -94,9 +113,9 @@ def check_command_line(argv: list[str], config_name: str = "run") -> None:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             for job in jobs:
-                extra = [] if sets_output else ["paths.output_dir=" + str(PROJECT_ROOT / "outputs" / "check")]
+                extra = [] if sets_output else ["paths.output_dir=" + str(Path(work_dir()) / "outputs" / "check")]
                 try:
-                    cfg = compose(config_name, overrides=job + extra)
+                    cfg = compose(config_name, overrides=job + extra + search)
                 except UserError:
                     raise
                 except Exception as e:  # noqa: BLE001 - Hydra's composition errors, one line
@@ -168,9 +187,30 @@ def remove_if_empty(run_dir: Path) -> None:
             shutil.rmtree(parent, ignore_errors=True)
 
 
+# task → the config node holding the sampling settings it uses (default: the node named as the task)
+SETTINGS_NODE = {"benchmark": "method", "edit": "method", "eval_toy": "eval", "eval_toy_edit": "method",
+                 "merge": "benchmark", "train_toy": "toy", "train_toy_clip": "toy_clip"}
+NO_MODEL_TASKS = ("merge", "train_toy", "train_toy_clip")  # tasks that load no model of model=
+
+
 def settings_line(cfg: DictConfig) -> str:
-    """The settings a run uses, for its first line: model, where its settings came from, sampling."""
+    """The first line of a run: the task, what it runs, and the values it uses — the task's own sampling
+    settings and layers (a value given on the command line, else the preset's), model, dtype, device, seed."""
+    task = task_of(_root_=cfg)
+    key = SETTINGS_NODE.get(task, task)
+    node = cfg.get(key) if isinstance(cfg.get(key), DictConfig) else OmegaConf.create()
+    methods = OmegaConf.select(cfg, "edit.methods")
+    what = {"benchmark": f"{cfg.method.name} on {cfg.data.name}" if cfg.get("method") and cfg.get("data") else None,
+            "edit": OmegaConf.select(cfg, "edit.name") or (
+                f"{', '.join(methods)} side by side" if methods else node.get("name"))}
+    label = what.get(task, node.get("name"))
+    head = f"{task}" + (f" {label}" if label and label != task else "")
+    if task in NO_MODEL_TASKS:
+        return f"{head}: seed {cfg.seed}"
     m = cfg.model
     where = m.get("path") or m.get("id") or m.pipeline.get("_target_")
-    return (f"model {m.name} ({where}; settings: {m.settings.source}): {m.steps} steps, guidance "
-            f"{m.guidance_scale}, FPE layers {m.fpe_layers}, {cfg.dtype} on {cfg.device}, seed {cfg.seed}")
+    steps = node.get("num_inference_steps") or m.steps
+    guidance = node.get("guidance_scale") or m.guidance_scale
+    layers = f", {key}.layers {node.layers}" if node.get("layers") is not None else ""
+    return (f"{head}: model {m.name} ({where}; settings: {m.settings.source}): {steps} steps, guidance {guidance}"
+            f"{layers}, {cfg.dtype} on {cfg.device}, seed {cfg.seed}")

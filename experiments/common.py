@@ -4,25 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate as _instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdattn.errors import UserError
+from sdattn.config import instantiate
+from sdattn.errors import UserError, first_line
 from sdattn.fingerprint import settings_fingerprint, source_fingerprint
 from sdattn.models import load_pipeline
 from sdattn.speed import accelerate
-
-
-def instantiate(node, *args, **kwargs):
-    """``hydra.utils.instantiate`` that lets our one-line user errors through unwrapped."""
-    try:
-        return _instantiate(node, *args, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise
 
 
 def plain(value):
@@ -71,8 +59,20 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def make_logger(cfg: DictConfig, **overrides):
-    """The configured Lightning logger (``overrides``: e.g. its name / save_dir), or None (``logger=null``)."""
-    return instantiate(cfg.logger, **overrides) if cfg.get("logger") else None
+    """The configured Lightning logger of a training loop (``overrides``: e.g. its name / save_dir), or None
+    (``logger=none``). A W&B logger gets its run from :func:`experiments.tracking.start_wandb` (group, job
+    type, tags and config as every run's), its metrics against the trainer's step."""
+    from experiments.tracking import logger_kind, start_wandb
+
+    kind = logger_kind(cfg)
+    if kind is None:
+        return None
+    if kind == "wandb":
+        run = start_wandb(cfg, overrides.get("name"), overrides.get("save_dir"))
+        run.define_metric("trainer/global_step")
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        overrides = {**overrides, "experiment": run}
+    return instantiate(cfg.logger, **overrides)
 
 
 def close_logger(logger) -> None:
@@ -80,3 +80,34 @@ def close_logger(logger) -> None:
     logger.finalize("success")
     if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
         logger.experiment.finish()
+
+
+def method_config(cfg: DictConfig, name: str) -> dict:
+    """``configs/method/<name>.yaml`` as this run would compose it with ``method=<name>`` (its ``${model.*}``
+    etc. read from ``cfg``), plain Python; ``cfg.method`` itself (command-line overrides included) when it
+    is that method. Composed with the running app's config search path (``hydra.searchpath`` included)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from experiments.cli import CONFIG_DIR
+
+    if cfg.get("method") and cfg.method.get("name") == name:
+        return plain(cfg.method)
+    overrides = [f"method={name}"]
+    if HydraConfig.initialized() and HydraConfig.get().searchpath:
+        overrides.append(f"hydra.searchpath=[{','.join(HydraConfig.get().searchpath)}]")
+    try:
+        if GlobalHydra.instance().is_initialized():
+            node = compose("run", overrides=overrides).method
+        else:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                node = compose("run", overrides=overrides).method
+    except Exception as e:  # noqa: BLE001 - Hydra's "not found" with the options, one line
+        options = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+        raise UserError(f"method {name!r} is not a config of configs/method/ (options: {', '.join(options)}): "
+                        f"{first_line(e)}") from None
+    run = cfg.copy()  # this run's keys, the composed method's settings (interpolations resolved against them)
+    with open_dict(run):
+        run.method = OmegaConf.to_container(node, resolve=False)
+    return plain(run.method)

@@ -7,7 +7,7 @@ CFG, all decoded to images:
   model's config, the two prompts, the same initial latent, ``output_type="pt"``: full, decoded) —
   what a user would pick instead of our sampler;
 - ``plain``: our sampler (:func:`sdattn.sampling.sample`) on [source, target];
-- ``fpe``: FPE on generated images (Alg. 1; layers ``edit.layers``, else ``model.fpe_layers``);
+- ``fpe``: FPE on generated images (Alg. 1; its settings: ``configs/method/fpe.yaml``, e.g. ``method.layers``);
 - ``invert+sample``: VAE-encode + DDIM inversion + sampling [source, target] from the inverted latent;
 - ``fpe_real``: FPE on a real image (Alg. 2), a fixed random image of the model's size.
 
@@ -60,7 +60,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EDIT_VARIANTS = ("diffusers", "plain", "fpe", "invert+sample", "fpe_real")
 CAPTURE_VARIANTS = ("plain", "cross", "self")
 # baseline of each variant (ratios are variant ÷ baseline)
@@ -77,7 +76,9 @@ def compose_config(model: str | None, overrides: list[str]):
     import experiments.run  # noqa: F401  (registers the project_root resolver)
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
+    from sdattn.files import REPO_ROOT
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
         cfg = compose("run", overrides=([f"model={model}"] if model else []) + list(overrides))
     GlobalHydra.instance().clear()
     return cfg
@@ -147,11 +148,13 @@ def edit_calls(pipe, cfg, steps: int) -> dict[str, Callable[[], object]]:
 
     from editing.fpe import fpe_generated, fpe_real
     from editing.inversion import ddim_invert, image_size
+    from experiments.common import method_config
     from sdattn.sampling import ddim_scheduler, encode_image, initial_latents, sample
 
     guidance = float(cfg.model.guidance_scale)
     src, tgt = str(cfg.model.examples.edit_source), str(cfg.model.examples.edit_target)
-    layers = str(cfg.edit.layers) if cfg.get("edit") else str(cfg.model.fpe_layers)
+    settings = method_config(cfg, "fpe")  # configs/method/fpe.yaml (with method.* overrides when method=fpe)
+    fpe = {k: settings[k] for k in ("layers", "self_replace_steps")}
     image = torch.rand((1, 3, *image_size(pipe)), generator=torch.Generator().manual_seed(0))
     z = initial_latents(pipe, [0]).repeat(2, 1, 1, 1)
     components = {**pipe.components, "scheduler": ddim_scheduler(pipe)}
@@ -166,9 +169,9 @@ def edit_calls(pipe, cfg, steps: int) -> dict[str, Callable[[], object]]:
         "diffusers": lambda: reference(prompt=[src, tgt], latents=z.to(pipe.unet.device, pipe.unet.dtype),
                                        num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images,
         "plain": lambda: sample(pipe, [src, tgt], latents=z, **kw).images,
-        "fpe": lambda: fpe_generated(pipe, src, tgt, 0, layers=layers, **kw),
+        "fpe": lambda: fpe_generated(pipe, src, tgt, 0, **fpe, **kw),
         "invert+sample": lambda: sample(pipe, ["", tgt], latents=inverted().repeat(2, 1, 1, 1), **kw),
-        "fpe_real": lambda: fpe_real(pipe, image, tgt, layers=layers, **kw),
+        "fpe_real": lambda: fpe_real(pipe, image, tgt, **fpe, **kw),
     }
 
 
@@ -303,7 +306,7 @@ def run(args) -> dict:
     """Load the model once, measure the chosen groups, write JSON + Markdown, print the table."""
     import torch
 
-    from experiments.common import load_model
+    from experiments.common import load_model, method_config
 
     torch.set_num_threads(args.threads)
     cfg = compose_config(args.model, args.overrides)
@@ -324,7 +327,7 @@ def run(args) -> dict:
     for group in groups:
         if group == "edit":
             calls, baselines, extra = edit_calls(pipe, cfg, steps), EDIT_BASELINE, {"prompts": 2}
-            extra["fpe_layers"] = str(cfg.edit.layers) if cfg.get("edit") else str(cfg.model.get("fpe_layers"))
+            extra["fpe_layers"] = str(method_config(cfg, "fpe")["layers"])
         else:
             calls, layers = capture_calls(pipe, cfg, steps, args.prompts)
             baselines, extra = CAPTURE_BASELINE, {"prompts": args.prompts, "layers": str(layers)}

@@ -16,6 +16,11 @@ import importlib  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from experiments.help import TASKS, exit_if_help  # noqa: E402
+
+if __name__ == "__main__":
+    exit_if_help()  # `--help`: printed before Hydra and torch load
+
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -27,22 +32,21 @@ from experiments.cli import (  # noqa: E402
     register_resolvers,
     remove_if_empty,
     settings_line,
+    task_of,
     tee_stdout,
     verbose,
 )
+from experiments.launcher import check_launcher  # noqa: E402
 from experiments.validate import validate  # noqa: E402
 from sdattn.errors import UserError  # noqa: E402
 
-__all__ = ["PROJECT_ROOT", "dispatch", "main", "task_name"]
+__all__ = ["PROJECT_ROOT", "TASKS", "dispatch", "main", "task_name"]
 
 register_resolvers()
 
-TASKS = ("probe", "edit", "attention_maps", "ablation", "train_toy", "eval_toy", "eval_toy_edit", "train_toy_clip",
-         "benchmark", "merge", "claims", "app")
-
 
 def task_name(cfg: DictConfig) -> str:
-    name = cfg.get("task") or ("edit" if cfg.get("edit") else "probe")
+    name = task_of(_root_=cfg)
     if name not in TASKS:
         raise UserError(f"task {name!r} is not one of {list(TASKS)}")
     return name
@@ -87,6 +91,7 @@ def cli(argv: list[str] | None = None) -> None:
     """``python -m experiments.run``: check the whole command line first, then let Hydra run it."""
     argv = sys.argv[1:] if argv is None else argv
     try:
+        check_launcher(argv)
         check_command_line(argv)
     except UserError as e:
         if verbose():

@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,6 +22,13 @@
 # when the `with` block ends; the sampling loop tells the hooks the step index.
 #
 # Runs on the default model, the toy world's `models/toy` (64 px, 7 self + 7 cross layers).
+
+# %% tags=["parameters"]
+# Sizes: SDATTN_NOTEBOOK_SIZE=small (what the tests run: a few steps and images, seconds);
+# unset or "full" (the default) for the sizes this text describes.
+import os
+
+SMALL = os.environ.get("SDATTN_NOTEBOOK_SIZE", "full") == "small"
 
 # %%
 import torch
@@ -64,14 +76,15 @@ prompt = "a red car in the park"
 position = word_token_positions(pipe.tokenizer, prompt, "red")[0]
 cross = LayerSelector(kinds="cross", indices="all").select(layers)
 store: dict = {}
+steps = 3 if SMALL else 10
 with HookSet(pipe.unet, cross, lambda layer, state: WordMap(layer, state, position, store)) as hooks:
-    out = sample(pipe, [prompt], seeds=[0], num_inference_steps=10, guidance_scale=2.0, callbacks=[hooks],
+    out = sample(pipe, [prompt], seeds=[0], num_inference_steps=steps, guidance_scale=2.0, callbacks=[hooks],
                  progress=False)
 assert type(next(iter(pipe.unet.attn_processors.values()))).__name__ != "WordMap"  # restored
 
 # %%
 maps = [(out.images[0], prompt)]
 for label, total in store.items():
-    m = total[0] / total[0].max()  # (h, w), the sum over the 10 steps, scaled to [0, 1]
+    m = total[0] / total[0].max()  # (h, w), the sum over the steps, scaled to [0, 1]
     maps.append((m[None].repeat(3, 1, 1), label))
 display(labelled_grid([maps], cell=96))

@@ -21,6 +21,13 @@
 # token's cross-attention map, per layer) with a few images per class, then Figure 3 (per-word
 # cross-attention maps and the top components of a self-attention map).
 
+# %% tags=["parameters"]
+# Sizes: SDATTN_NOTEBOOK_SIZE=small (what the tests run: a few steps and images, seconds);
+# unset or "full" (the default) for the sizes this text describes.
+import os
+
+SMALL = os.environ.get("SDATTN_NOTEBOOK_SIZE", "full") == "small"
+
 # %%
 import tempfile
 
@@ -36,7 +43,7 @@ out = tempfile.mkdtemp(prefix="sdattn-notebook-")
 
 def run(*overrides):
     """Compose the run config with ``overrides`` (as on the command line) and run its task."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("run", overrides=["logger=none", "progress=false", f"paths.output_dir={out}",
                                         f"paths.cache_dir={out}/cache", *overrides])
     return dispatch(cfg)
@@ -49,8 +56,11 @@ def run(*overrides):
 # are noisy; `make run` gives the full table. The task prints it and writes CSV / Markdown / LaTeX.
 
 # %%
-result = run("probe=cross_attn", "probe.n_per_class=6", "probe.num_inference_steps=10", "trainer.max_epochs=30",
-             "probe.control=false")
+if SMALL:
+    size = ["probe.n_per_class=2", "probe.num_inference_steps=2", "trainer.max_epochs=2", "probe.layers=[2,6]"]
+else:
+    size = ["probe.n_per_class=6", "probe.num_inference_steps=10", "trainer.max_epochs=30"]
+result = run("probe=cross_attn", "probe.control=false", *size)
 
 # %% [markdown]
 # ## Figure 3: what the maps look like
@@ -59,6 +69,7 @@ result = run("probe=cross_attn", "probe.n_per_class=6", "probe.num_inference_ste
 # of its self layer 6 (16×16).
 
 # %%
-fig = run("experiment=attention_maps", "prompt=a red car in the park", "attention_maps.num_inference_steps=10",
+fig = run("experiment=attention_maps", "prompt=a red car in the park",
+          f"attention_maps.num_inference_steps={3 if SMALL else 10}",
           "attention_maps.cross_resolution=16", "attention_maps.self_layer=6", "attention_maps.components=4")
 display(Image(filename=fig["png"]))

@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -15,6 +20,13 @@
 # `_target_`; the benchmark task instantiates the config and calls
 # `edit(pipe, example, seed, image=None) -> (source, edited)`. Here: FPE, Prompt-to-Prompt and
 # MasaCtrl on one toy-world pair, generated from the same seed, with the settings of their configs.
+
+# %% tags=["parameters"]
+# Sizes: SDATTN_NOTEBOOK_SIZE=small (what the tests run: a few steps and images, seconds);
+# unset or "full" (the default) for the sizes this text describes.
+import os
+
+SMALL = os.environ.get("SDATTN_NOTEBOOK_SIZE", "full") == "small"
 
 # %%
 import torch
@@ -31,8 +43,9 @@ torch.set_num_threads(1)
 
 
 def config(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("run", overrides=list(overrides))
+    """The run config with ``overrides`` (as on the command line); small: 4 sampling steps."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("run", overrides=[*(["model.steps=4"] if SMALL else []), *overrides])
 
 
 pipe = load_model(config())  # the default model: the toy world's

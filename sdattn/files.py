@@ -1,4 +1,4 @@
-"""Files of the project: where the checkout is, and writing results atomically (a file is either its
+"""Files of the project: where its shipped data are, and writing results atomically (a file is either its
 old content or its complete new content, never torn: write a temporary sibling, then ``os.replace``)."""
 
 from __future__ import annotations
@@ -7,7 +7,19 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, datasets/, models/
+DATA_PACKAGE = "sdattn_lab"  # installed from a wheel: configs/, datasets/, models/ are its package data
+
+
+def data_root(code_root: Path) -> Path:
+    """The folder holding ``configs/``, ``datasets/`` and ``models/``: the checkout ``code_root`` (the
+    folder above this package) when it has them, else the installed package data beside it
+    (``site-packages/sdattn_lab/``, mapped there by pyproject.toml)."""
+    return code_root if (code_root / "configs").is_dir() else code_root / DATA_PACKAGE
+
+
+# Read-only: what a run reads (configs, prompt families, shipped models). Runs write under the working
+# folder (configs/paths/default.yaml), never here.
+REPO_ROOT = data_root(Path(__file__).resolve().parents[1])
 
 
 def atomic_save(path: str | Path, write: Callable[[Path], object]) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import try_to_load_from_cache
@@ -31,6 +32,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in allowed:
         raise ModelLoadError(f"dtype {name!r} is not one of {sorted(allowed)}")
     return allowed[name]
+
+
+def dtype_keyword(dtype: torch.dtype) -> dict:
+    """The dtype argument of diffusers' loaders: ``dtype`` from diffusers 0.40 on (``torch_dtype`` is
+    deprecated there and warns on every load), ``torch_dtype`` before (0.39, the declared floor)."""
+    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
 
 
 def read_vocab(path: str | Path) -> list[str]:
@@ -210,13 +218,13 @@ def load_checked_pipeline(
         cls = getattr(importlib.import_module(library), class_name, None)
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
             continue
-        dtype_kw = {"dtype": torch_dtype} if library == "transformers" else {"torch_dtype": torch_dtype}
+        dtype_kw = {"dtype": torch_dtype} if library == "transformers" else dtype_keyword(torch_dtype)
         model, info = cls.from_pretrained(source, subfolder=name, local_files_only=local_only,
                                           output_loading_info=True, **dtype_kw)
         check_loading_info(info, f"{name} of {what}", library, len(model.state_dict()))
         models[name] = model.eval()
     return StableDiffusionPipeline.from_pretrained(
-        source, local_files_only=local_only, torch_dtype=torch_dtype, **models, **SKIPPED_COMPONENTS,
+        source, local_files_only=local_only, **dtype_keyword(torch_dtype), **models, **SKIPPED_COMPONENTS,
     )
 
 
@@ -227,7 +235,7 @@ def load_single_file(path: Path, config: str | None, torch_dtype: torch.dtype) -
     what = f"model.path {str(path)!r}"
     try:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=config, local_files_only=hub_offline(), torch_dtype=torch_dtype,
+            str(path), config=config, local_files_only=hub_offline(), **dtype_keyword(torch_dtype),
             **SKIPPED_COMPONENTS,
         )
     except Exception as e:  # noqa: BLE001 - one line for the user, whatever diffusers raised

@@ -60,10 +60,26 @@ def make_method(compose_cfg):
     model's defaults, ``settings`` merged over the config's (nested dicts merge key by key)."""
     from omegaconf import OmegaConf
 
-    from experiments.tasks.benchmark import build_method
+    from editing.methods import build_method
 
     def _make(name: str, **settings):
         node = OmegaConf.create(OmegaConf.to_container(compose_cfg(f"method={name}").method, resolve=True))
         return build_method(OmegaConf.merge(node, settings))[1]
 
     return _make
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """plugin(module, code, group, name, yaml) → the ``hydra.searchpath=...`` override that finds
+    ``<group>/<name>.yaml`` (``yaml``) in another config dir, with ``<module>.py`` (``code``) importable:
+    a method or metric added the way a user adds one."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def _add(module: str, code: str, group: str, name: str, yaml: str) -> str:
+        (tmp_path / f"{module}.py").write_text(code)
+        (tmp_path / "conf" / group).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "conf" / group / f"{name}.yaml").write_text(yaml)
+        return f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+
+    return _add

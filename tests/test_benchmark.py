@@ -260,7 +260,7 @@ def test_real_image_pairs_every_method(bench, tmp_path):
 
 
 def test_every_method_config_builds_its_editor(compose_cfg):
-    from experiments.tasks.benchmark import build_method
+    from editing.methods import build_method
 
     assert len(ALL) >= 9
     for name in ALL:
@@ -268,22 +268,45 @@ def test_every_method_config_builds_its_editor(compose_cfg):
         assert label == name and callable(edit)
 
 
-def test_a_new_method_is_one_module_and_one_config(bench, tmp_path, monkeypatch):
+def test_a_new_method_is_one_module_and_one_config(bench, plugin):
     """A dummy editor (a module on the path + configs/method/dummy.yaml in another config dir) runs
     through the benchmark task with no registry edit."""
-    (tmp_path / "dummy_editor.py").write_text(
+    searchpath = plugin(
+        "dummy_editor",
         "import torch\n\n"
         "def edit_dummy(pipe, example, seed, image=None, *, gain: float, num_inference_steps: int,\n"
         "               guidance_scale: float):\n"
         "    source = torch.full((1, 3, 32, 32), 0.5) if image is None else image\n"
-        "    return source, (source * gain).clamp(0, 1)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "conf" / "method").mkdir(parents=True)
-    (tmp_path / "conf" / "method" / "dummy.yaml").write_text(
+        "    return source, (source * gain).clamp(0, 1)\n",
+        "method", "dummy",
         "name: dummy\n_target_: dummy_editor.edit_dummy\n_partial_: true\ngain: 0.5\n"
         "num_inference_steps: ${model.steps}\nguidance_scale: ${model.guidance_scale}\n")
-    res = bench("method=dummy", "data.limit=2", f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
+    res = bench("method=dummy", "data.limit=2", searchpath)
     rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
     assert [r["status"] for r in rows] == ["ok", "ok"] and res["out_dir"].endswith("/dummy")
     assert rows[0]["psnr"] == pytest.approx(10 * math.log10(1 / 0.25 ** 2), abs=1e-3)  # 0.5 → 0.25: the dummy edited
     assert "dummy" in res["tables"]["table4"]["car_fake_edit"][0].index
+
+
+def test_a_new_metric_is_one_function_and_one_config(bench, plugin):
+    """A dummy metric (a function on the path + configs/metric/dummy.yaml in another config dir) is scored,
+    recorded and tabled with no edit of the runner, the task or the tables; a value it cannot give (None)
+    is left out of its mean and counted."""
+    searchpath = plugin(
+        "dummy_metric",
+        "def brightness(example, source, edited, *, scale: float):\n"
+        "    return {'brightness': None if example.id.endswith('1') else scale * float(edited.mean())}\n",
+        "metric", "dummy",
+        "dummy:\n  _target_: dummy_metric.brightness\n  _partial_: true\n  scale: 100.0\n"
+        "  columns:\n    brightness: {header: Brightness, digits: 1, missing: too dark}\n")
+    res = bench("method=sdedit_0.5", "data.limit=2", "+metric=dummy", searchpath)
+    rows = read_pairs(f"{res['out_dir']}/pairs.jsonl")
+    assert 0 <= rows[0]["brightness"] <= 100 and rows[1]["brightness"] is None and "psnr" in rows[0]
+    table, files, cap = res["tables"]["table4"]["car_fake_edit"]
+    assert table.loc["sdedit_0.5", "Brightness"] == f"{rows[0]['brightness']:.1f} ± 0.0 (1/2)"
+    assert "Brightness: sdedit_0.5 over 1 of 2 pairs; 1 too dark" in cap
+    meta = json.loads((Path(res["out_dir"]) / "meta.json").read_text())
+    assert meta["metrics"]["dummy"] == {"target": "dummy_metric.brightness", "scale": 100.0}
+    # structure: off (no DINO model); toy_edit's columns are described, but no row here has them (not a toy pair)
+    assert [c["key"] for c in meta["columns"]] == ["psnr", "ssim", "edit_ok", "mask_iou", "brightness"]
+    assert "Mask IoU ↑" not in table.columns

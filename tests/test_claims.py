@@ -59,6 +59,27 @@ def test_checks_and_verdicts():
     assert "99.0% [" in Check("p", t_interval([0.99, 0.99]), ">", 0.1, percent=True).format()
 
 
+def test_cases_the_checker_cannot_read_are_left_out_and_counted():
+    """Issue 23 item 5 in the claims: a case with no mask IoU (None from the toy checker → NaN) is not a 0
+    in the interval nor in the paired differences, and the table says how many cases remain."""
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from experiments.tasks.claims import PLAIN, _diff, interval_table, variant_intervals
+
+    c = OmegaConf.create({"level": 0.95, "edits": {"bootstrap": 200}})
+    df = pd.DataFrame({"case": [0, 1, 2, 0, 1, 2], "variant": [PLAIN] * 3 + ["self 2-5"] * 3,
+                       "edit_ok": [1.0, 1.0, 0.0, 1.0, 1.0, 1.0], "mask_iou": [0.5, math.nan, 0.7, 0.9, 0.8, 0.9]})
+    ivs = variant_intervals(df, c)
+    iou = ivs[PLAIN]["mask IoU source↔edited"]
+    assert iou.n == 2 and iou.mean == pytest.approx(0.6)  # not (0.5 + 0 + 0.7) / 3
+    assert ivs[PLAIN]["edit correct"].n == 3
+    assert _diff(df, "self 2-5", PLAIN, "mask_iou", c).n == 2  # paired: case 1 left out on both sides
+    table = interval_table(ivs, df)
+    assert table.loc[PLAIN, "not scored"] == "mask IoU source↔edited over 2 of 3 cases; 1 unreadable"
+    assert table.loc["self 2-5", "not scored"] == ""
+
+
 def test_random_split_holds_out_the_same_image_seeds_in_every_class():
     seeds = [k for _ in "abc" for k in range(8)]  # 3 classes × image seeds 0..7
     splits = [random_split(seeds, 2, s) for s in range(4)]

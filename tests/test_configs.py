@@ -3,7 +3,7 @@
 import pytest
 from hydra.utils import instantiate
 
-from experiments.common import load_model, make_logger
+from experiments.common import close_logger, load_model, make_logger
 from sdattn.errors import ModelLoadError
 
 from .conftest import ROOT
@@ -33,6 +33,8 @@ def test_every_config_composes(group, option, compose_cfg):
     if group == "logger":
         logger = make_logger(cfg)
         assert (logger is None) == (option == "none")
+        if logger is not None:
+            close_logger(logger)
 
 
 def test_unknown_option_is_rejected(compose_cfg):

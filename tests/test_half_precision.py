@@ -6,8 +6,9 @@ import torch
 
 from editing.images import load_image
 from editing.inversion import image_size
+from editing.methods import build_method
 from experiments.common import load_model
-from experiments.tasks.benchmark import build_method, load_data
+from experiments.tasks.benchmark import load_data
 
 from .conftest import ROOT
 

@@ -8,6 +8,7 @@ from experiments.interleave import lockstep_pair, lockstep_ratios, twin_pipeline
 from sdattn.sampling import sample
 
 KW = dict(num_inference_steps=3, guidance_scale=7.5, progress=False)
+FPE = dict(layers="all", self_replace_steps=0.8)
 
 
 def test_calls_take_turns_at_every_module_call():
@@ -49,12 +50,12 @@ def test_twin_shares_weights_not_processors_and_lockstep_calls_match_solo(tiny_p
     assert p0.keys() == p1.keys() and all(p0[k] is p1[k] for k in p0)  # the same tensors
     assert twin.unet is not tiny_pipe.unet and twin.vae is tiny_pipe.vae
     solo_plain = sample(tiny_pipe, ["a white car", "a red car"], seeds=[0, 0], **KW).images
-    solo_fpe = fpe_generated(tiny_pipe, "a white car", "a red car", 0, layers="all", **KW).images["edited"]
+    solo_fpe = fpe_generated(tiny_pipe, "a white car", "a red car", 0, **FPE, **KW).images["edited"]
     out = {}
     base = {"plain": lambda: out.__setitem__("plain", sample(tiny_pipe, ["a white car", "a red car"],
                                                              seeds=[0, 0], **KW).images)}
-    other = {"fpe": lambda: out.__setitem__("fpe", fpe_generated(twin, "a white car", "a red car", 0,
-                                                                 layers="all", **KW).images["edited"])}
+    other = {"fpe": lambda: out.__setitem__("fpe", fpe_generated(twin, "a white car", "a red car", 0, **FPE,
+                                                                 **KW).images["edited"])}
     res = lockstep_ratios(base, other, {"fpe": "plain"}, (tiny_pipe.unet, twin.unet), rounds=2)
     assert len(res["fpe"]["ratios"]) == 2 and res["fpe"]["ratio_min"] <= res["fpe"]["ratio"] <= res["fpe"]["ratio_max"]
     # FPE's hooks on the twin never reached the baseline's UNet, which ran between its steps

@@ -15,7 +15,8 @@ from evaluation.tables import REL_FPE
 from experiments.run import dispatch
 from experiments.tasks.benchmark import load_data
 from sdattn.errors import UserError
-from toyworld.edit_benchmark import load_toy_edit, toy_scores
+from toyworld.edit_benchmark import load_toy_edit
+from toyworld.scores import mask_iou, read_image, toy_edit_scores
 from toyworld.world import load_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,11 +82,34 @@ def test_toy_scores_detect_right_and_wrong_edits():
     good = world.render("blue", "car", "park", seed=2, x0=10, y0=12, size=36)
     moved = world.render("blue", "car", "park", seed=2, x0=2, y0=2, size=24)
     ex = type("Ex", (), {"extra": {"target": {"color": "blue", "shape": "car", "background": "park"}}})()
-    ok = toy_scores(ex, _img(src), _img(good))
-    assert ok["toy_edit_ok"] == 1.0 and ok["toy_mask_iou"] > 0.9
-    unchanged = toy_scores(ex, _img(src), _img(src))
-    assert unchanged["toy_edit_ok"] == 0.0 and unchanged["toy_mask_iou"] > 0.99
-    assert toy_scores(ex, _img(src), _img(moved))["toy_mask_iou"] < 0.5
+    ok = toy_edit_scores(ex, _img(src), _img(good))
+    assert ok["edit_ok"] == 1.0 and ok["mask_iou"] > 0.9
+    unchanged = toy_edit_scores(ex, _img(src), _img(src))
+    assert unchanged["edit_ok"] == 0.0 and unchanged["mask_iou"] > 0.99
+    assert toy_edit_scores(ex, _img(src), _img(moved))["mask_iou"] < 0.5
+    assert toy_edit_scores(type("Ex", (), {"extra": {}})(), _img(src), _img(good)) == {}  # no ground truth
+
+
+def test_an_unreadable_image_has_no_mask_iou_never_zero():
+    """One mask IoU: an image the checker cannot read (no object) makes the layout score missing (None),
+    whichever side it is on and also when both are empty — never 0 (the old benchmark scorer) or 1 (the
+    old eval_toy_edit)."""
+    world = load_world()
+    car = _img(world.render("blue", "car", "park", seed=2, x0=10, y0=12, size=36))
+    blank = torch.full_like(car, 0.8)  # a plain background: nothing to read
+    target = {"color": "blue", "shape": "car", "background": "park"}
+    ex = type("Ex", (), {"extra": {"target": target}})()
+    assert not read_image(blank[0]).readable and read_image(car[0]).readable
+    assert toy_edit_scores(ex, blank, car) == {"edit_ok": 1.0, "mask_iou": None}  # the edit is there; layout: unknown
+    assert toy_edit_scores(ex, car, blank) == {"edit_ok": 0.0, "mask_iou": None}  # nothing edited in
+    assert mask_iou(read_image(blank[0]), read_image(blank[0])) is None
+    # the default model's fake_color_000 (issue 23): the checker names an object but its mask is empty (a
+    # stroke thinner than the outline ring it takes off) — unreadable too, not IoU 0
+    stroke = blank.clone()
+    stroke[..., 30:33, 10:50] = 0.05
+    reading = read_image(stroke[0])
+    assert reading.color is not None and not reading.mask.any() and not reading.readable
+    assert toy_edit_scores(ex, stroke, car)["mask_iou"] is None
 
 
 # ---------------------------------------------------------------------------------------- toy CLIP
@@ -152,13 +176,43 @@ def test_table4_on_the_default_toy_setup(toy_bench, toy_clip, tmp_path, capsys):
     res = toy_bench("data.limit=4", "logger=none", "metrics.structure=tiny-random")
     rows = read_pairs(Path(res["out_dir"]) / "pairs.jsonl")
     assert [r["status"] for r in rows] == ["ok"] * 4
-    assert all(0 <= r["toy_edit_ok"] <= 1 and 0 <= r["toy_mask_iou"] <= 1 and r["structure"] >= 0 for r in rows)
+    assert all(0 <= r["edit_ok"] <= 1 and r["structure"] >= 0 for r in rows)
+    assert all(r["mask_iou"] is None or 0 <= r["mask_iou"] <= 1 for r in rows)
     table, files, cap = res["tables"]["table4"]["toy_edit"]
     assert list(table.columns) == ["CLIP score ↑", "CLIP dir. sim. ↑", "Time (s) ↓", "PSNR ↑", "SSIM ↑",
                                    "Structure dist. ↓", "Edit correct ↑", "Mask IoU ↑", REL_FPE, "Pairs"]
     assert "CLIP: toy" in cap and "meaningless" not in cap and "model toy" in cap
     assert Path(res["out_dir"]) == tmp_path / "benchmark" / "toy" / "toy_edit" / "fpe"
     assert "CLIP: toy" in capsys.readouterr().out
+
+
+def test_a_pair_the_checker_cannot_read_is_counted_not_scored_zero(toy_bench, toy_clip, plugin):
+    """Issue 23 item 5: an editor whose source the pixel checker cannot read (here: blank for the first pair)
+    gives that pair no mask IoU — not a 0 in the mean — and Table 4 says over how many pairs it is."""
+    searchpath = plugin(
+        "blank_editor",
+        "import torch\n"
+        "from toyworld.world import load_world\n\n"
+        "def edit_blank(pipe, example, seed, image=None, *, num_inference_steps: int, guidance_scale: float):\n"
+        "    w, s, t = load_world(), example.extra['source'], example.extra['target']\n"
+        "    img = lambda o: torch.from_numpy(w.render(o['color'], o['shape'], o['background'], seed=seed,\n"
+        "                                              x0=12, y0=12, size=36).image).permute(2, 0, 1)[None] / 255\n"
+        "    edited = img(t)\n"
+        "    source = torch.full_like(edited, 0.8) if example.id == 'fake_color_000' else img(s)\n"
+        "    return source, edited\n",
+        "method", "blank",
+        "name: blank\n_target_: blank_editor.edit_blank\n_partial_: true\n"
+        "num_inference_steps: ${model.steps}\nguidance_scale: ${model.guidance_scale}\n")
+    res = toy_bench("method=blank", "data=toy_fake_edit", "data.limit=2", "logger=none", searchpath)
+    rows = read_pairs(Path(res["out_dir"]) / "pairs.jsonl")
+    assert [(r["id"], r["edit_ok"], r["mask_iou"] is None) for r in rows] == [
+        ("fake_color_000", 1.0, True), ("fake_shape_000", 1.0, False)]
+    iou = rows[1]["mask_iou"]  # another shape at the same place
+    assert 0.3 < iou < 1
+    table, files, cap = res["tables"]["table4"]["toy_fake_edit"]
+    assert table.loc["blank", "Mask IoU ↑"] == f"{iou:.2f} ± 0.00 (1/2)"  # before: the mean of 0 and iou
+    assert table.loc["blank", "Edit correct ↑"] == "1.00 ± 0.00"
+    assert "Mask IoU: blank over 1 of 2 pairs; 1 unreadable" in cap
 
 
 def test_sample_panel_is_logged_offline(toy_bench, toy_clip, tmp_path):
@@ -180,7 +234,7 @@ def test_table5_sweeps_methods_and_toy_datasets(compose_cfg):
         cfg = compose("run", overrides=["experiment=table5"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert set(params.data.split(",")) == {"toy_fake_edit", "toy_real_edit"}
-    from experiments.tasks.benchmark import build_method
+    from editing.methods import build_method
 
     for m in params.method.split(","):
         assert callable(build_method(compose_cfg(f"method={m}").method)[1])

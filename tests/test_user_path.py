@@ -27,15 +27,15 @@ def sd_folder(tmp_path_factory):
 
 def test_settings_come_with_the_weights(compose_cfg, sd_folder):
     toy = compose_cfg("model=toy", "edit=fpe")
-    assert (toy.model.name, toy.model.steps, toy.model.guidance_scale, toy.edit.layers) == ("toy", 25, 2.0, "all")
+    assert (toy.model.name, toy.model.steps, toy.model.guidance_scale, toy.method.layers) == ("toy", 25, 2.0, "all")
     assert toy.model.settings.source.endswith("models/toy/sdattn.yaml")
     # the default preset (toy) with another model's folder: that folder's settings, never the toy's
     other = compose_cfg("model=toy", "edit=fpe", f"model.path={sd_folder}")
-    assert (other.model.name, other.edit.num_inference_steps, other.edit.guidance_scale, other.edit.layers) == \
+    assert (other.model.name, other.method.num_inference_steps, other.method.guidance_scale, other.method.layers) == \
         ("my-sd-model", 50, 7.5, "official")
     assert other.model.clip == "openai/clip-vit-large-patch14" and other.model.families.color == "color_car"
     local = compose_cfg("model=local", "edit=fpe", f"model.path={sd_folder}")
-    assert local.edit == other.edit and local.model.name == "my-sd-model"
+    assert local.method == other.method and local.model.name == "my-sd-model"
     # an explicit override wins; the toy folder loaded through model=local gets the toy's settings
     assert compose_cfg("model=toy", "model.steps=30", f"model.path={sd_folder}").model.steps == 30
     assert compose_cfg("model=local", f"model.path={ROOT / 'models' / 'toy'}").model.steps == 25
@@ -57,8 +57,8 @@ def test_edit_on_a_folder_without_preset_equals_model_local(compose_cfg, sd_fold
     runs = {}
     for preset in ("toy", "local"):
         cfg = compose_cfg(f"model={preset}", "edit=fpe", f"model.path={sd_folder}", "seed=3")
-        runs[preset] = dispatch(cfg)["result"]
-    assert runs["toy"].info["layers"] == runs["local"].info["layers"] and len(runs["toy"].info["layers"]) == 11
+        assert cfg.method.layers == "official"  # SD-1.x's preset: self 3-13
+        runs[preset] = dispatch(cfg)["runs"][0]
     assert torch.equal(runs["toy"].latents["edited"], runs["local"].latents["edited"])
 
 
@@ -105,13 +105,13 @@ def test_every_experiment_runs_on_the_default_model(experiment, overrides, compo
     (["edit=fpe", "seed=abc"], "seed='abc' is not a seed"),
     (["edit=fpe", "seed=nan"], "seed=nan is not a seed"),
     (["edit=fpe", "seed=99999999999999999999"], "is not a seed; allowed: an integer 0.."),
-    (["edit=fpe", "edit.num_inference_steps=0"], "edit.num_inference_steps=0 is not a step count"),
+    (["edit=fpe", "method.num_inference_steps=0"], "method.num_inference_steps=0 is not a step count"),
     (["edit=fpe", "model.steps=-3"], "model.steps=-3 is not a step count"),
-    (["edit=fpe", "edit.guidance_scale=0"], "edit.guidance_scale=0 is not a guidance scale"),
-    (["edit=fpe", "edit.guidance_scale=-5"], "edit.guidance_scale=-5 is not a guidance scale"),
-    (["edit=fpe", "edit.guidance_scale=nan"], "edit.guidance_scale=nan is not a guidance scale"),
+    (["edit=fpe", "method.guidance_scale=0"], "method.guidance_scale=0 is not a guidance scale"),
+    (["edit=fpe", "method.guidance_scale=-5"], "method.guidance_scale=-5 is not a guidance scale"),
+    (["edit=fpe", "method.guidance_scale=nan"], "method.guidance_scale=nan is not a guidance scale"),
     (["experiment=table4", "data.limit=0"], "data.limit=0: allowed an integer ≥ 1"),
-    (["edit=fpe", "edit.self_replace_steps=1.5"], "outside [0, 1]"),
+    (["edit=fpe", "method.self_replace_steps=1.5"], "outside [0, 1]"),
     (["model=nope"], "Could not find 'model/nope'; Available options in 'model': anything_v4"),
     (["edit=fpe", "edit.sourc_prompt=x"], "'edit.sourc_prompt' is not a key of this config"),
     (["-m", "edit=fpe", "seed=1,nan"], "seed=nan is not a seed"),
@@ -157,6 +157,7 @@ def test_run_folder_is_named_and_run_log_holds_the_output(tmp_path):
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.endswith("_probe-cross_attn-tiny_model.steps=2,probe.layers=_3_,probe.n_per_class=2,"
                              "trainer.max_epochs=1")
-    assert r.stdout.splitlines()[0].startswith("model tiny (") and "50 steps" not in r.stdout.splitlines()[0]
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("probe cross_attn: model tiny (") and "50 steps" not in first
     log = (run / "run.log").read_text()
     assert "model tiny" in log and "Table 1" in log and "tables written to" in log

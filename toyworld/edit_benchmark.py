@@ -1,6 +1,7 @@
 """The toy world's edit benchmark: ``toy_edit`` pairs (a generated dataset, so Tables 4–5 run offline
-on the shipped toy model and score with the shipped toy CLIP) and :func:`toy_scores`, the toy world's
-own check of an edit. The benchmark task passes both to the runner (evaluation never imports toyworld).
+on the shipped toy model and score with the shipped toy CLIP). The world's own check of an edit is the
+``toy_edit`` metric (:mod:`toyworld.scores`, ``configs/metric/toy_edit.yaml``; evaluation never imports
+toyworld).
 
 Pairs are drawn from the toy grammar (``datasets/toy_world.yaml``) with a seeded generator:
 
@@ -24,14 +25,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from evaluation.datasets import EditExample, LoadedDataset, finish_dataset
 from sdattn.errors import UserError
 from sdattn.files import atomic_save
 
-from .evaluate import classify_image
 from .world import load_world
 
 TOY_DATASETS = {"toy_edit": ("fake", "real"), "toy_fake_edit": ("fake",), "toy_real_edit": ("real",)}
@@ -99,30 +98,3 @@ def load_toy_edit(name: str, root: str | Path | None, limit: int | None, path: s
         raise UserError(f"data.path {str(path)!r} (toy grammar YAML) does not exist")
     world = load_world(path)
     return finish_dataset(name, toy_edit_pairs(world, pairs_per_kind, seed, TOY_DATASETS[name], root), limit)
-
-
-def toy_scores(example: EditExample, source: torch.Tensor, edited: torch.Tensor) -> dict:
-    """The toy world's check of an edit by the renderer's pixel classifier (:mod:`toyworld.evaluate`),
-    for pairs that carry the world's ground truth (``extra["target"]``; others → {}):
-    ``toy_edit_ok`` = 1 when the edited image shows the target's colour and shape, and
-    ``toy_mask_iou`` = IoU of the object masks of source and edited (layout kept)."""
-    if "target" not in example.extra:
-        return {}
-    color, shape, mask_e = classify_image(edited[0])
-    _, _, mask_s = classify_image(source[0])
-    target = example.extra["target"]
-    union = (mask_s | mask_e).sum()
-    return {"toy_edit_ok": float(color == target["color"] and shape == target["shape"]),
-            "toy_mask_iou": float((mask_s & mask_e).sum() / union) if union else 0.0}
-
-
-def prompt_scores(source_prompt: str, target_prompt: str, source: torch.Tensor, edited: torch.Tensor) -> dict:
-    """:func:`toy_scores` for an edit known only by its prompts (the target's colour, shape and background
-    read from ``target_prompt`` by the world's grammar): ``{"edit_ok": 0/1, "mask_iou": IoU}``.
-
-    source, edited: (1, 3, H, W) in [0, 1]."""
-    world = load_world()
-    example = EditExample(id=f"{source_prompt} -> {target_prompt}", source_prompt=source_prompt,
-                          target_prompt=target_prompt, extra={"target": world.parse_prompt(target_prompt)})
-    scores = toy_scores(example, source, edited)
-    return {"edit_ok": scores["toy_edit_ok"], "mask_iou": scores["toy_mask_iou"]}

@@ -54,14 +54,42 @@ def p2p_mode(source_prompt: str, target_prompt: str) -> str:
     return "replace" if len(source_prompt.split(" ")) == len(target_prompt.split(" ")) else "refine"
 
 
-def cross_map_edit(tokenizer, source_prompt: str, target_prompt: str, mode: str) -> MapEdit:
-    """The official ``replace_cross_attention`` of AttentionReplace / AttentionRefine as a function."""
+def cross_map_edit(tokenizer, source_prompt: str, target_prompt: str, mode: str,
+                   equalizer: torch.Tensor | None = None) -> MapEdit:
+    """The official ``replace_cross_attention`` of AttentionReplace / AttentionRefine as a function; with
+    ``equalizer`` (L,) the edited maps are then scaled per text token (AttentionReweight wrapping them)."""
     n = tokenizer.model_max_length
     if mode == "replace":
         mapper = replacement_mapper(source_prompt, target_prompt, tokenizer, n)  # (L, L)
-        return lambda a_src, a_tgt: a_src @ mapper.to(a_src)
-    index, alphas = refinement_mapper(source_prompt, target_prompt, tokenizer, n)  # (L,), (L,)
-    return lambda a_src, a_tgt: a_src[..., index.to(a_src.device)] * alphas.to(a_src) + a_tgt * (1 - alphas.to(a_src))
+        edit = lambda a_src, a_tgt: a_src @ mapper.to(a_src)  # noqa: E731
+    else:
+        index, alphas = refinement_mapper(source_prompt, target_prompt, tokenizer, n)  # (L,), (L,)
+        edit = lambda a_src, a_tgt: (a_src[..., index.to(a_src.device)] * alphas.to(a_src)  # noqa: E731
+                                     + a_tgt * (1 - alphas.to(a_src)))
+    if equalizer is None:
+        return edit
+    return lambda a_src, a_tgt: edit(a_src, a_tgt) * equalizer.to(a_src)
+
+
+def make_equalizer(tokenizer, source_prompt: str, target_prompt: str, *, words=None, values) -> torch.Tensor:
+    """P2P's attention re-weighting (official ``get_equalizer`` + ``AttentionReweight``): (L,) ones, the tokens
+    of each of ``words`` in the target prompt × its value. ``words``: target words (``values`` one per word,
+    or one for all), or None for the target words that change (:func:`blend_words`)."""
+    words = blend_words(source_prompt, target_prompt)[1] if words is None else [words] if isinstance(words, str) \
+        else list(words)
+    values = [values] if isinstance(values, (int, float)) else list(values)
+    if len(values) == 1:
+        values = values * len(words)
+    if not words or len(values) != len(words):
+        raise UserError(f"method.reweight: words {words!r} and values {values!r} must be non-empty and of equal "
+                        "length (or one value for all words)")
+    eq = torch.ones(tokenizer.model_max_length)
+    for word, value in zip(words, values):
+        positions = word_positions(target_prompt, str(word), tokenizer)
+        if not positions:
+            raise UserError(f"method.reweight: the word {word!r} is not in the target prompt {target_prompt!r}")
+        eq[positions] = float(value)
+    return eq
 
 
 class LocalBlend:
@@ -99,6 +127,16 @@ class LocalBlend:
             return None
         mask = self.mask(tuple(latents.shape[2:])).to(latents)
         return latents[:1] + mask * (latents - latents[:1])
+
+
+def enabled(setting: Mapping | None) -> bool:
+    """An optional P2P setting (``local_blend``, ``reweight``) is on: given, and ``enabled`` not false."""
+    return setting is not None and bool(setting.get("enabled", True))
+
+
+def option(setting: Mapping) -> dict:
+    """The keyword arguments of an optional P2P setting (without ``enabled``)."""
+    return {k: v for k, v in setting.items() if k != "enabled"}
 
 
 def blend_words(source_prompt: str, target_prompt: str) -> tuple[list[str], list[str]]:
@@ -163,17 +201,18 @@ class CrossMapEdit(AttentionHook):
 
 def p2p_hooks(pipe, source_prompt: str, target_prompt: str, num_inference_steps: int, *, cross_replace_steps,
               self_replace_steps, cross_layers, self_layers, refine: bool,
-              blend: LocalBlend | None = None) -> tuple[dict, str]:
-    """{layer: factory} for P2P: cross maps (replace or refine, :func:`p2p_mode`) + self maps, and the
-    ``blend``'s layers recorded; and the mode."""
+              blend: LocalBlend | None = None, equalizer: torch.Tensor | None = None) -> tuple[dict, str]:
+    """{layer: factory} for P2P: cross maps (replace or refine, :func:`p2p_mode`, re-weighted by
+    ``equalizer``) + self maps, and the ``blend``'s layers recorded; and the mode."""
     layers = model_layers(pipe)
-    cross = step_range(cross_replace_steps, num_inference_steps)
+    # official get_time_words_attention_alpha: α has N + 1 rows, active rows int(a·(N+1))..int(b·(N+1))-1
+    cross = step_range(cross_replace_steps, num_inference_steps + 1)
     self_steps = step_range(self_replace_steps, num_inference_steps)
     mode = p2p_mode(source_prompt, target_prompt)
     if mode == "refine" and not refine:
         raise UserError(f"p2p refine is off (method.refine=false) and {source_prompt!r} → {target_prompt!r} "
                         "differ in word count")
-    edit = cross_map_edit(pipe.tokenizer, source_prompt, target_prompt, mode)
+    edit = cross_map_edit(pipe.tokenizer, source_prompt, target_prompt, mode, equalizer)
     hooks: dict = {}
     edited = select_layers(layers, cross_layers, "cross")
     recorded = blend.layers if blend is not None else []
@@ -187,19 +226,22 @@ def p2p_hooks(pipe, source_prompt: str, target_prompt: str, num_inference_steps:
 
 def edit_p2p(pipe, example, seed: int, image: torch.Tensor | None = None, *, cross_replace_steps,
              self_replace_steps, cross_layers, self_layers, refine: bool, local_blend: dict | None,
-             null_text: dict | None, num_inference_steps: int, guidance_scale: float) -> Images:
+             reweight: dict | None, null_text: dict | None, num_inference_steps: int, guidance_scale: float) -> Images:
     """Benchmark entry (``configs/method/p2p.yaml``): one pair → (source, edited). ``self_replace_steps``
     and ``self_layers``: one value, or {generated, real} (official: the stable and the null-text
     notebook). Real images: DDIM inversion and null-text inversion (``null_text``: overrides of the
-    official schedule) with the pair's source prompt (official ``null_text_w_ptp.ipynb``)."""
+    official schedule) with the pair's source prompt (official ``null_text_w_ptp.ipynb``). ``reweight``
+    ({enabled, words, values}): the official AttentionReweight on the target's edited cross maps;
+    ``local_blend`` ({enabled, words, threshold, start_blend}): the official LocalBlend."""
     steps, guidance = int(num_inference_steps), float(guidance_scale)
     src, tgt = example.source_prompt, example.target_prompt
     check_prompts(pipe.tokenizer, [src, tgt])
     kind = "generated" if image is None else "real"
-    blend = make_local_blend(pipe, src, tgt, steps, **local_blend) if local_blend is not None else None
+    blend = make_local_blend(pipe, src, tgt, steps, **option(local_blend)) if enabled(local_blend) else None
+    equalizer = make_equalizer(pipe.tokenizer, src, tgt, **option(reweight)) if enabled(reweight) else None
     hooks, _ = p2p_hooks(pipe, src, tgt, steps, cross_replace_steps=cross_replace_steps,
                          self_replace_steps=per_pair_kind(self_replace_steps, kind), cross_layers=cross_layers,
-                         self_layers=per_pair_kind(self_layers, kind), refine=refine, blend=blend)
+                         self_layers=per_pair_kind(self_layers, kind), refine=refine, blend=blend, equalizer=equalizer)
     callbacks = [blend] if blend is not None else []
     if image is None:
         out = replacement_edit(pipe, src, tgt, initial_latents(pipe, [seed]), hooks, steps, guidance,

@@ -31,6 +31,7 @@ regularisation (auto-correlation + KL on the predicted noise,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,45 +283,77 @@ def pix2pix_zero_sample(pipe, latents: torch.Tensor, cond: torch.Tensor, edit_co
 
 # ------------------------------------------------------------------------------- real-image inversion
 
-def auto_corr_loss(noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """pix2pix-zero's auto-correlation loss (diffusers ``auto_corr_loss``): random-shift correlations of
-    each channel over a pyramid down to 8 px. noise (B, C, h, w) → scalar."""
+AUTO_CORR_MIN_SIDE = 8  # the pyramid's last level: the first one at most this many pixels high
+
+
+@dataclass(frozen=True)
+class RollDraw:
+    """How each roll offset of the auto-correlation loss is drawn: uniformly from [low, side // 2) by a seeded
+    torch generator. Official (``utils/ddim_inv.py``): ``random.randrange(1, side // 2)`` from Python's global
+    generator — the same range; the generator differs (kept: runs are reproducible from the pair's seed). A
+    side too small for that range (< 4 px: the official code raises) rolls by ``low``."""
+
+    low: int = 1
+
+    def __call__(self, side: int, generator: torch.Generator) -> int:
+        high = side // 2
+        return int(torch.randint(self.low, high, (1,), generator=generator)) if high > self.low else self.low
+
+
+OFFICIAL_ROLLS = RollDraw(low=1)
+
+
+def pyramid(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``x`` (1, 1, h, w), then 2×2 average-pooled again and again until a level is at most
+    :data:`AUTO_CORR_MIN_SIDE` high (lazily: each level is pooled once the previous one has been used)."""
+    while True:
+        yield x
+        if x.shape[2] <= AUTO_CORR_MIN_SIDE:
+            return
+        x = torch.nn.functional.avg_pool2d(x, kernel_size=2)
+
+
+def auto_corr_loss(noise: torch.Tensor, generator: torch.Generator, draw: RollDraw | None = None) -> torch.Tensor:
+    """pix2pix-zero's auto-correlation penalty on a predicted ε (B, C, h, w) → scalar: for every channel map
+    and every level of its :func:`pyramid`, the squared mean of the map times itself rolled by one random
+    offset (``draw``), along the height and along the width, summed. An i.i.d. Gaussian map scores ≈ 0."""
+    draw = draw or OFFICIAL_ROLLS
     loss = noise.new_zeros(())
-    for i in range(noise.shape[0]):
-        for j in range(noise.shape[1]):
-            x = noise[i:i + 1, j:j + 1]
-            while True:
-                roll = int(torch.randint(max(x.shape[2] // 2, 1), (1,), generator=generator))
-                loss = loss + (x * torch.roll(x, shifts=roll, dims=2)).mean() ** 2
-                loss = loss + (x * torch.roll(x, shifts=roll, dims=3)).mean() ** 2
-                if x.shape[2] <= 8:
-                    break
-                x = torch.nn.functional.avg_pool2d(x, kernel_size=2)
+    for b in range(noise.shape[0]):
+        for c in range(noise.shape[1]):
+            for level in pyramid(noise[b:b + 1, c:c + 1]):
+                shift = draw(level.shape[2], generator)
+                for dim in (2, 3):
+                    loss = loss + (level * torch.roll(level, shifts=shift, dims=dim)).mean() ** 2
     return loss
 
 
 def kl_loss(noise: torch.Tensor) -> torch.Tensor:
-    """KL of the noise's empirical mean/variance to N(0, 1) (diffusers ``kl_divergence``)."""
+    """KL divergence (up to constants) of N(mean, var) of all of ``noise``'s values to N(0, 1)."""
     mean, var = noise.mean(), noise.var()
     return var + mean ** 2 - 1 - torch.log(var + 1e-7)
 
 
+def descend(x: torch.Tensor, loss_fn, rate: float, divisor: int = 1) -> torch.Tensor:
+    """One gradient step x − rate·∇loss_fn(x)/divisor, taken on a detached copy of ``x``."""
+    leaf = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(leaf), leaf)
+    return (x - rate * grad / divisor).detach()
+
+
 def regularize_noise(noise: torch.Tensor, generator: torch.Generator, lambda_auto_corr: float, lambda_kl: float,
-                     num_reg_steps: int, num_auto_corr_rolls: int) -> torch.Tensor:
-    """Gradient steps pulling a predicted ε (B, C, h, w) towards i.i.d. N(0, 1) (diffusers ``invert``)."""
+                     num_reg_steps: int, num_auto_corr_rolls: int, draw: RollDraw | None = None) -> torch.Tensor:
+    """pix2pix-zero's noise regularisation of a predicted ε (B, C, h, w): ``num_reg_steps`` rounds, each of
+    ``num_auto_corr_rolls`` descent steps on :func:`auto_corr_loss` (rate λ_ac / rolls, fresh offsets each)
+    then one on :func:`kl_loss` (rate λ_kl); a λ of 0 skips its steps."""
     noise = noise.detach().float()
     with torch.enable_grad():
         for _ in range(num_reg_steps):
-            if lambda_auto_corr > 0:
-                for _ in range(num_auto_corr_rolls):
-                    var = noise.clone().requires_grad_(True)
-                    (grad,) = torch.autograd.grad(auto_corr_loss(var, generator), var)
-                    noise = noise - lambda_auto_corr * grad / num_auto_corr_rolls
+            for _ in range(num_auto_corr_rolls if lambda_auto_corr > 0 else 0):
+                noise = descend(noise, lambda e: auto_corr_loss(e, generator, draw), lambda_auto_corr,
+                                num_auto_corr_rolls)
             if lambda_kl > 0:
-                var = noise.clone().requires_grad_(True)
-                (grad,) = torch.autograd.grad(kl_loss(var), var)
-                noise = noise - lambda_kl * grad
-            noise = noise.detach()
+                noise = descend(noise, kl_loss, lambda_kl)
     return noise
 
 
@@ -351,7 +384,7 @@ def inversion_steps(pipe, num_inference_steps: int, schedule: str) -> list[tuple
 @torch.no_grad()
 def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, *, seed: int,
                           schedule: str, lambda_auto_corr: float, lambda_kl: float, num_reg_steps: int,
-                          num_auto_corr_rolls: int) -> torch.Tensor:
+                          num_auto_corr_rolls: int, draw: RollDraw | None = None) -> torch.Tensor:
     """DDIM inversion (no guidance, ``prompt``) with pix2pix-zero's noise regularisation, on the
     ``schedule`` of :func:`inversion_steps`. latents z_0 (B, C, h, w) → z_T. ``full`` with
     ``num_reg_steps=0`` is plain ``editing.inversion.ddim_invert``."""
@@ -366,7 +399,7 @@ def regularized_inversion(pipe, latents: torch.Tensor, prompt: str, num_inferenc
         noise = unet(z.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
         if num_reg_steps > 0:
             noise = regularize_noise(noise, generator, lambda_auto_corr, lambda_kl, num_reg_steps,
-                                     num_auto_corr_rolls)
+                                     num_auto_corr_rolls, draw)
         pred_x0 = (z - (1 - a_from) ** 0.5 * noise) / a_from ** 0.5
         z = a_to ** 0.5 * pred_x0 + (1 - a_to) ** 0.5 * noise
     return z

@@ -37,7 +37,7 @@ from sdattn.hooks import BatchLayout
 from sdattn.layers import LayerId
 from sdattn.sampling import check_prompts, ddim_scheduler, decode, encode_image, encode_prompts, initial_latents
 
-from ..inversion import ddim_invert
+from ..inversion import ddim_invert, tensor_digest
 from ..replace import RowInjection, select_layers, step_range
 from ..two_branch import SOURCE, TARGET, AnchorSource, Images, model_layers, replacement_edit
 
@@ -163,14 +163,6 @@ def sampler_trajectory(pipe, trajectory: Sequence[torch.Tensor], inversion_steps
                         f"of num_inference_steps {num_inference_steps}; use 999 (official, every t) or "
                         f"{num_inference_steps}")
     return [trajectory[0], *(trajectory[level[int(t)]] for t in reversed(sampler.timesteps))]
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    """sha256 of the tensors' float32 bytes (CPU)."""
-    h = hashlib.sha256()
-    for x in tensors:
-        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def inversion_key(pipe, latents: torch.Tensor, context: torch.Tensor, settings: dict) -> str:

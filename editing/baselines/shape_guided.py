@@ -11,11 +11,15 @@ Inside-outside attention on every attention layer, every call, both CFG rows, at
 - self-attention: weights × ((same_region − 1)·``self_attn_scale`` + 1): scale 1 zeroes every weight
   across the mask boundary.
 
-Procedure (official): DDIM inversion of the image with the source prompt, unguided, with inside-outside
-attention on; denoising with the target prompt from the fully inverted latent; after each step the
-background is copied from the inversion latent of the step's input level (the last step: the clean
-latent). Object mask: the dataset's (``example.extra["object_mask"]``, e.g. PIE-Bench) or the source's
-cross-attention map of the edited word(s) (our choice: the official code takes a given COCO mask).
+Procedure (official ``shape_guided_diffusion.py`` with ``utils.inversion``): DDIM inversion of the image with
+the source prompt, unguided, with inside-outside attention on, over the sampling timesteps ascending: N − 1
+steps from the lowest (the clean latent taken as that level, the UNet called there) to the highest;
+denoising with the target prompt from that latent, the last step to ᾱ = 1 (the clean level, not ᾱ of the
+lowest timestep); after step i the background is copied from the inversion latent of the step's input
+level (the last step: the clean latent). Masks are resized to each layer's grid and to the latent with
+nearest neighbours as PIL's ``NEAREST`` (pixel centres). Object mask: the dataset's
+(``example.extra["object_mask"]``, e.g. PIE-Bench) or the source's cross-attention map of the edited
+word(s) (our choice: the official code takes a given COCO mask).
 
 Adaptations (named in ``configs/method/shape_guided.yaml``): one prompt per branch instead of the
 official embedding composed of an "inside" prompt (positions 1–38) and an "outside" prompt (39–76): the
@@ -32,11 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, HookSet, StepState
 from sdattn.layers import LayerId
-from sdattn.sampling import check_prompts, decode, denoise, encode_image, encode_prompts, latent_size
+from sdattn.sampling import check_prompts, ddim_scheduler, decode, denoise, encode_image, encode_prompts, latent_size
 
 from ..inversion import ddim_invert
 from ..two_branch import Images, model_layers
@@ -82,8 +87,9 @@ def edited_tokens(tokenizer, source_prompt: str, target_prompt: str) -> tuple[li
 
 
 def resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(1, 1, H, W) 0/1 → (1, 1, height, width) with nearest neighbours (the official resize)."""
-    return F.interpolate(mask.float(), size=(height, width), mode="nearest")
+    """(1, 1, H, W) 0/1 → (1, 1, height, width) with nearest neighbours at pixel centres: the official
+    ``segm.resize((w, h), resample=PIL.Image.NEAREST)`` (per layer and for the latent), exactly."""
+    return F.interpolate(mask.float(), size=(height, width), mode="nearest-exact")
 
 
 class InsideOutsideAttention(AttentionHook):
@@ -163,18 +169,46 @@ def dataset_mask(example) -> torch.Tensor | None:
 
 class CopyBackground:
     """Sampler callback (official ``copy_background``): after step i, background = the inversion latent
-    of step i's input level (``trajectory[-i-1]``; the last step: the clean ``trajectory[0]``)."""
+    of step i's input level, ``trajectory[-i-1]`` of :func:`shape_guided_inversion`'s N latents (the last
+    step: the clean ``trajectory[0]``)."""
 
     def __init__(self, object_mask: torch.Tensor, trajectory: Sequence[torch.Tensor]):
-        self.obj, self.trajectory = object_mask, trajectory  # (1, 1, h, w) at latent size; [z_0, ..., z_T]
+        self.obj, self.trajectory = object_mask, trajectory  # (1, 1, h, w) at latent size; [z_0, ..., z_{t_N}]
 
     def on_step_begin(self, step, timestep, num_steps, layout):
-        self.num_steps = num_steps
+        pass
 
     def on_step_end(self, step, timestep, latents):
-        ref = self.trajectory[0 if step >= self.num_steps - 1 else -step - 1].to(latents)
+        ref = self.trajectory[-step - 1].to(latents)
         obj = self.obj.to(latents)
         return ref * (1 - obj) + latents * obj
+
+
+@torch.no_grad()
+def shape_guided_inversion(pipe, z0: torch.Tensor, prompt: str, num_inference_steps: int) -> list[torch.Tensor]:
+    """The official inversion (``utils.inversion(..., run_inversion=True)``, unguided with ``prompt``): over the
+    sampling timesteps t_1 < … < t_N, N − 1 DDIM steps from ``z0`` taken as level t_1 (the UNet called at t_1)
+    up to t_N → [z0, z_{t_2}, ..., z_{t_N}] (N latents; the sampler starts from the last at t_N)."""
+    unet = pipe.unet
+    scheduler = ddim_scheduler(pipe)
+    scheduler.set_timesteps(num_inference_steps)
+    ascending = scheduler.timesteps.flip(0).tolist()
+    alphas = scheduler.alphas_cumprod
+    context = encode_prompts(pipe, [prompt] * z0.shape[0]).to(unet.device, unet.dtype)
+    z = z0.to(unet.device, torch.float32)
+    trajectory = [z]
+    for t, t_next in zip(ascending[:-1], ascending[1:]):
+        eps = unet(z.to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+        a, a_next = float(alphas[t]), float(alphas[t_next])
+        z = a_next ** 0.5 * (z - (1 - a) ** 0.5 * eps) / a ** 0.5 + (1 - a_next) ** 0.5 * eps
+        trajectory.append(z)
+    return trajectory
+
+
+def to_clean_level_scheduler(pipe) -> DDIMScheduler:
+    """DDIM from the model's config whose last step goes to ᾱ = 1 (official: ``at_next = 1`` after the
+    lowest timestep), whatever the model's ``set_alpha_to_one``."""
+    return DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
 
 
 def check_settings(mask_source, mask_threshold, mask_resolution_divisor, inversion, cross_attn_scale,
@@ -214,14 +248,15 @@ def shape_guided_latents(pipe, z0: torch.Tensor, object_mask: torch.Tensor, sour
 
     if inversion == "inside_outside":
         with hooks(inv_scales):
-            traj = ddim_invert(pipe, z0, source_prompt, num_inference_steps, progress=False)
+            traj = shape_guided_inversion(pipe, z0, source_prompt, num_inference_steps)
     else:
-        traj = ddim_invert(pipe, z0, source_prompt, num_inference_steps, progress=False)
+        traj = shape_guided_inversion(pipe, z0, source_prompt, num_inference_steps)
     h, w = z0.shape[-2:]
     uncond = encode_prompts(pipe, [""]) if guidance_scale > 1 else None
     with hooks(edit_scales) as hookset:
         return denoise(pipe, traj[-1], encode_prompts(pipe, [target_prompt]), uncond, num_inference_steps,
-                       guidance_scale, [hookset, CopyBackground(resize_mask(object_mask, h, w), traj)], progress=False)
+                       guidance_scale, [hookset, CopyBackground(resize_mask(object_mask, h, w), traj)], progress=False,
+                       scheduler=to_clean_level_scheduler(pipe))
 
 
 def edit_shape_guided(pipe, example, seed: int, image: torch.Tensor | None = None, *, cross_attn_scale: float,

@@ -11,68 +11,27 @@ sharding) into ``<root>/<data>/<method>/shard-<i>-of-<n>/``; the tables merge ev
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from hydra.utils import get_object
 from omegaconf import DictConfig
 
+from editing.methods import build_method, method_settings
 from evaluation.datasets import LoadedDataset
 from evaluation.merge import shard_line, write_plan, write_tables_locked
 from evaluation.metric_models import clip_fingerprint, load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
+from evaluation.records import collect
 from evaluation.runner import run_pairs
+from evaluation.scorers import build_metrics, metrics_columns, metrics_meta, scorer
 from evaluation.shards import SHARD_KEY, parse_shard, shard_dataset
-from evaluation.structure import load_structure, structure_fingerprint
-from evaluation.tables import table5_groups
-from experiments.common import close_logger, instantiate, load_model, make_logger, model_fingerprint, plain
-from sdattn.errors import UserError, first_line
-from toyworld.edit_benchmark import toy_scores
+from evaluation.tables import COLUMNS, table5_groups
+from experiments.common import instantiate, load_model, model_fingerprint, plain
+from experiments.tracking import log_benchmark
+from sdattn.errors import UserError
 
 PROCESS_START = int(time.time())
-
-
-def method_settings(method_cfg) -> dict:
-    """A method config as plain Python, resolved, without Hydra's ``_target_`` / ``_partial_`` keys:
-    what identifies the method's settings (the record store's meta)."""
-    spec = dict(plain(method_cfg))
-    return {k: v for k, v in spec.items() if not k.startswith("_")}
-
-
-def build_method(method_cfg) -> tuple[str, Callable]:
-    """(name, edit) of a method config (``configs/method/<name>.yaml``): ``_target_`` instantiated with
-    the config's settings; ``edit(pipe, example, seed, image=None) -> (source, edited)``. ``name`` is the
-    label of the rows, not an argument."""
-    spec = dict(plain(method_cfg))
-    name = str(spec.pop("name"))
-    if "_target_" not in spec:
-        raise UserError(f"method {name!r} has no _target_: give the editor's function (with _partial_: true) "
-                        "or class, e.g. _target_: editing.fpe.edit_fpe")
-    try:
-        target = get_object(spec["_target_"])
-    except Exception as e:  # noqa: BLE001 - any import failure is the same one-line error
-        raise UserError(f"method {name!r}: _target_ {spec['_target_']!r} cannot be imported "
-                        f"({first_line(e)})") from None
-    check_settings(name, target, {k: v for k, v in spec.items() if not k.startswith("_")})
-    return name, instantiate(spec, _convert_="all")
-
-
-def check_settings(name: str, target: Callable, settings: dict) -> None:
-    """Every setting is a keyword of ``target`` and every keyword-only one without a default is given
-    (the YAML is the only place the defaults live)."""
-    params = inspect.signature(target).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(settings) - set(params))
-    if unknown:
-        raise UserError(f"method.{unknown[0]} is not a setting of method {name!r}; settings: "
-                        f"{', '.join(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY)}")
-    missing = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and p.default is p.empty and k not in settings]
-    if missing:
-        raise UserError(f"method {name!r} lacks the setting(s) {', '.join(missing)} (configs/method/{name}.yaml)")
 
 
 def load_data(data_cfg) -> LoadedDataset:
@@ -81,46 +40,6 @@ def load_data(data_cfg) -> LoadedDataset:
     return instantiate(data_cfg, _convert_="all")
 
 
-def structure_scorer(structure: Callable) -> Callable:
-    """(example, source, edited) → {"structure": DINO self-similarity distance} for the runner."""
-    return lambda example, source, edited: {"structure": float(structure(source, edited)[0])}
-
-
-class SamplePanel:
-    """Keeps the first ``n`` edited pairs of this run for the logger's sample-image panel."""
-
-    COLUMNS = ["id", "source", "edited", "source_prompt", "target_prompt", "clip_score", "clip_directional"]
-
-    def __init__(self, n: int):
-        self.n, self.rows = n, []
-
-    def __call__(self, record: dict, source, edited) -> None:
-        if len(self.rows) < self.n:
-            self.rows.append((record, source[0].detach().cpu(), edited[0].detach().cpu()))
-
-
-def _log(logger, panel: SamplePanel, tables: dict, data: str, method: str) -> None:
-    """Table 4 of this dataset (and Table 5) as logger tables; the sample images as an image table
-    (W&B: a panel of source | edited with prompts and scores). Loggers without tables get the means."""
-    import numpy as np
-
-    t4 = tables["table4"].get(data)
-    if hasattr(logger, "log_table"):
-        if t4 is not None:
-            logger.log_table(key=f"table4/{data}", dataframe=t4[0].reset_index(names="method"))
-        if tables["table5"] is not None:
-            logger.log_table(key="table5", dataframe=tables["table5"][0].reset_index(names="method"))
-        if panel.rows:
-            import wandb
-
-            to_img = lambda x: wandb.Image((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))  # noqa: E731
-            data_rows = [[r["id"], to_img(s), to_img(e), r["source_prompt"], r["target_prompt"], r["clip_score"],
-                          r["clip_directional"]] for r, s, e in panel.rows]
-            logger.log_table(key=f"samples/{data}/{method}", columns=SamplePanel.COLUMNS, data=data_rows)
-    elif panel.rows:
-        means = {k: float(np.mean([r[k] for r, _, _ in panel.rows])) for k in ("clip_score", "clip_directional")}
-        logger.log_metrics({f"{data}/{method}/{k}": v for k, v in means.items()})
-    close_logger(logger)
 
 
 def run_id() -> str:
@@ -159,30 +78,25 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(bench.get("out_dir") or root / str(cfg.data.name) / name)
     out_dir = out_dir / shard.folder if shard else out_dir
 
-    structure_name = (plain(cfg.get("metrics")) or {}).get("structure")
     clip = load_clip(clip_name, device=cfg.device)  # ModelLoadError (one line) when unavailable
-    structure = load_structure(structure_name, device=cfg.device)  # None when not configured
+    metrics = build_metrics(cfg.get("metric"))  # the per-pair score plug-ins (configs/metric/), models loaded
     pipe = load_model(cfg)
-    logger = make_logger(cfg)
-    panel = SamplePanel(int(bench.get("panel_images", 8))) if logger is not None else None
-    meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "structure": structure_name,
-            "model": str(cfg.model.name),
+    meta = {"method": name, "data": str(cfg.data.name), "clip": clip_name, "metrics": metrics_meta(metrics),
+            "columns": metrics_columns(metrics), "model": str(cfg.model.name),
             "model_path": cfg.model.get("path"), "dtype": str(cfg.dtype), "seed": int(cfg.seed),
-            "method_cfg": method_settings(method_cfg), "resize": str(cfg.resize),
+            "method_cfg": method_settings(plain(method_cfg)), "resize": str(cfg.resize),
             # the weights themselves: a model retrained or replaced under the same name or path is other settings
-            "model_fingerprint": model_fingerprint(cfg, pipe), "clip_fingerprint": clip_fingerprint(clip_name),
-            "structure_fingerprint": structure_fingerprint(structure_name)}
+            "model_fingerprint": model_fingerprint(cfg, pipe), "clip_fingerprint": clip_fingerprint(clip_name)}
     if shard:
         meta[SHARD_KEY] = str(shard)
     write_plan(out_dir, dataset, shard)
-    # Extra scores: DINO structure distance when configured; the toy world's own edit check, which
-    # applies to the pairs that carry the world's ground truth (toy datasets) and is {} for others.
-    scorers = ([structure_scorer(structure)] if structure is not None else []) + [toy_scores]
+    scorers = [scorer(m) for m in metrics]
     summary = run_pairs(pipe, dataset, name, edit, out_dir, clip, meta, seed=int(cfg.seed), run_id=run_id(),
-                        resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers, on_record=panel)
+                        resize=str(cfg.resize), progress=bool(cfg.progress), scorers=scorers)
     tables = write_tables_locked(root, clip_name, str(cfg.model.name), **table_opts)
-    if logger is not None:
-        _log(logger, panel, tables, str(cfg.data.name), name)
+    scores = {**COLUMNS, **{c["key"]: c["header"] for c in metrics_columns(metrics)}}  # the runner's + plug-ins'
+    log_benchmark(cfg, str(cfg.data.name), name, collect(root, clip_name).get(str(cfg.data.name), {}), scores,
+                  out_dir, summary.edited, int(bench.get("panel_images", 8)))
     print(dataset.summary())
     print(shard_line(str(cfg.data.name), name, shard, summary.line(name)))
     shown = tables["table4"].get(str(cfg.data.name))
@@ -191,5 +105,8 @@ def run(cfg: DictConfig) -> dict:
     if shown is not None:
         table, files, cap = shown
         print(f"\n{cap}\n{table.to_markdown()}\n\ntables in {Path(files['md']).parent}")
+    if tables.get("paper") is not None:  # benchmark.compare_paper: the paper's table beside ours
+        table, files, cap = tables["paper"]
+        print(f"\n{cap}\n{table.to_markdown()}\n\n(in {files['md']})")
     return {"summary": summary, "tables": tables, "out_dir": str(out_dir), "root": str(root),
             "dataset": dataset.summary()}

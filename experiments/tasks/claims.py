@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from evaluation.claims_plots import bars_figure, probe_figure, sweep_figure
 from experiments.common import instantiate, load_model, output_dir, plain
 from experiments.tasks.ablation import ablation_rows
 from experiments.tasks.probe import collect_features, family_path
+from experiments.tracking import log_claims
 from probing.capture import CaptureSpec
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family
@@ -253,9 +255,10 @@ def run_edits(rows: EditRows, cases: list[tuple[str, str, int]], checker, batch:
         for k, i in enumerate(chunk):
             src, tgt, seed = cases[i]
             source, edited = images[2 * k:2 * k + 1], images[2 * k + 1:2 * k + 2]
-            scores = checker(src, tgt, source, edited)
+            scores = checker(src, tgt, source, edited)  # None: the checker cannot read an image (NaN here)
             out_rows.append({"case": i, "source": src, "target": tgt, "seed": seed, "variant": label,
-                             "group": rows.groups[label], **{m: float(scores[m]) for m in METRICS}})
+                             "group": rows.groups[label],
+                             **{m: math.nan if scores[m] is None else float(scores[m]) for m in METRICS}})
             if i < grid_cases:
                 if label == PLAIN:
                     grid.setdefault("source", []).append((source, f"seed {seed}"))
@@ -267,14 +270,24 @@ def _per_case(df: pd.DataFrame, label: str, metric: str) -> np.ndarray:
     return df[df.variant == label].sort_values("case")[metric].to_numpy()
 
 
+def scored_interval(values: np.ndarray, c: DictConfig) -> Interval:
+    """Bootstrap interval over the cases the checker scored (NaN: an image it could not read — left out,
+    not counted as 0; ``Interval.n`` says how many remain)."""
+    v = values[~np.isnan(values)]
+    if v.size == 0:
+        return Interval(math.nan, -math.inf, math.inf, 0, "bootstrap")
+    return bootstrap_interval(v, c.level, c.edits.bootstrap)
+
+
 def variant_intervals(df: pd.DataFrame, c: DictConfig) -> dict[str, dict[str, Interval]]:
-    return {label: {METRICS[m]: bootstrap_interval(_per_case(df, label, m), c.level, c.edits.bootstrap)
-                    for m in METRICS} for label in dict.fromkeys(df.variant)}
+    return {label: {METRICS[m]: scored_interval(_per_case(df, label, m), c) for m in METRICS}
+            for label in dict.fromkeys(df.variant)}
 
 
 def _diff(df, a: str, b: str, metric: str, c: DictConfig) -> Interval:
-    """Bootstrap interval of the per-case difference ``a − b`` (paired by case)."""
-    return bootstrap_interval(_per_case(df, a, metric) - _per_case(df, b, metric), c.level, c.edits.bootstrap)
+    """Bootstrap interval of the per-case difference ``a − b`` (paired by case; cases either side could not
+    be scored are left out)."""
+    return scored_interval(_per_case(df, a, metric) - _per_case(df, b, metric), c)
 
 
 def sweep_claim(df: pd.DataFrame, c: DictConfig, cross_all: str, middle: str) -> Claim:
@@ -297,8 +310,17 @@ def token_claim(df: pd.DataFrame, c: DictConfig) -> Claim:
                   for x in labels], any_of=True)
 
 
-def interval_table(rows: dict[str, dict[str, Interval]]) -> pd.DataFrame:
-    return pd.DataFrame({label: {m: iv.format() for m, iv in ms.items()} for label, ms in rows.items()}).T
+def interval_table(rows: dict[str, dict[str, Interval]], df: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows = variants, cells "mean [interval]"; with the edits ``df``, a column "not scored" where a
+    score is over fewer cases than the row has ("mask IoU over 5 of 6 cases; 1 unreadable")."""
+    table = pd.DataFrame({label: {m: iv.format() for m, iv in ms.items()} for label, ms in rows.items()}).T
+    if df is not None:
+        cases = df.variant.value_counts()
+        notes = {label: "; ".join(f"{m} over {iv.n} of {cases[label]} cases; {cases[label] - iv.n} unreadable"
+                                  for m, iv in ms.items() if iv.n < cases[label]) for label, ms in rows.items()}
+        if any(notes.values()):
+            table["not scored"] = pd.Series(notes)
+    return table
 
 
 # --------------------------------------------------------------------------- report
@@ -389,15 +411,16 @@ def run(cfg: DictConfig) -> dict:
             f"Pairs {pairs}, noise seeds {seeds}: {len(sweep_cases)} cases per row. Cross maps replaced on "
             f"{c.ablations.cross.steps} of the steps, self maps on {c.ablations.self.steps}; middle self layers = "
             f"`{plain(c.edits.middle)}` → layers {middle_layers} ({middle}). Edit correct: the target's colour and "
-            "shape found in the edited image; mask IoU: object masks of source and edited (1 = layout kept). "
+            "shape found in the edited image; mask IoU: object masks of source and edited (1 = layout kept; a case "
+            "whose source or edited image the checker cannot read has none: left out, counted). "
             "Mean [bootstrap interval].", "",
-            _md_table(interval_table(ivs), "rows"), "", "![layer sweep](layer_sweep.png)", "",
+            _md_table(interval_table(ivs, df), "rows"), "", "![layer sweep](layer_sweep.png)", "",
             f"![edits of the sweep (rows: variants; columns: the first {c.edits.grid_cases} cases, pair by "
             "pair)](sweep_grid.png)", "",
             "## (d): token edits (Fig. 5)", "",
             f"`{t.source_prompt}` → `{t.target_prompt}`, cross maps of the `{t.layers}` layers on {t.steps} of the "
             f"steps, noise seeds {token_seeds}. Mean [bootstrap interval].",
-            "", _md_table(interval_table(tivs), "rows"), "", "![token edits](token_edits.png)", "",
+            "", _md_table(interval_table(tivs, tdf), "rows"), "", "![token edits](token_edits.png)", "",
             "![token edit grid](token_grid.png)", ""]
 
     claims = [claim_a, claim_b, claim_c, claim_d]
@@ -406,6 +429,7 @@ def run(cfg: DictConfig) -> dict:
     result = {"model": name, "level": c.level, "seconds": seconds, "claims": [x.to_dict() for x in claims],
               "settings": OmegaConf.to_container(c, resolve=True)}
     files["json"] = atomic_write_text(out / "claims.json", json.dumps(result, indent=1, default=str))
+    log_claims(cfg, result["claims"], sorted(out.glob("*.png")))
     print(f"\n{table.rename_axis('probed maps').to_markdown()}\n")
     for cl in claims:
         print(cl.line())

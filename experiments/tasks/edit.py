@@ -1,52 +1,73 @@
-"""Editing task: FPE on a generated image (Alg. 1) or a real image (Alg. 2)."""
+"""Editing task: one pair edited by any method (``method=<name>``: ``configs/method/<name>.yaml``) or by
+several side by side (``edit.methods=[fpe,p2p,...]`` → ``compare.png``, the paper's Fig. 8), on a generated
+pair or a real image (``edit.image``). ``edit=fpe`` / ``edit=fpe_real`` are FPE's shorthands.
+The library: :mod:`editing.methods` (build, run and save one method), :mod:`evaluation.compare`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from omegaconf import DictConfig
-from safetensors.torch import save_file
 
-from editing.fpe import fpe_generated, fpe_real
-from editing.grid import labelled_grid, to_pil
 from editing.images import load_image
 from editing.inversion import image_size
-from experiments.common import load_model, output_dir, plain
+from editing.methods import Pair, build_method, method_settings, run_method, save_run, with_settings
+from evaluation.compare import compare_methods, comparison_rows, comparison_table, write_comparison
+from evaluation.metric_models import load_clip
+from experiments.common import load_model, method_config, output_dir, plain
 from sdattn.errors import UserError
 
 
-def run(cfg: DictConfig) -> dict:
-    """Writes the images, ``grid.png`` and ``latents.safetensors``; returns their paths and the result."""
+def method_names(cfg: DictConfig) -> list[str]:
+    """``edit.methods``, else the one chosen with ``method=``; refused when neither or a name repeats."""
     e = cfg.edit
+    names = [str(n) for n in plain(e.methods)] if e.get("methods") else []
+    if not names and cfg.get("method"):
+        names = [str(cfg.method.name)]
+    if not names:
+        raise UserError("task=edit needs a method: method=<a config of configs/method/, e.g. p2p> or "
+                        "edit.methods=[fpe,p2p,masactrl,pnp]")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"edit.methods names {repeated[0]!r} twice; each method once")
+    unknown = sorted(set(plain(e.settings) or {}) - set(names))
+    if unknown:
+        raise UserError(f"edit.settings.{unknown[0]}: {unknown[0]!r} is not one of the methods run "
+                        f"({', '.join(names)})")
+    return names
+
+
+def run(cfg: DictConfig) -> dict:
+    """Writes source, edited, grid and latents (per method in ``<method>/`` when comparing, with
+    ``compare.png/json/md``); returns the files and the runs."""
+    e = cfg.edit
+    names = method_names(cfg)
+    specs = {n: with_settings(method_config(cfg, n), (plain(e.settings) or {}).get(n)) for n in names}
+    editors = [build_method(specs[n]) for n in names]  # a bad setting or target → one line before any loading
+    if e.image is None and e.image_required:
+        raise UserError(f"edit.image is required for edit={e.name}: give edit.image=path/to/photo.jpg")
+    if e.image is not None and not Path(str(e.image)).is_file():
+        raise UserError(f"image {str(e.image)!r} does not exist or is not a file")
+    comparing = bool(e.get("methods"))
+    clip = load_clip(str(e.clip), device=cfg.device) if comparing and e.clip else None
+    pipe = load_model(cfg)
+    image = None if e.image is None else load_image(str(e.image), image_size(pipe), cfg.resize)
+    pair = Pair(str(e.source_prompt), str(e.target_prompt))
+    source_caption = pair.source_prompt if image is None else Path(str(e.image)).name
     out = output_dir(cfg)
-    common = dict(layers=plain(e.layers), self_replace_steps=plain(e.self_replace_steps),
-                  num_inference_steps=e.num_inference_steps, guidance_scale=e.guidance_scale, progress=cfg.progress)
-    if e.mode == "generated":
-        pipe = load_model(cfg)
-        result = fpe_generated(pipe, e.source_prompt, e.target_prompt, cfg.seed, negative_prompt=e.negative_prompt,
-                               **common)
-        names = {"source": e.source_prompt, "edited": e.target_prompt}
-        latents = {"source": result.latents["source"], "edited": result.latents["edited"]}
-    elif e.mode == "real":
-        if not e.get("image"):
-            raise UserError("edit.image is required for edit=fpe_real: give edit.image=path/to/photo.jpg")
-        if not Path(str(e.image)).is_file():  # fail before loading the model
-            raise UserError(f"image {str(e.image)!r} does not exist or is not a file")
-        pipe = load_model(cfg)
-        image = load_image(e.image, image_size(pipe), cfg.resize)
-        result = fpe_real(pipe, image, e.target_prompt, e.source_prompt, e.inversion,
-                          null_text=plain(e.null_text), **common)
-        names = {"input": "input", "reconstruction": f"reconstruction ({e.inversion})", "edited": e.target_prompt}
-        latents = {k: result.latents[k] for k in ("inverted", "reconstruction", "edited")}
-    else:
-        raise UserError(f"edit.mode {e.mode!r} is not one of ['generated', 'real']")
-    files = {}
-    for name in names:
-        files[name] = out / f"{name}.png"
-        to_pil(result.images[name]).save(files[name])
-    files["grid"] = out / "grid.png"
-    labelled_grid([[(result.images[n], cap) for n, cap in names.items()]]).save(files["grid"])
-    files["latents"] = out / "latents.safetensors"
-    save_file({k: v.contiguous().cpu() for k, v in latents.items()}, str(files["latents"]))
-    print(f"FPE ({e.mode}) on {len(result.info['layers'])} self layers; files in {out}")
-    return {"files": files, "result": result}
+    kind = "generated" if image is None else "real image"
+    if not comparing:
+        (name, edit), = editors
+        result = run_method(pipe, name, edit, pair, int(cfg.seed), image, bool(e.warmup))
+        files = save_run(result, out, (source_caption, pair.target_prompt), int(e.cell))
+        print(f"{name} ({kind}): {result.seconds:.2f} s; files in {out}")
+        return {"files": files, "runs": [result]}
+    runs = compare_methods(pipe, editors, pair, int(cfg.seed), image, bool(e.warmup))
+    rows = comparison_rows(runs, pair, clip)
+    settings = {"seed": int(cfg.seed), "image": None if image is None else str(e.image), "clip": plain(e.clip),
+                "warmup": bool(e.warmup), "model": str(cfg.model.name),
+                "settings": {n: method_settings(s) for n, s in specs.items()}}
+    files = write_comparison(out, runs, rows, pair, source_caption, settings, int(e.cell))
+    print(f"{len(runs)} methods ({kind}), seed {cfg.seed}: {pair.source_prompt!r} → {pair.target_prompt!r}"
+          f"{'' if clip else ' (no CLIP: edit.clip=null)'}\n{comparison_table(rows)}\ncomparison: {files['compare']}")
+    return {"files": files, "runs": runs, "rows": rows, "editors": dict(editors)}

@@ -33,6 +33,9 @@ def run(cfg: DictConfig) -> dict:
         shown = [tables["table5"]]
     for table, files, cap in shown:
         print(f"{cap}\n{table.to_markdown()}\n\ntables in {Path(files['md']).parent}\n")
+    if tables.get("paper") is not None:
+        table, files, cap = tables["paper"]
+        print(f"{cap}\n{table.to_markdown()}\n")
     if not tables["table4"]:
         print(f"no rows scored with CLIP {clip_name!r} under {root}")
     return {"tables": tables, "progress": folders, "gpu_seconds": per_method, "root": str(root)}

@@ -14,20 +14,19 @@ from tqdm.auto import tqdm
 
 from evaluation.shards import Shard, parse_shard
 from experiments.common import (
-    close_logger,
     instantiate,
     load_model,
-    make_logger,
     model_fingerprint,
     model_identity,
     output_dir,
     plain,
 )
+from experiments.tracking import log_probe
 from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family, resolve_token, word_token_positions
 from probing.store import FeatureStore
-from probing.tables import accuracy_table, formatted
+from probing.tables import accuracy_table, beside_paper, formatted, paper_caption, paper_probe_table, sd1x_layout
 from sdattn.errors import UserError
 from sdattn.layers import LayerSelector, enumerate_layers
 from sdattn.sampling import check_prompts, latent_size
@@ -94,7 +93,6 @@ def run(cfg: DictConfig) -> dict:
     make_trainer = instantiate(cfg.trainer)
     token_names = [t.replace("{cls}", "class word") for t in spec.tokens] if p.kind == "cross" else [None]
     out, tables, files = output_dir(cfg), {}, {}
-    logger = make_logger(cfg)
     for t, token in enumerate(token_names):
         per_class, overall, control = {}, {}, {}
         for layer in tqdm(layers, desc="probes" + (f" [{token}]" if token else ""), disable=not cfg.progress):
@@ -116,11 +114,14 @@ def run(cfg: DictConfig) -> dict:
         table = formatted(mean, std, with_std=len(p.seeds) > 1)
         files[stem] = write_table(table, out, stem, caption)
         tables[stem] = mean
-        print(f"\n{caption}\n{table.to_markdown()}\n")
-        if logger is not None:
-            logger.log_table(key=stem, dataframe=table.reset_index(names="class"))
-    if logger is not None:
-        close_logger(logger)
+        shown, shown_caption = table, caption
+        paper = paper_probe_table(Path(cfg.paths.data_dir) / "paper", p.name, token) \
+            if sd1x_layout(all_layers) else None
+        if paper is not None:  # the paper's numbers in the cells we share (same class, same layer number)
+            shown, shown_caption = beside_paper(table, paper), f"{caption}; {paper_caption(paper, str(cfg.model.name))}"
+            files[f"{stem}_vs_paper"] = write_table(shown, out, f"{stem}_vs_paper", shown_caption)
+        print(f"\n{shown_caption}\n{shown.to_markdown()}\n")
+    log_probe(cfg, tables, str(p.name))
     print(f"tables written to {out}")
     return {"tables": tables, "files": files, "layers": [x.label for x in layers], "classes": classes,
             "chance": 1 / len(classes), "out_dir": str(out)}
