@@ -44,6 +44,8 @@ TASKS: dict[str, tuple[str, str]] = {
                  "sdattn experiment=eval_toy"),
     "eval_toy_edit": ("FPE colour edits on the toy model, scored by the pixel checker",
                       "sdattn experiment=eval_toy_edit"),
+    "app": ("the attention explorer in the browser: maps, editors side by side, probe results "
+            "(pip install 'sdattn-lab[app]'; also `sdattn app [--share]`)", "sdattn task=app app.port=7860"),
 }
 
 # Config groups a user does not pick (settings read from the weights, the null-text schedule, folders,

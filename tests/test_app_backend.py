@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from experiments.app.backend import Backend, compose_run
-from experiments.app.probe_results import find_probe_runs, layer_key, read_paper_table, read_probe_run
+from experiments.app.probe_results import find_probe_runs, paper_table, read_probe_run
 from sdattn.errors import UserError
 from sdattn.tables import write_table
 
@@ -26,7 +26,7 @@ def backend(tmp_path_factory):
         pytest.skip("the toy-world model is not in models/toy")
     out = tmp_path_factory.mktemp("app")
     cfg = compose_run(["task=app", f"paths.output_dir={out}", "logger=none", "app.warmup=false"])
-    return Backend(cfg, ["task=app", "logger=none"])
+    return Backend(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +95,10 @@ def test_bad_input_is_one_line(backend, recording, call, message):
 def test_edit_passes_the_page_settings_to_fpe(backend):
     from editing.fpe import fpe_generated
 
-    out = backend.edit("a white car", "a red car", 42, {"fpe": {"layers": "2-5", "self_replace_steps": 0.5}})
-    row, = out.rows
+    out = backend.edit("a white car", "a red car", 42, {"fpe": {"layers": "2-5", "self_replace_steps": 0.5},
+                                                        "shape_guided": {}})  # real images only: its own error
+    row, refused = out.rows
+    assert refused["method"] == "shape_guided" and refused["error"] and refused.get("edited") is None
     ref = fpe_generated(backend.pipe, "a white car", "a red car", 42, layers="2-5", self_replace_steps=0.5,
                         num_inference_steps=backend.num_steps, guidance_scale=backend.guidance, progress=False)
     np.testing.assert_allclose(row["edited"], ref.images["edited"][0].permute(1, 2, 0).numpy(), atol=1e-6)
@@ -159,9 +161,10 @@ def probe_run(root, model: str, columns: list[str], probe: str = "cross_attn") -
 def test_probe_run_beside_the_paper(tmp_path):
     folder = probe_run(tmp_path, "tiny", ["L3", "L6", "Avg"])
     paper = tmp_path / "paper"
-    paper.mkdir()
+    paper.mkdir()  # datasets/paper's layout: the probes a table belongs to, class → layer → fraction
     (paper / "table1.yaml").write_text(yaml.safe_dump(
-        {"source": "test", "layers": [3, 6, 9], "rows": {"red": [0.97, 0.97, 0.93], "Green": [0.93, 0.91, 0.91]}}))
+        {"table": 1, "model": "SD 1.5", "probes": ["cross_attn"], "layers": [3, 6, 9],
+         "classes": {"red": {3: 0.97, 6: 0.97, 9: 0.93, "Avg": 0.96}, "green": {3: 0.93, 6: 0.91, 9: 0.91}}}))
     (Path(folder) / "cross_attn_vs_paper.csv").write_text("class,L3\nred,81.2 (97)\n")  # a copy beside a reference
     assert find_probe_runs(tmp_path) == [folder]
     t, = read_probe_run(folder, paper)
@@ -170,7 +173,7 @@ def test_probe_run_beside_the_paper(tmp_path):
     assert t.paper is not None and list(t.paper.index) == ["red"] and list(t.paper.columns) == ["L3", "L6"]  # no Avg:
     # the paper's is over layers 3, 6, 9
     assert t.paper.loc["red", "L6"] == pytest.approx(97.0)
-    assert "Table 1" in t.note
+    assert "Table 1 (SD 1.5)" in t.note
 
 
 def test_probe_run_without_sd_layout_or_paper(tmp_path):
@@ -179,25 +182,23 @@ def test_probe_run_without_sd_layout_or_paper(tmp_path):
     assert t.paper is None and "own layer layout" in t.note
     tiny = probe_run(tmp_path / "b", "tiny", ["L3", "Avg"])
     t, = read_probe_run(tiny, tmp_path / "no-paper")
-    assert t.paper is None and "not in no-paper/" in t.note
+    assert t.paper is None and "no table of the paper in no-paper/ lists probe 'cross_attn'" in t.note
     with pytest.raises(UserError, match="is not a finished probe run"):
         read_probe_run(tmp_path, tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         read_probe_run(tmp_path / "missing", tmp_path)
 
 
-def test_paper_table_layouts(tmp_path):
-    (tmp_path / "table3.yaml").write_text(yaml.safe_dump(  # datasets/paper's layout: token → class → layer
-        {"table": 3, "layers": [3, 6], "tokens": {"a": {"red": {3: 0.5, 6: 0.0, "Avg": 0.19}},
-                                                   "car": {"red": {3: 0.38, 6: 0.88, "Avg": 0.38}}}}))
-    car, note = read_paper_table(tmp_path, 3, "car")
-    assert car.loc["red", "L3"] == pytest.approx(38.0) and "Table 3 ('car')" in note
-    (tmp_path / "table2.csv").write_text("Class,Layer 3,Layer 6,Avg.\ndog,53,60,55\n")
-    dog, _ = read_paper_table(tmp_path, 2)
-    assert list(dog.columns) == ["L3", "L6", "Avg"] and dog.loc["dog", "L6"] == 60.0
-    (tmp_path / "table1.yaml").write_text("notes: nothing here\n")
-    assert read_paper_table(tmp_path, 1)[0] is None
-    assert [layer_key(k) for k in (3, "L14", "Layer 16", "avg", "red")] == ["L3", "L14", "L16", "Avg", None]
+def test_the_papers_tables_1_to_3():
+    """The shipped datasets/paper tables, by our probe (and token) as the probe task finds them."""
+    paper = ROOT / "datasets" / "paper"
+    t1, note = paper_table(paper, "cross_attn")
+    assert t1.loc["sheep", "L3"] == pytest.approx(97.0) and t1.loc["red", "Avg"] == pytest.approx(76.0)
+    assert "Table 1" in note
+    assert paper_table(paper, "self_attn")[0].loc["dog", "L9"] == pytest.approx(78.0)
+    car, note = paper_table(paper, "cross_attn_tokens", "car")
+    assert car.loc["orange", "Avg"] == pytest.approx(80.0) and "'car'" in note
+    assert paper_table(paper, "nope")[0] is None
 
 
 def test_task_app_without_the_extra_is_one_line(compose_cfg, monkeypatch):
@@ -222,3 +223,10 @@ def test_a_busy_or_bad_port_is_one_line_before_loading():
             check_port("127.0.0.1", s.getsockname()[1])
     with pytest.raises(UserError, match="is not a port"):
         check_port("127.0.0.1", 70000)
+
+
+def test_sdattn_app_is_task_app():
+    from experiments.console import shorthand
+
+    assert shorthand(["app", "--share", "model=tiny"]) == ["task=app", "app.share=true", "model=tiny"]
+    assert shorthand(["probe=cross_attn", "--share"]) == ["probe=cross_attn", "--share"]  # only after app

@@ -46,7 +46,7 @@ class Server:
 
         overrides = ["task=app", f"app.port={free_port()}", "logger=none", f"paths.output_dir={out}"]
         self.stack = ExitStack()
-        page, self.url, _ = self.stack.enter_context(running(compose_run(overrides), overrides))
+        page, self.url, _ = self.stack.enter_context(running(compose_run(overrides)))
         self.url = self.url.rstrip("/")
         self.tmp = Path(os.environ["GRADIO_TEMP_DIR"])
 

@@ -7,15 +7,14 @@ The page (:mod:`experiments.app.ui`) sees plain data — numpy images, lists, di
   (:class:`sdattn.hooks.HookSet`): every word's cross-attention map per layer, step and head, and one
   self layer's full map. The attention recorder of issue 22 (a ``run_with_cache``-style context
   manager) replaces :class:`CrossRecorder` / :class:`SelfRecorder` here.
-- :meth:`Backend.edit` builds each editor from ``configs/method/<name>.yaml`` with Hydra (compose +
-  :func:`experiments.tasks.benchmark.build_method`, as the benchmark does) and calls
-  ``edit(pipe, example, seed, image) -> (source, edited)``. The library's edit API replaces
-  :meth:`Backend.method_node` / :func:`build_method` here.
+- :meth:`Backend.edit` runs any editors of ``configs/method/`` on one pair through the library's edit API:
+  :func:`experiments.common.method_config` (composed as ``method=<name>`` on this run),
+  :mod:`editing.methods` (settings merged, built, run and timed) and :mod:`evaluation.compare` (inversions
+  shared, CLIP scores), as ``task=edit`` does for several methods.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +25,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from editing.images import load_image
-from editing.inversion import image_size
-from evaluation.datasets import EditExample
+from editing.inversion import image_size, shared_inversions
+from editing.methods import Pair, build_method, method_settings, run_method, with_settings
+from evaluation.compare import comparison_rows
 from evaluation.metric_models import load_clip
 from experiments.cli import CONFIG_DIR, PROJECT_ROOT, register_resolvers, settings_line
-from experiments.common import load_model, plain
-from experiments.tasks.benchmark import build_method, method_settings
+from experiments.common import load_model, method_config, plain
 from experiments.validate import validate
 from probing.attention_maps import full_self_attention, prompt_words, top_components
 from probing.capture import StepAccumulator, token_weights
@@ -65,7 +64,8 @@ class EditOutcome:
 
     plain: np.ndarray  # (H, W, 3): the target prompt sampled alone (same seed)
     plain_note: str  # how the plain target relates to the source ("same noise" or "same seed")
-    rows: list[dict] = field(default_factory=list)  # method, source, edited, time_s, clip_score, ...
+    rows: list[dict] = field(default_factory=list)  # method, error, and when edited: source, edited, time_s,
+    # shared_inversion_s, clip_score, clip_directional, same_source (evaluation.compare.comparison_rows)
     clip_note: str = ""  # why CLIP scores are missing, if they are
     plain_clip_score: float | None = None  # CLIP score of the plain target with the target prompt
 
@@ -158,8 +158,8 @@ def step_set(lo: int, hi: int, num_steps: int, what: str) -> list[int]:
 class Backend:
     """The configured model (``cfg.model``, ``cfg.device``, ``cfg.dtype``) and what the page asks of it."""
 
-    def __init__(self, cfg: DictConfig, overrides: Sequence[str] = ()):
-        self.cfg, self.overrides = cfg, list(overrides)
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
         self.settings = plain(cfg.app)
         self.pipe = load_model(cfg)
         self.layers = enumerate_layers(self.pipe.unet, latent_size(self.pipe))
@@ -295,13 +295,13 @@ class Backend:
         return sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 
     def method_spec(self, name: str, settings: dict | None = None) -> dict:
-        """``configs/method/<name>.yaml`` composed on this run's config (Hydra, as ``method=<name>``), resolved,
+        """``configs/method/<name>.yaml`` as this run composes it (:func:`experiments.common.method_config`),
         with ``settings`` merged in and checked by the CLI's own rules (fractions, step counts, guidance)."""
         if name not in self.methods():
             raise UserError(f"method {name!r} is not one of {self.methods()}")
         if name not in self._method_specs:  # composed and resolved once: the settings follow the model
-            self._method_specs[name] = plain(compose_run([*self.overrides, f"method={name}", "logger=none"]).method)
-        spec = OmegaConf.to_container(OmegaConf.merge(self._method_specs[name], settings or {}))
+            self._method_specs[name] = method_config(self.cfg, name)
+        spec = with_settings(self._method_specs[name], settings)
         unknown = sorted(set(settings or {}) - set(self.method_settings(name)))
         if unknown:
             raise UserError(f"{unknown[0]!r} is not a setting of method {name!r}; settings: "
@@ -355,26 +355,18 @@ class Backend:
         plain_target = self.plain_sample(target_prompt, seed)
         outcome = EditOutcome(to_numpy_image(plain_target), "same seed, no edit" if image is not None else
                               "same noise, no edit", clip_note=self._clip_note or "")
-        example = EditExample("app", source_prompt, target_prompt, image_path)
-        for i, (name, edit) in enumerate(editors.items()):
-            report((i + 1) / (len(editors) + 1), f"{name} ({i + 1}/{len(editors)})")
-            row = {"method": name, "source": None, "edited": None, "time_s": None, "clip_score": None,
-                   "clip_directional": None, "error": ""}
-            try:
-                self.synchronize()
-                t0 = time.perf_counter()
-                source, edited = edit(self.pipe, example, seed, image)
-                self.synchronize()
-                row["time_s"] = time.perf_counter() - t0
-            except UserError as e:
-                row["error"] = first_line(e)
-                outcome.rows.append(row)
-                continue
-            row["source"], row["edited"] = to_numpy_image(source), to_numpy_image(edited)
-            if clip is not None:
-                score, directional = clip.pair_scores(source.float(), edited.float(), [source_prompt], [target_prompt])
-                row["clip_score"], row["clip_directional"] = float(score[0]), float(directional[0])
-            outcome.rows.append(row)
+        pair, runs = Pair(source_prompt, target_prompt, id="app"), {}
+        with shared_inversions():  # methods that invert alike invert once (the time counts it in both)
+            for i, (name, edit) in enumerate(editors.items()):
+                report((i + 1) / (len(editors) + 1), f"{name} ({i + 1}/{len(editors)})")
+                try:
+                    runs[name] = run_method(self.pipe, name, edit, pair, seed, image)
+                except UserError as e:
+                    outcome.rows.append({"method": name, "error": first_line(e)})
+        for run, row in zip(runs.values(), comparison_rows(list(runs.values()), pair, clip)):
+            outcome.rows.append({**row, "source": to_numpy_image(run.source), "edited": to_numpy_image(run.edited),
+                                 "error": ""})
+        outcome.rows.sort(key=lambda r: list(editors).index(r["method"]))
         if clip is not None:
             outcome.plain_clip_score = float(clip.clip_score(plain_target.float(), [target_prompt])[0])
         return outcome
@@ -389,7 +381,3 @@ class Backend:
             while len(self._plain) > keep:
                 self._plain.pop(next(iter(self._plain)))
         return self._plain[key]
-
-    def synchronize(self) -> None:
-        if torch.device(self.cfg.device).type == "cuda":
-            torch.cuda.synchronize()

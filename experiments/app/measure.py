@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
         t0 = time.perf_counter()
-        with running(cfg, overrides) as (page, url, backend):
+        with running(cfg) as (page, url, backend):
             started = time.perf_counter() - t0
             client = Client(url, verbose=False, download_files=out)
             rows = []

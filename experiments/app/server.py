@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from omegaconf import DictConfig
@@ -43,7 +43,7 @@ def restored_env(name: str, value: str | None) -> Iterator[None]:
 
 
 @contextmanager
-def running(cfg: DictConfig, overrides: Sequence[str] = ()) -> Iterator[tuple[object, str, object]]:
+def running(cfg: DictConfig) -> Iterator[tuple[object, str, object]]:
     """The page on the configured model, serving in a background thread: yields (Gradio Blocks, local URL,
     its :class:`~experiments.app.backend.Backend`);
     on exit the server stops and its temporary folder (uploads, shown images) is removed."""
@@ -60,7 +60,7 @@ def running(cfg: DictConfig, overrides: Sequence[str] = ()) -> Iterator[tuple[ob
         from .backend import Backend
         from .ui import THEME, build
 
-        backend = Backend(cfg, overrides)
+        backend = Backend(cfg)
         if a.warmup:  # the first UNet calls are slow (allocations, kernels): pay for them before serving
             backend.record(str(a.prompt), int(cfg.seed), int(a.self_layer))
         page = build(backend).queue(default_concurrency_limit=1)  # one model: one job at a time, in order
@@ -80,14 +80,14 @@ def running(cfg: DictConfig, overrides: Sequence[str] = ()) -> Iterator[tuple[ob
             page.close()
 
 
-def serve(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
+def serve(cfg: DictConfig) -> dict:
     """Serve until Ctrl-C (or SIGTERM); returns the URL it served on."""
     def stop(signum, frame):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        with running(cfg, overrides) as (page, url, _):
+        with running(cfg) as (page, url, _):
             page.block_thread()  # returns on Ctrl-C / SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)

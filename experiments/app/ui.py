@@ -156,14 +156,19 @@ def build(backend: Backend) -> gr.Blocks:
         plain = render.upscale(out.plain, size)
         gallery, table = [], []
         for row in out.rows:
-            if row["edited"] is not None:
+            if row.get("edited") is not None:
                 gallery += [(render.upscale(row["source"], size), f"{row['method']}: source"),
                             (render.upscale(row["edited"], size), f"{row['method']}: edited"),
                             (plain, f"plain target ({out.plain_note})")]
-            table.append([row["method"], rounded(row["time_s"], 2), rounded(row["clip_score"], 2),
-                          rounded(row["clip_directional"], 3), row["error"] or out.clip_note])
+            notes = [row["error"] or out.clip_note]
+            if row.get("shared_inversion_s"):
+                notes.append(f"{row['shared_inversion_s']:.2f} s of it: an inversion shared with an earlier method")
+            if row.get("same_source") is False:
+                notes.append("its own source")
+            table.append([row["method"], rounded(row.get("time_s"), 2), rounded(row.get("clip_score"), 2),
+                          rounded(row.get("clip_directional"), 3), "; ".join(n for n in notes if n)])
         table.append(["plain target", None, rounded(out.plain_clip_score, 2), None, out.plain_note])
-        done = sum(r["edited"] is not None for r in out.rows)
+        done = sum(r.get("edited") is not None for r in out.rows)
         return gallery, table, timed(f"{done} of {len(out.rows)} methods edited", t0)
 
     # ------------------------------------------------------------------ probe results

@@ -16,9 +16,7 @@ from sdattn.errors import UserError
 def run(cfg: DictConfig) -> dict:
     if importlib.util.find_spec("gradio") is None:  # not imported here: the server sets its temporary folder first
         raise UserError("task=app needs the app extra: pip install '.[app]' (gradio)")
-    from hydra.core.hydra_config import HydraConfig
 
     from experiments.app.server import serve
 
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    return serve(cfg, overrides)
+    return serve(cfg)
