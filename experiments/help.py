@@ -59,6 +59,7 @@ GROUP_NOTES = {
     "method": "the editor of a benchmark run",
     "data": "the edit benchmark of a benchmark run",
     "logger": "where numbers go besides the run folder",
+    "app": "the attention explorer's page (sdattn app): app.port=, app.host=, app.share=",
     "hydra/launcher": "how the jobs of -m run (plugins: pip install 'sdattn-lab[cluster]')",
 }
 
