@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 
 from sdattn.errors import UserError
+from sdattn.layers import select_layers
 from sdattn.sampling import check_prompts, decode, encode_image, initial_latents
+from sdattn.steps import parse_steps
 
 from .inversion import ddim_invert, null_text_inversion
-from .replace import AttentionReplace, select_layers, step_range
+from .replace import AttentionReplace
 from .two_branch import SOURCE, TARGET, AnchorSource, EditResult, Images, model_layers, replacement_edit
 
 INVERSIONS = ("ddim", "null_text")
@@ -21,7 +23,7 @@ REAL_SOURCE_PROMPTS = ("empty", "dataset")
 def self_replace_hooks(pipe, layers, steps, num_inference_steps: int) -> dict:
     """FPE's hooks: self-attention map of the target ← source on ``layers`` during ``steps``."""
     chosen = select_layers(model_layers(pipe), layers, "self")
-    active = step_range(steps, num_inference_steps)
+    active = parse_steps(steps, num_inference_steps, "fraction", "self_replace_steps")
     return {layer: (lambda lay, st: AttentionReplace(lay, st, [(SOURCE, TARGET)], active)) for layer in chosen}
 
 

@@ -7,64 +7,13 @@ so no attention map is materialised and the cost equals plain sampling.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, StepState
-from sdattn.layers import LayerId, LayerSelector
-
-
-def step_fractions(spec, key: str = "step fraction") -> tuple[float, float]:
-    """The rule for a step fraction: f in [0, 1] → (0, f); a pair [a, b] with 0 ≤ a ≤ b ≤ 1 → (a, b).
-
-    ``key`` names the setting in the error (``edit.self_replace_steps``); the CLI checks every such key
-    with this rule before running anything.
-    """
-    def number(x) -> bool:
-        return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-    if number(spec):
-        if not (math.isfinite(spec) and 0 <= spec <= 1):
-            raise UserError(f"{key}={spec!r} is outside [0, 1]; allowed: a fraction of the steps, or [start, end]")
-        return 0.0, float(spec)
-    if isinstance(spec, (list, tuple)) and len(spec) == 2 and all(number(v) for v in spec):
-        if not all(math.isfinite(v) and 0 <= v <= 1 for v in spec) or spec[0] > spec[1]:
-            raise UserError(f"{key}={list(spec)!r}: allowed [start, end] with 0 ≤ start ≤ end ≤ 1")
-        return float(spec[0]), float(spec[1])
-    raise UserError(f"{key}={spec!r} is not a fraction; allowed: a number in [0, 1] or [start, end]")
-
-
-def step_range(spec, num_steps: int) -> set[int]:
-    """Active steps: a fraction f → steps 0..int(f·N)-1; a pair [a, b] of fractions → int(a·N)..int(b·N)-1.
-    Truncated as the official code does (``int(num_steps * self_replace_steps)`` in FPE's and P2P's
-    controllers, PnP's ``int(n_timesteps * pnp_f_t)``): ``step_range(0.8, 12)`` is steps 0..8."""
-    start, end = step_fractions(spec)
-    return set(range(int(start * num_steps), int(end * num_steps)))
-
-
-def select_layers(layers: Sequence[LayerId], spec, kind: str = "self") -> list[LayerId]:
-    """Layer presets for replacement.
-
-    ``"paper"``: layers 4–14 (Liu et al. §4); ``"official"``: layers whose query grid has at most a
-    quarter of the latent's tokens (the official code's ``tokens ≤ 32²`` at 512 px: SD 1.5 layers
-    3–13); ``"none"``/empty: no layer; ``"all"``; or an explicit range/list such as ``"4-14"``.
-    """
-    mine = [x for x in layers if x.kind == kind]
-    if spec is None or spec == "none" or (not isinstance(spec, (str, int)) and len(spec) == 0):
-        return []
-    if spec == "paper":
-        n = len(mine)
-        if n < 14:
-            raise UserError(f"layer preset 'paper' (4-14) needs ≥ 14 {kind} layers; this model has {n}")
-        return LayerSelector(kinds=kind, indices="4-14").select(layers)
-    if spec == "official":
-        largest = max(x.tokens for x in mine)
-        return LayerSelector(kinds=kind, max_tokens=largest // 4).select(layers)
-    return LayerSelector(kinds=kind, indices=spec).select(layers)
+from sdattn.layers import LayerId
 
 
 class RowInjection(AttentionHook):

@@ -198,7 +198,7 @@ def _capture_setup(cfg, n_prompts: int):
 def capture_calls(pipe, cfg, steps: int, n_prompts: int) -> tuple[dict[str, Callable[[], object]], object]:
     """The capture variants as argument-free calls, and the probe layer indices they use."""
     from probing.capture import capture_features
-    from sdattn.layers import LayerSelector, enumerate_layers
+    from sdattn.layers import enumerate_layers, select_layers
     from sdattn.sampling import latent_size, sample
 
     guidance = float(cfg.model.guidance_scale)
@@ -208,7 +208,7 @@ def capture_calls(pipe, cfg, steps: int, n_prompts: int) -> tuple[dict[str, Call
 
     def capture(kind):
         spec = specs[kind]
-        layers = LayerSelector(kinds=kind, indices=indices).select(all_layers)
+        layers = select_layers(all_layers, indices, kind)
         return lambda: capture_features(pipe, layers, spec, texts, seeds, words if kind == "cross" else None,
                                         num_inference_steps=steps, guidance_scale=guidance)
 

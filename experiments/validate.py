@@ -15,15 +15,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from editing.images import RESIZE_MODES
-from editing.replace import step_fractions
 from evaluation.shards import parse_shard
 from sdattn.errors import UserError
+from sdattn.steps import StepSpec
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's range for non-negative seeds
 DTYPES = ("float32", "float16", "bfloat16")
 STEP_COUNTS = ("num_inference_steps", "inversion_steps", "model.steps")  # int ≥ 1 (by name, or full key)
-FRACTIONS = ("self_replace_steps", "cross_replace_steps", "feature_steps", "attn_steps", "strength",
-             "inpaint_strength", "mask_encode_strength", "test_fraction")
+STEP_WINDOWS = ("self_replace_steps", "cross_replace_steps", "feature_steps", "attn_steps")  # sdattn.steps specs
+FRACTIONS = ("strength", "inpaint_strength", "mask_encode_strength", "test_fraction")
 # Ablation nodes (configs/ablation/*.yaml, placed at ``ablation`` or ``claims.ablations.<name>``): their
 # ``steps`` is a fraction of the sampling steps; ``steps`` elsewhere (model.steps, probe.steps) is not.
 ABLATION_NODES = ("ablation", "claims.ablations.*")
@@ -63,8 +63,11 @@ def _check_value(key: str, name: str, value) -> None:
         if not _is_number(value) or not math.isfinite(value) or value < 1:
             raise UserError(f"{key}={value!r} is not a guidance scale; allowed: a finite number ≥ 1 "
                             "(1 disables classifier-free guidance)")
-    elif name in FRACTIONS or (name == "steps" and _in_node(key, ABLATION_NODES)):
-        step_fractions(value, key)
+    elif name in STEP_WINDOWS or (name == "steps" and _in_node(key, ABLATION_NODES)):
+        StepSpec.parse(value, "fraction", key)
+    elif name in FRACTIONS:
+        if not _is_number(value) or not (math.isfinite(value) and 0 <= value <= 1):
+            raise UserError(f"{key}={value!r} is outside [0, 1]; allowed: a fraction")
     elif name in POSITIVE_INTS:
         if not _is_int(value) or value < 1:
             raise UserError(f"{key}={value!r}: allowed an integer ≥ 1 (or null for the default)")

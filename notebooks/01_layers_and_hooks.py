@@ -36,8 +36,9 @@ from IPython.display import display
 
 from editing.grid import labelled_grid
 from probing.prompts import word_token_positions
-from sdattn.hooks import AttentionHook, HookSet
-from sdattn.layers import LayerSelector, enumerate_layers, format_layer_table
+from sdattn.hooks import AttentionHook
+from sdattn.layers import enumerate_layers, format_layer_table, select_layers
+from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import latent_size, sample
 from toyworld.model import load_pipeline
 
@@ -47,44 +48,31 @@ layers = enumerate_layers(pipe.unet, latent_size(pipe))
 print(format_layer_table(layers))
 
 # %% [markdown]
-# ## A hook: the cross-attention map of one word
+# ## Recording: the cross-attention map of one word
 #
-# `attend(attn, q, k, v, mask)` sees the per-head queries, keys and values (B, H, N, d) of its layer;
-# the default computes what diffusers' `AttnProcessor2_0` computes. This hook also keeps
-# softmax(QKᵀ/√d) of the conditional rows for the token of "red" at every step, and returns the
-# layer's output unchanged.
-
+# The attention recorder (`sdattn.recorder`, in the spirit of TransformerLens's `run_with_cache`) installs
+# hooks that compute what the layers compute and keep what a `Tap` asks for: here softmax(QKᵀ/√d) of the
+# conditional rows, averaged over heads, for the token of "red", summed over the steps. (A hook of your own
+# is an `AttentionHook` subclass: its `attend(attn, q, k, v, mask)` sees the per-head queries, keys and
+# values (B, H, N, d) of its layer; the recorder's and every editor's hooks are such subclasses.)
 
 # %%
-class WordMap(AttentionHook):
-    """Sums the (h, w) cross-attention map of token ``position`` (conditional rows, mean over heads)."""
-
-    def __init__(self, layer, state, position, store):
-        super().__init__(layer, state)
-        self.position, self.store = position, store
-
-    def attend(self, attn, query, key, value, mask):
-        rows = self.state.layout.cond_rows
-        probs = torch.softmax(query[rows] @ key[rows].transpose(-1, -2) * attn.scale, -1)  # (B, H, N, L)
-        word = probs[..., self.position].mean(1)  # (B, N)
-        side = self.layer.height
-        self.store[self.layer.label] = self.store.get(self.layer.label, 0) + word.view(-1, side, self.layer.width)
-        return super().attend(attn, query, key, value, mask)
-
-
 prompt = "a red car in the park"
 position = word_token_positions(pipe.tokenizer, prompt, "red")[0]
-cross = LayerSelector(kinds="cross", indices="all").select(layers)
-store: dict = {}
+red = torch.zeros(1, 1, pipe.tokenizer.model_max_length)  # (B, T, L): weights over the keys, one word
+red[0, 0, position] = 1.0
+cross = select_layers(layers, "all", "cross")
+rec = Recorder([Tap(cross, "probs", rows="cond", heads="mean", tokens=red, over_steps="sum")])
 steps = 3 if SMALL else 10
-with HookSet(pipe.unet, cross, lambda layer, state: WordMap(layer, state, position, store)) as hooks:
-    out = sample(pipe, [prompt], seeds=[0], num_inference_steps=steps, guidance_scale=2.0, callbacks=[hooks],
+with rec.installed(pipe.unet):
+    out = sample(pipe, [prompt], seeds=[0], num_inference_steps=steps, guidance_scale=2.0, callbacks=[rec],
                  progress=False)
-assert type(next(iter(pipe.unet.attn_processors.values()))).__name__ != "WordMap"  # restored
+assert not any(isinstance(p, AttentionHook) for p in pipe.unet.attn_processors.values())  # restored
 
 # %%
 maps = [(out.images[0], prompt)]
-for label, total in store.items():
-    m = total[0] / total[0].max()  # (h, w), the sum over the steps, scaled to [0, 1]
-    maps.append((m[None].repeat(3, 1, 1), label))
+for layer in cross:
+    total = rec["probs"][layer.label][0, 0].view(layer.height, layer.width)  # (h, w), the sum over the steps
+    m = total / total.max()  # scaled to [0, 1]
+    maps.append((m[None].repeat(3, 1, 1), layer.label))
 display(labelled_grid([maps], cell=96))

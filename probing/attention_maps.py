@@ -4,8 +4,8 @@ Cross: softmax(QKᵀ/√d) of the conditional branch, mean over heads, mean over
 resized (bilinear) to the largest grid among the chosen layers, then averaged over layers and steps.
 Self: one layer's full (N × N) map of the conditional branch (rows: queries, softmax over keys),
 mean over heads, averaged over steps; :func:`top_components` gives its top left singular vectors,
-each reshaped to the layer's (h, w) grid. Everything is captured in one sampling run through
-:class:`sdattn.hooks.HookSet`; the hooks leave the layers' outputs unchanged.
+each reshaped to the layer's (h, w) grid. Everything is captured in one sampling run by the attention
+recorder (:mod:`sdattn.recorder`), which leaves the layers' outputs unchanged.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from sdattn.errors import UserError
-from sdattn.hooks import AttentionHook, HookSet, StepState
-from sdattn.layers import LayerId, LayerSelector
+from sdattn.layers import LayerId
+from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import sample
+from sdattn.steps import parse_steps
 
-from .capture import StepAccumulator, parse_steps, token_maps, token_weights
+from .capture import token_weights
 from .prompts import word_token_positions
 
 
@@ -34,44 +35,6 @@ class AttentionMaps:
     self_map: torch.Tensor  # (N, N) with N = self_layer.tokens; rows are queries and sum to 1
     cross_layers: list[LayerId]
     self_layer: LayerId
-
-
-class CrossWordCapture(AttentionHook):
-    """Adds each word's cross-attention map (mean over heads and the word's tokens) per step."""
-
-    def __init__(self, layer: LayerId, state: StepState, acc: StepAccumulator, weights: torch.Tensor,
-                 steps: set[int], size: tuple[int, int]):
-        super().__init__(layer, state)
-        self.acc, self.weights, self.steps, self.size = acc, weights, steps, size  # weights: (B, T, L)
-
-    def attend(self, attn, query, key, value, mask):
-        out = super().attend(attn, query, key, value, mask)
-        if self.state.step in self.steps:
-            maps = token_maps(attn, query, key, self.state.layout.cond_rows, self.weights, self.layer, self.size)
-            self.acc.add(self.layer.label, maps)
-        return out
-
-
-def full_self_attention(query: torch.Tensor, key: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
-    """Mean-over-heads attention probabilities, computed in query chunks: (B, H, N, d) → (B, N, N)."""
-    rows = [torch.softmax(query[:, :, s:s + chunk].float() @ key.float().transpose(-1, -2) * scale, -1).mean(1)
-            for s in range(0, query.shape[2], chunk)]
-    return torch.cat(rows, 1)
-
-
-class SelfMapRecorder(AttentionHook):
-    """Adds the full (N × N) self-attention map of the conditional branch, mean over heads, per step."""
-
-    def __init__(self, layer: LayerId, state: StepState, acc: StepAccumulator, steps: set[int]):
-        super().__init__(layer, state)
-        self.acc, self.steps = acc, steps
-
-    def attend(self, attn, query, key, value, mask):
-        out = super().attend(attn, query, key, value, mask)
-        if self.state.step in self.steps:
-            rows = self.state.layout.cond_rows
-            self.acc.add(self.layer.label, full_self_attention(query[rows], key[rows], attn.scale))  # (B, N, N)
-        return out
 
 
 def prompt_words(prompt: str, words: Sequence[str] | None = None) -> list[str]:
@@ -90,41 +53,6 @@ def prompt_words(prompt: str, words: Sequence[str] | None = None) -> list[str]:
         if w.lower() not in lower:
             raise UserError(f"word {w!r} is not in the prompt {prompt!r}; words there: {available}")
     return words
-
-
-def resolve_resolution(spec, latent_side: int) -> int | None:
-    """A query-grid side: an int, ``"1/k"`` (latent side ÷ k) or ``null``/``"all"`` (any) → int or None."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
-        return None
-    if isinstance(spec, int) and not isinstance(spec, bool) and spec > 0:
-        return spec
-    text = str(spec).strip()
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    if text.startswith("1/") and text[2:].isdigit() and int(text[2:]) > 0:
-        return max(1, latent_side // int(text[2:]))
-    raise UserError(f"cross resolution {spec!r} is not a grid side (e.g. 16), a fraction of the latent side "
-                    "like '1/4', or 'all'")
-
-
-def select_cross_layers(layers: Sequence[LayerId], indices, resolution, latent_side: int) -> list[LayerId]:
-    """Cross layers with the given indices whose query grid has side ``resolution`` (see :func:`resolve_resolution`)."""
-    side = resolve_resolution(resolution, latent_side)
-    chosen = LayerSelector(kinds="cross", indices=indices,
-                           resolutions=None if side is None else [side]).select(layers)
-    if not chosen:
-        sides = sorted({x.resolution for x in layers if x.kind == "cross"})
-        raise UserError(f"no cross layer among indices {indices!r} has resolution {resolution!r} (= {side}); "
-                        f"resolutions of this model's cross layers: {sides}")
-    return chosen
-
-
-def self_layer_by_index(layers: Sequence[LayerId], index) -> LayerId:
-    """The self-attention layer with 1-based ``index`` (SD numbering)."""
-    mine = [x for x in layers if x.kind == "self"]
-    if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= len(mine):
-        raise UserError(f"self layer {index!r} is not a self-attention layer of this model: allowed 1..{len(mine)}")
-    return mine[index - 1]
 
 
 def capture_attention_maps(
@@ -151,23 +79,20 @@ def capture_attention_maps(
                         f"{[x.label for x in cross_layers]}")
     if self_layer.kind != "self":
         raise UserError(f"layer {self_layer.label} is not a self-attention layer")
-    csteps = parse_steps(cross_steps, num_inference_steps)
-    ssteps = parse_steps(self_steps, num_inference_steps)
     size = (max(x.height for x in cross_layers), max(x.width for x in cross_layers))
+    csteps = parse_steps(cross_steps, num_inference_steps, key="attention_maps.cross_steps")
+    ssteps = parse_steps(self_steps, num_inference_steps, key="attention_maps.self_steps")
     weights = token_weights(pipe.tokenizer, [prompt], [words])  # (1, T, L)
-    cross_acc, self_acc = StepAccumulator(), StepAccumulator()
-
-    def factory(layer: LayerId, state: StepState) -> AttentionHook:
-        if layer == self_layer:
-            return SelfMapRecorder(layer, state, self_acc, ssteps)
-        return CrossWordCapture(layer, state, cross_acc, weights, csteps, size)
-
-    with HookSet(pipe.unet, [*cross_layers, self_layer], factory) as hooks:
+    rec = Recorder([Tap(cross_layers, "probs", name="cross", steps=csteps, rows="cond", heads="mean", tokens=weights,
+                        size=size, over_steps="mean"),
+                    Tap([self_layer], "probs", name="self", steps=ssteps, rows="cond", heads="mean", float32=True,
+                        over_steps="mean")])
+    with rec.installed(pipe.unet):
         out = sample(pipe, [prompt], [seed], num_inference_steps=num_inference_steps,
-                     guidance_scale=guidance_scale, callbacks=[hooks], progress=progress)
-    per_layer = cross_acc.means()  # {label: (1, T, h, w)}, mean over steps
+                     guidance_scale=guidance_scale, callbacks=[rec], progress=progress)
+    per_layer = rec["cross"]  # {label: (1, T, h, w)}, mean over steps
     cross = torch.stack([per_layer[x.label][0] for x in cross_layers]).mean(0)  # (T, h, w)
-    self_map = self_acc.means()[self_layer.label][0]  # (N, N)
+    self_map = rec["self"][self_layer.label][0]  # (N, N)
     return AttentionMaps(out.images[0], words, cross, self_map, list(cross_layers), self_layer)
 
 

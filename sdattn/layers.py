@@ -159,6 +159,64 @@ class LayerSelector:
         return chosen
 
 
+PRESETS = ("all", "none", "paper", "official", "stable", "decoder")
+_ATTENTION = re.compile(r"\.attentions\.(\d+)\.")
+
+
+def _relative_side(spec, largest: int) -> int | None:
+    """A query-grid side: an int, ``"1/k"`` (the largest grid's side ÷ k) or null/``"all"`` (any) → int or None."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return None
+    text = str(spec).strip()
+    if not isinstance(spec, bool) and text.isdigit() and int(text) > 0:
+        return int(text)
+    if text.startswith("1/") and text[2:].isdigit() and int(text[2:]) > 0:
+        return max(1, largest // int(text[2:]))
+    raise UserError(f"resolution {spec!r} is not a grid side (e.g. 16), a fraction of the largest grid's side "
+                    "like '1/4', or 'all'")
+
+
+def select_layers(layers: Sequence[LayerId], spec="all", kind: str = "self", resolution=None) -> list[LayerId]:
+    """The layers of ``kind`` that ``spec`` names: the one layer-preset function of every method and observer.
+
+    ``spec``: ``"all"``; ``"none"``/null/[] (no layer); indices ``"4-14"``, ``"3,6"``, ``[3, 6]``, ``7``;
+    or a preset, each relative to the largest query grid (the latent's on SD-1.x):
+
+    - ``"paper"``: layers 4–14 (Liu et al. §4; needs ≥ 14 layers of the kind);
+    - ``"official"``: query grids of ≤ 1/4 of the largest's tokens (FPE's official ``tokens ≤ 32²`` at
+      512 px: SD 1.5 layers 3–13);
+    - ``"stable"``: ≤ 1/16 of its tokens (prompt-to-prompt_stable.ipynb's ≤ 16² at 512 px: SD 5–10);
+    - ``"decoder"``: the up blocks' layers except those of the first attention module of the first up
+      block with attention (PnP's official ``{1: [1, 2], 2: [0, 1, 2], 3: [0, 1, 2]}``: SD 9–16).
+
+    ``resolution``: also keep only layers whose query grid has this side: an int, ``"1/k"`` (the largest
+    grid's side ÷ k) or null/``"all"``.
+    """
+    if kind not in KINDS:
+        raise UserError(f"layer kind {kind!r} is not one of {list(KINDS)}")
+    mine = [x for x in layers if x.kind == kind]
+    if not mine:
+        return []
+    largest = max(mine, key=lambda x: x.tokens)
+    side = _relative_side(resolution, largest.height)
+    sides = None if side is None else [side]  # LayerSelector's resolutions
+    if spec is None or spec == "none" or (not isinstance(spec, (str, int)) and len(spec) == 0):
+        return []
+    if spec == "paper":
+        if len(mine) < 14:
+            raise UserError(f"layer preset 'paper' (4-14) needs ≥ 14 {kind} layers; this model has {len(mine)}")
+        return LayerSelector(kinds=kind, indices="4-14", resolutions=sides).select(layers)
+    if spec in ("official", "stable"):
+        divisor = 4 if spec == "official" else 16
+        return LayerSelector(kinds=kind, max_tokens=largest.tokens // divisor, resolutions=sides).select(layers)
+    if spec == "decoder":
+        up = [x for x in mine if x.block.startswith("up.")]
+        first = f"up.{min(int(x.block[3:]) for x in up)}" if up else None
+        return [x for x in up if (side is None or x.resolution == side)
+                and not (x.block == first and _ATTENTION.search(x.name)[1] == "0")]
+    return LayerSelector(kinds=kind, indices=spec, resolutions=sides).select(layers)
+
+
 def format_layer_table(layers: Sequence[LayerId]) -> str:
     """A plain-text table of the layers, one line each."""
     rows = [f"{'kind':<6}{'index':>6}  {'block':<8}{'res':>8}  name"]

@@ -10,33 +10,16 @@ import pytest
 import torch
 
 from experiments.run import dispatch
-from probing.attention_maps import (
-    capture_attention_maps,
-    resolve_resolution,
-    select_cross_layers,
-    self_layer_by_index,
-    top_components,
-)
+from probing.attention_maps import capture_attention_maps, top_components
 from probing.prompts import word_token_positions
 from sdattn.errors import UserError
-from sdattn.hooks import AttentionHook, HookSet
-from sdattn.layers import enumerate_layers
+from sdattn.layers import enumerate_layers, select_layers
 from sdattn.sampling import sample
 
 from .conftest import ROOT
+from .test_capture import explicit_probs
 
 FAST = ["experiment=attention_maps", "model=tiny", "attention_maps.num_inference_steps=3", "logger=none"]
-
-
-class _ProbsRecorder(AttentionHook):
-    """Reference: the full attention probabilities of the conditional rows, mean over heads, per step."""
-
-    store: dict
-
-    def attend(self, attn, q, k, v, mask):
-        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (B, H, Nq, Nk)
-        self.store[(self.layer.label, self.state.step)] = probs[self.state.layout.cond_rows].mean(1)
-        return super().attend(attn, q, k, v, mask)
 
 
 def test_task_writes_figure(compose_cfg, tmp_path, tiny_pipe, monkeypatch):
@@ -61,27 +44,20 @@ def test_experiment_config_selects_the_task(compose_cfg):
 
 def test_maps_equal_explicit_attention_probabilities(tiny_pipe):
     layers = enumerate_layers(tiny_pipe.unet)
-    cross = select_cross_layers(layers, "all", "1/4", 16)
-    self_layer = self_layer_by_index(layers, 11)
+    cross = select_layers(layers, "all", "cross", "1/4")
+    (self_layer,) = select_layers(layers, 11, "self")
     prompt, words = "a zebra in the park", ["zebra", "park"]  # "zebra" is several tokens in the tiny vocabulary
     maps = capture_attention_maps(tiny_pipe, prompt, 3, cross, self_layer, words, cross_steps=[1, 2],
                                   self_steps=[0, 2], num_inference_steps=3, guidance_scale=7.5)
-    store: dict = {}
-
-    def factory(layer, state):
-        h = _ProbsRecorder(layer, state)
-        h.store = store
-        return h
-
-    with HookSet(tiny_pipe.unet, [*cross, self_layer], factory) as hooks:
-        out = sample(tiny_pipe, [prompt], [3], num_inference_steps=3, callbacks=[hooks], progress=False)
-    assert torch.allclose(maps.image, out.images[0])
+    store = explicit_probs(tiny_pipe, [*cross, self_layer], [prompt], [3], 3)  # {label: (steps, B, N, M)}
+    plain = sample(tiny_pipe, [prompt], [3], num_inference_steps=3, progress=False).images[0]
+    assert torch.allclose(maps.image, plain)  # recording leaves the layers' outputs alone
     for t, word in enumerate(words):
         pos = word_token_positions(tiny_pipe.tokenizer, prompt, word)
-        expected = torch.stack([store[(x.label, s)][0][:, pos].mean(-1) for x in cross for s in (1, 2)]).mean(0)
+        expected = torch.stack([store[x.label][s, 0][:, pos].mean(-1) for x in cross for s in (1, 2)]).mean(0)
         assert torch.allclose(maps.cross[t], expected.reshape(4, 4), atol=1e-6), word
     assert len(word_token_positions(tiny_pipe.tokenizer, prompt, "zebra")) > 1
-    expected_self = (store[("self-11", 0)][0] + store[("self-11", 2)][0]) / 2  # (64, 64)
+    expected_self = (store["self-11"][0, 0] + store["self-11"][2, 0]) / 2  # (64, 64)
     assert torch.allclose(maps.self_map, expected_self, atol=1e-6)
     assert torch.allclose(maps.self_map.sum(-1), torch.ones(64), atol=1e-5)
 
@@ -100,23 +76,27 @@ def test_svd_components_are_orthonormal_singular_vectors():
         top_components(m, (4, 4))
 
 
-def test_layer_choices():
-    assert resolve_resolution("1/4", 64) == 16 and resolve_resolution(32, 64) == 32
-    assert resolve_resolution("all", 64) is None
-    with pytest.raises(UserError, match="cross resolution 'quarter' is not a grid side"):
-        resolve_resolution("quarter", 64)
+def test_layer_choices(tiny_pipe):
+    layers = enumerate_layers(tiny_pipe.unet)  # query grids 16, 8, 4 (mid 2)
+    assert [x.index for x in select_layers(layers, "all", "cross", "1/4")] == [5, 6, 8, 9, 10]
+    assert select_layers(layers, "all", "cross", 4) == select_layers(layers, "all", "cross", "1/4")
+    assert select_layers(layers, "1-4", "cross", "all") == select_layers(layers, "1-4", "cross")
+    with pytest.raises(UserError, match="resolution 'quarter' is not a grid side"):
+        select_layers(layers, "all", "cross", "quarter")
 
 
-def test_bad_words_and_layers_are_user_errors(compose_cfg, tiny_pipe):
+def test_bad_words_and_layers_are_user_errors(compose_cfg, tiny_pipe, monkeypatch):
+    monkeypatch.setattr("experiments.tasks.attention_maps.load_model", lambda cfg: tiny_pipe)  # = model=tiny
     with pytest.raises(UserError, match=r"word 'dog' is not in the prompt 'a white horse in the park'; words there"):
         dispatch(compose_cfg(*FAST, "attention_maps.words=[horse,dog]"))
     with pytest.raises(UserError, match="attention_maps.words is empty"):
         dispatch(compose_cfg(*FAST, "attention_maps.words=[]"))
-    layers = enumerate_layers(tiny_pipe.unet)
-    with pytest.raises(UserError, match=r"self layer 17 is not a self-attention layer of this model: allowed 1..16"):
-        self_layer_by_index(layers, 17)
-    with pytest.raises(UserError, match=r"no cross layer among indices .* resolutions of this model's cross"):
-        select_cross_layers(layers, "1-4", 5, 16)
+    with pytest.raises(UserError, match=r"layer index 17 is out of range: this model has layers 1..16"):
+        dispatch(compose_cfg(*FAST, "attention_maps.self_layer=17"))
+    with pytest.raises(UserError, match=r"self_layer='5-6' must name one self-attention layer"):
+        dispatch(compose_cfg(*FAST, "attention_maps.self_layer=5-6"))
+    with pytest.raises(UserError, match=r"no cross layer among .*cross_layers='1-4' .* resolutions of this model's"):
+        dispatch(compose_cfg(*FAST, "attention_maps.cross_layers=1-4", "attention_maps.cross_resolution=5"))
 
 
 def test_perf_variants_in_one_process(compose_cfg, tiny_pipe):

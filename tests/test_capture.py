@@ -2,51 +2,57 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from probing.capture import CaptureSpec, capture_features, pooled_self_attention, token_weights
+from probing.capture import CaptureSpec, capture_features, token_weights
 from probing.prompts import build_prompts, load_family, word_token_positions
 from probing.store import FeatureStore
 from sdattn.errors import UserError
-from sdattn.hooks import AttentionHook, HookSet
-from sdattn.layers import LayerSelector, enumerate_layers
+from sdattn.layers import enumerate_layers, select_layers
+from sdattn.maps import attention_with_pooled_map, pooled_self_attention
+from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import sample
 
 from .conftest import ROOT
 
 
-class _ProbsRecorder(AttentionHook):
-    """Reference: materialise the full attention probabilities the slow way."""
-
-    store: dict
-
-    def attend(self, attn, q, k, v, mask):
-        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
-        self.store.setdefault(self.layer.label, []).append(probs[self.state.layout.cond_rows].mean(1))
-        return super().attend(attn, q, k, v, mask)
+def explicit_probs(pipe, layers, prompts, seeds, steps: int) -> dict:
+    """Reference: {label: per step (B, N, M)}: softmax(QKᵀ·scale) of the conditional rows, mean over heads,
+    materialised the slow way from the recorded q and k."""
+    rec = Recorder([Tap(layers, "q", rows="cond"), Tap(layers, "k", rows="cond")])
+    with rec.installed(pipe.unet):
+        sample(pipe, prompts, seeds, num_inference_steps=steps, callbacks=[rec], progress=False, decode_images=False)
+    scale = {x.label: pipe.unet.get_submodule(x.module_name).scale for x in layers}
+    return {label: (q @ rec["k"][label].transpose(-1, -2) * scale[label]).softmax(-1).mean(2)
+            for label, q in rec["q"].items()}  # (steps, B, N, M)
 
 
 def test_cross_maps_equal_explicit_attention_probabilities(tiny_pipe):
-    layers = LayerSelector(kinds="cross", indices=[3, 14]).select(enumerate_layers(tiny_pipe.unet))
+    layers = select_layers(enumerate_layers(tiny_pipe.unet), [3, 14], "cross")
     prompts, words = ["a red car", "a blue dog"], [["red", "car"], ["blue", "a"]]
     feats = capture_features(tiny_pipe, layers, CaptureSpec(grid=4, steps=[1, 2]), prompts, [0, 1], words,
                              num_inference_steps=3, guidance_scale=7.5)
-    store: dict = {}
-
-    def factory(layer, state):
-        h = _ProbsRecorder(layer, state)
-        h.store = store
-        return h
-
-    with HookSet(tiny_pipe.unet, layers, factory) as hooks:
-        sample(tiny_pipe, prompts, [0, 1], num_inference_steps=3, callbacks=[hooks], progress=False,
-               decode_images=False)
+    store = explicit_probs(tiny_pipe, layers, prompts, [0, 1], 3)
     for layer in layers:
-        probs = torch.stack(store[layer.label][1:3]).mean(0)  # steps 1, 2: (B, N, L)
+        probs = store[layer.label][1:3].mean(0)  # steps 1, 2: (B, N, L)
         # "red" is token 2 of "a red car"; "car" token 3; "blue" token 2 and "a" token 1 of "a blue dog"
         expected = torch.stack([probs[0][:, [2, 3]], probs[1][:, [2, 1]]]).transpose(1, 2)  # (B, T, N)
         expected = F.interpolate(expected.reshape(4, 1, layer.height, layer.width), size=(4, 4), mode="bilinear",
                                  align_corners=False).reshape(2, 2, 16)
         assert feats[layer.label].shape == (2, 2, 16)
         assert torch.allclose(feats[layer.label], expected, atol=1e-5)
+
+
+def test_self_capture_equals_pooling_explicit_attention_probabilities(tiny_pipe):
+    layers = select_layers(enumerate_layers(tiny_pipe.unet), [1, 11], "self")  # 16×16 and 8×8 query grids
+    prompts = ["a red car", "a blue dog"]
+    feats = capture_features(tiny_pipe, layers, CaptureSpec(kind="self", pool=2, steps="0,2"), prompts, [0, 1],
+                             num_inference_steps=3, guidance_scale=7.5)
+    store = explicit_probs(tiny_pipe, layers, prompts, [0, 1], 3)
+    for layer in layers:
+        probs = store[layer.label][[0, 2]].mean(0)  # (B, N, N)
+        n, hw = layer.tokens, (layer.height, layer.width)
+        by_keys = F.adaptive_avg_pool2d(probs.reshape(2 * n, 1, *hw), 2).reshape(2, n, 4)
+        pooled = F.adaptive_avg_pool2d(by_keys.transpose(1, 2).reshape(8, 1, *hw), 2).reshape(2, 4, 4)
+        assert torch.allclose(feats[layer.label], pooled.transpose(1, 2).reshape(2, 16), atol=1e-6)
 
 
 def test_multi_token_word_is_averaged_and_absent_word_rejected(tiny_pipe):
@@ -71,7 +77,7 @@ def test_pooled_self_attention_equals_pooling_the_full_map():
 
 
 def test_self_capture_shape(tiny_pipe):
-    layers = LayerSelector(kinds="self", indices=[1, 7]).select(enumerate_layers(tiny_pipe.unet))
+    layers = select_layers(enumerate_layers(tiny_pipe.unet), [1, 7], "self")
     feats = capture_features(tiny_pipe, layers, CaptureSpec(kind="self", pool=2), ["a red car"], [0],
                              num_inference_steps=2)
     assert {k: tuple(v.shape) for k, v in feats.items()} == {"self-1": (1, 16), "self-7": (1, 16)}
@@ -113,8 +119,6 @@ def test_pooled_self_attention_equals_adaptive_pooling_on_uneven_grids():
 
 
 def test_attention_with_pooled_map_equals_sdpa_and_the_pooled_map():
-    from probing.capture import attention_with_pooled_map
-
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 4, 36, 8, generator=g) for _ in range(3))  # a 6×6 grid
     out, feat = attention_with_pooled_map(q, k, v, 0.35, (6, 6), pool=3, chunk_bytes=2048)  # several chunks

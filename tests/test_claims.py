@@ -132,8 +132,9 @@ def test_batched_replacement_edits_equal_one_pair_at_a_time(tiny_pipe):
     """Cases sampled together (claims' ``edits.batch``) give the edits sampled one by one."""
     import torch
 
-    from editing.replace import AttentionReplace, select_layers
+    from editing.replace import AttentionReplace
     from editing.two_branch import model_layers, pair_rows, replacement_edit, replacement_edits
+    from sdattn.layers import select_layers
     from sdattn.sampling import initial_latents
 
     chosen = select_layers(model_layers(tiny_pipe), "4-14", "self")

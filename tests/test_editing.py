@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from editing.fpe import fpe_generated, fpe_real
 from editing.images import load_image
 from editing.inversion import ddim_invert
-from editing.replace import AttentionReplace, TokenMapEdit, select_layers, step_range
+from editing.replace import AttentionReplace, TokenMapEdit
 from editing.two_branch import SOURCE, TARGET, model_layers, replacement_edit
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook
-from sdattn.layers import LayerSelector
+from sdattn.layers import select_layers
+from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import denoise, encode_image, encode_prompts, initial_latents, sample
+from sdattn.steps import parse_steps
 
 from .conftest import SHARED
 
@@ -28,11 +30,11 @@ def test_presets_and_step_ranges(tiny_pipe):
     assert [x.index for x in select_layers(layers, "official")] == list(range(3, 14))
     assert select_layers(layers, "none") == [] and len(select_layers(layers, "all")) == 16
     assert [x.index for x in select_layers(layers, [2, "5-6"], "cross")] == [2, 5, 6]
-    assert step_range(0.8, 50) == set(range(40)) and step_range([0.2, 0.5], 10) == {2, 3, 4}
+    assert parse_steps(0.8, 50, "fraction") == set(range(40)) and parse_steps([0.2, 0.5], 10, "fraction") == {2, 3, 4}
     for bad, match in [(1.5, r"outside \[0, 1\]"), ([0.6, 0.2], r"0 ≤ start ≤ end ≤ 1"), ("x", "is not a fraction"),
                        (float("nan"), r"outside \[0, 1\]"), ([0.1, True], "is not a fraction")]:
         with pytest.raises(UserError, match=match):
-            step_range(bad, 50)
+            parse_steps(bad, 50, "fraction")
     with pytest.raises(UserError, match="out of range: this model has layers 1..16"):
         select_layers(layers, "4-20")
 
@@ -59,42 +61,31 @@ def test_replacement_changes_the_target_and_hooks_are_gone_after(tiny_pipe):
     assert torch.equal(before, after)
 
 
-class _Tap(AttentionHook):
-    """Records the attention output of every row (after any replacement by the hook below)."""
-
-    def __init__(self, layer, state, inner, log):
-        super().__init__(layer, state)
-        self.inner, self.log = inner, log
-
-    def attend(self, attn, q, k, v, mask):
-        inputs = [x.detach().clone() for x in (q, k, v)]  # as projected: the inner hook may overwrite rows
-        out = self.inner.attend(attn, q, k, v, mask)
-        self.log.append((self.state.step, *inputs, out))
-        return out
+def tapped_edit(pipe, source_prompt, target_prompt, layer, hook) -> list[tuple]:
+    """Per step (q, k, v) of ``layer`` as projected (before ``hook``, which may overwrite rows) and its
+    output (after ``hook``), recorded around the editing hook (factory) ``hook``."""
+    rec = Recorder([Tap([layer], what) for what in ("q", "k", "v", "out")])
+    replacement_edit(pipe, source_prompt, target_prompt, initial_latents(pipe, [0]), rec.hooks({layer: hook}), **KW)
+    return list(zip(*(rec[what][layer.label] for what in ("q", "k", "v", "out"))))  # (B, H, N, d) each
 
 
 def test_sdpa_identity_equals_explicit_source_map_and_only_target_cond_changes(tiny_pipe):
-    layer = LayerSelector(kinds="self", indices=[4]).select(model_layers(tiny_pipe))[0]
+    (layer,) = select_layers(model_layers(tiny_pipe), [4], "self")
     steps = {0, 1}
-    plain_log, hooked_log = [], []
-    z = initial_latents(tiny_pipe, [0])
-    for log, replace in ((plain_log, False), (hooked_log, True)):
-        def factory(lay, st, log=log, replace=replace):
-            inner = AttentionReplace(lay, st, [(SOURCE, TARGET)], steps if replace else set())
-            return _Tap(lay, st, inner, log)
-        replacement_edit(tiny_pipe, "a white car", "a red car", z, {layer: factory}, **KW)
+    plain_log, hooked_log = (tapped_edit(tiny_pipe, "a white car", "a red car", layer,
+                                         lambda lay, st, s=s: AttentionReplace(lay, st, [(SOURCE, TARGET)], s))
+                             for s in (set(), steps))
     scale = tiny_pipe.unet.get_submodule(layer.module_name).scale
     # rows: [uncond src, uncond tgt, cond src, cond tgt]
-    _, q, k, v, out = hooked_log[0]
+    q, k, v, out = hooked_log[0]
     explicit = torch.softmax(q[2] @ k[2].transpose(-1, -2) * scale, -1) @ v[3]  # source map · target values
     assert torch.allclose(out[3], explicit, atol=1e-5)
-    _, q0, k0, v0, out0 = plain_log[0]
+    q0, k0, v0, out0 = plain_log[0]
     assert torch.allclose(out[:3], out0[:3], atol=1e-6)  # uncond branches and the source untouched
     assert not torch.allclose(out[3], out0[3], atol=1e-4)
     # step 2 is outside the active steps: the hook is a no-op there
-    step2 = [x for x in hooked_log if x[0] == 2][0]
-    ref = F.scaled_dot_product_attention(step2[1], step2[2], step2[3], scale=scale)
-    assert torch.allclose(step2[4], ref, atol=1e-6)
+    q2, k2, v2, out2 = hooked_log[2]
+    assert torch.allclose(out2, F.scaled_dot_product_attention(q2, k2, v2, scale=scale), atol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [[(2, 3)], [(2, 3), (0, 1)], [(0, 1), (1, 2)]])  # FPE, MasaCtrl, chained
@@ -128,15 +119,10 @@ def test_row_injection_equals_gathered_rows(rows, tensors):
 
 
 def test_token_map_replace_and_subtract(tiny_pipe):
-    layer = LayerSelector(kinds="cross", indices=[4]).select(model_layers(tiny_pipe))[0]
-    log = []
-    z = initial_latents(tiny_pipe, [0])
-
-    def factory(lay, st):
-        return _Tap(lay, st, TokenMapEdit(lay, st, [(SOURCE, TARGET)], {0}, [3], [3], mode="subtract"), log)
-
-    replacement_edit(tiny_pipe, "a black car", "a coral car", z, {layer: factory}, **KW)
-    _, q, k, v, out = log[0]
+    (layer,) = select_layers(model_layers(tiny_pipe), [4], "cross")
+    log = tapped_edit(tiny_pipe, "a black car", "a coral car", layer,
+                      lambda lay, st: TokenMapEdit(lay, st, [(SOURCE, TARGET)], {0}, [3], [3], mode="subtract"))
+    q, k, v, out = log[0]
     scale = tiny_pipe.unet.get_submodule(layer.module_name).scale
     probs = torch.softmax(q[3] @ k[3].transpose(-1, -2) * scale, -1)
     probs[..., 3] = 0

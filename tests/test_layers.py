@@ -3,7 +3,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from sdattn.errors import UserError
-from sdattn.layers import LayerSelector, enumerate_layers, parse_indices
+from sdattn.layers import LayerSelector, enumerate_layers, parse_indices, select_layers
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
@@ -71,3 +71,30 @@ def test_selectors(sd15_unet):
     assert [x.label for x in named] == ["self-7", "cross-7"]
     with pytest.raises(UserError, match="kind"):
         LayerSelector(kinds="both").select(layers)
+
+
+def test_layer_presets_on_the_sd15_layout(sd15_unet):
+    layers = enumerate_layers(sd15_unet, (64, 64))
+
+    def indices(spec, kind="self", resolution=None):
+        return [x.index for x in select_layers(layers, spec, kind, resolution)]
+
+    assert indices("paper") == list(range(4, 15)) and indices("official") == list(range(3, 14))
+    assert indices("stable") == list(range(5, 11)) and indices("decoder") == list(range(9, 17))  # PnP official
+    assert indices("all", "cross", "1/4") == [5, 6, 8, 9, 10] == indices("all", "cross", 16)  # LocalBlend's
+    assert indices("official", "cross", 32) == [3, 4, 11, 12, 13] and indices("1-4", "cross", "all") == [1, 2, 3, 4]
+    assert indices("none") == indices(None) == indices([]) == []
+    assert indices([2, "5-6"], "cross") == [2, 5, 6] and indices(7) == [7]
+
+
+def test_layer_preset_errors(tiny_pipe):
+    layers = enumerate_layers(tiny_pipe.unet)
+    toy_sized = [x for x in layers if x.index <= 7]
+    with pytest.raises(UserError, match="preset 'paper' .* needs ≥ 14 self layers; this model has 7"):
+        select_layers(toy_sized, "paper")
+    with pytest.raises(UserError, match="out of range: this model has layers 1..16"):
+        select_layers(layers, "4-20")
+    with pytest.raises(UserError, match="layer kind 'both'"):
+        select_layers(layers, "all", "both")
+    with pytest.raises(UserError, match="resolution '1/x' is not a grid side"):
+        select_layers(layers, "all", "cross", "1/x")

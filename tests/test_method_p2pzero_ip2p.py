@@ -6,10 +6,10 @@ from omegaconf import OmegaConf
 
 from editing.baselines.instructpix2pix import build_tiny_ip2p, changed_words, load_ip2p, make_instruction
 from editing.baselines.pix2pix_zero import (
-    MapStore,
+    MAPS,
     cfg_step,
     edit_direction,
-    guidance_hooks,
+    guidance_recorder,
     guidance_step,
     mean_embedding,
     regularized_inversion,
@@ -85,15 +85,14 @@ def test_cross_attention_guidance_moves_latents(tiny_pipe):
     t = sched.timesteps[0]
     z = initial_latents(tiny_pipe, [0])
     src, tgt = encode_prompts(tiny_pipe, ["a black car"]), encode_prompts(tiny_pipe, ["a red car"])
-    store = MapStore()
-    with torch.no_grad(), guidance_hooks(tiny_pipe, store) as hooks:
-        store.mode = "record"
-        cfg_step(unet, sched, hooks, 0, t, STEPS, z, src, None, 1.0)  # reference maps of the source
-        store.mode = "off"
-        n_layers = len(store.ref)
-        same, loss0 = guidance_step(unet, sched, hooks, store, 0, t, STEPS, z, src, None, 0.1)
-        moved, loss1 = guidance_step(unet, sched, hooks, store, 0, t, STEPS, z, tgt, None, 0.1)
-    assert n_layers == 16 and store.mode == "off"
+    recorder = guidance_recorder(tiny_pipe)
+    with torch.no_grad(), recorder.installed(unet):
+        cfg_step(unet, sched, recorder, 0, t, STEPS, z, src, None, 1.0)  # reference maps of the source
+        ref = recorder[MAPS]
+        same, loss0 = guidance_step(unet, sched, recorder, ref, 0, t, STEPS, z, src, None, 0.1)
+        moved, loss1 = guidance_step(unet, sched, recorder, ref, 0, t, STEPS, z, tgt, None, 0.1)
+    assert len(ref) == 16 and all(m.shape[:2] == (1, 8) for m in ref.values())  # (cond row, heads, N, L)
+    assert not recorder.active and recorder[MAPS] == {}
     assert loss0 < 1e-8 and (same - z).abs().max() < 1e-6
     assert loss1 > 0 and (moved - z).abs().max() > 0
     assert all(p.grad is None for p in unet.parameters())  # the shared model's weights get no .grad

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from editing.baselines.diffedit import diffedit_inpaint, diffedit_mask
-from editing.baselines.pnp import FeatureInject, QKInject, pnp_feature_module, pnp_layers, sampler_trajectory
+from editing.baselines.pnp import FeatureInject, QKInject, pnp_feature_module, sampler_trajectory
 from editing.inversion import ddim_invert
-from editing.two_branch import SOURCE, TARGET, replacement_edit
+from editing.two_branch import SOURCE, TARGET, model_layers, replacement_edit
 from evaluation.datasets import EditExample
 from sdattn.errors import UserError
 from sdattn.hooks import BatchLayout, StepState
+from sdattn.layers import select_layers
 from sdattn.sampling import decode, encode_image, initial_latents
 
 from .conftest import ROOT
@@ -59,9 +60,10 @@ def test_end_to_end_generated_and_real_and_hooks_removed(tiny_pipe, make_method,
 
 
 def test_pnp_presets_derive_from_the_model(tiny_pipe, toy_pipe):
-    assert [x.index for x in pnp_layers(tiny_pipe, "decoder")] == list(range(9, 17))  # official SD 1.5 layers
-    assert [x.index for x in pnp_layers(tiny_pipe, "10-12")] == [10, 11, 12] and pnp_layers(tiny_pipe, "none") == []
-    toy = pnp_layers(toy_pipe, "decoder")  # up.1 has 2 attentions, up.2 has 2: drop up.1's first
+    tiny = model_layers(tiny_pipe)
+    assert [x.index for x in select_layers(tiny, "decoder")] == list(range(9, 17))  # official SD 1.5 layers
+    assert [x.index for x in select_layers(tiny, "10-12")] == [10, 11, 12] and select_layers(tiny, "none") == []
+    toy = select_layers(model_layers(toy_pipe), "decoder")  # up.1 has 2 attentions, up.2 has 2: drop up.1's first
     assert [x.index for x in toy] == [5, 6, 7] and toy[0].name.startswith("up_blocks.1.attentions.1.")
     auto = "up_blocks.1.resnets.1"
     assert pnp_feature_module(tiny_pipe, "auto")[0] == pnp_feature_module(toy_pipe, "auto")[0] == auto

@@ -12,13 +12,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from editing.baselines.p2p import make_equalizer, make_local_blend, p2p_hooks, p2p_self_layers, per_pair_kind
+from editing.baselines.p2p import LocalBlend, make_equalizer, make_local_blend, p2p_hooks, per_pair_kind
 from editing.fpe import fpe_real, self_replace_hooks
 from editing.inversion import ddim_invert
 from editing.seq_aligner import align_target_tokens, alignment_scores, refinement_mapper, replacement_mapper
 from editing.two_branch import model_layers, replacement_edit
 from sdattn.errors import UserError
 from sdattn.hooks import BatchLayout, HookSet, installed
+from sdattn.layers import select_layers
 from sdattn.sampling import ddim_scheduler, encode_image, encode_prompts, initial_latents, latent_size
 
 from .conftest import ROOT
@@ -376,7 +377,8 @@ def test_local_blend_matches_the_official_mask_and_blend(tiny_pipe):
     src, tgt = "a cat sitting on chair", "a mat sitting on chair"
     blend = make_local_blend(tiny_pipe, src, tgt, STEPS, **local_blend_settings())
     h, _ = latent_size(tiny_pipe)
-    assert [x.height for x in blend.layers] == [h // 4] * 5 and blend.start == 2  # down ×2, up ×3; int(0.2·10)
+    assert [x.height for x in blend.layers] == [h // 4] * 5  # down ×2, up ×3
+    assert blend.steps == set(range(2, 10))  # blending from step int(0.2·10) on
     assert blend.alphas[0].nonzero().flatten().tolist() == [2] and blend.alphas[1].nonzero().flatten().tolist() == [
         2, 3, 4]
     g = torch.Generator().manual_seed(3)
@@ -388,10 +390,10 @@ def test_local_blend_matches_the_official_mask_and_blend(tiny_pipe):
             ramp = (torch.arange(x.tokens, dtype=torch.float32) / (x.tokens - 1)) ** 3  # (N,)
             probs = torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1) * 0.01
             probs[..., 2:5] += ramp[:, None]
-            blend.add(x, probs)
+            blend.recorder.add(LocalBlend.MAPS, x, probs)
             stored[x.label].append(probs)
     x_t = torch.randn((2, 4, h, h), generator=g)
-    assert blend.on_step_end(1, 0, x_t) is None  # counter 2 ≤ start
+    assert blend.on_step_end(1, 0, x_t) is None  # counter 2 ≤ start (the official ``counter > start_blend``)
     ours = blend.on_step_end(2, 0, x_t)
     summed = [sum(stored[x.label]).reshape(16, x.tokens, 77) for x in blend.layers]
     ref = reference_local_blend(x_t, summed, BLEND_WORDS, official("p2p", "local_blend.threshold"))
@@ -434,7 +436,7 @@ def test_local_blend_starts_at_the_official_step(tiny_pipe, last_off):
     blend = make_local_blend(tiny_pipe, *BLEND_PAIR, n, **local_blend_settings())
     g = torch.Generator().manual_seed(0)
     for x in blend.layers:
-        blend.add(x, torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1))
+        blend.recorder.add(LocalBlend.MAPS, x, torch.rand((2, 8, x.tokens, 77), generator=g).softmax(-1))
     h, w = latent_size(tiny_pipe)
     x_t = torch.randn((2, 4, h, w), generator=g)
     assert (blend.on_step_end(start - 1 if last_off else start, 0, x_t) is None) == last_off
@@ -493,7 +495,8 @@ def test_local_blend_maps_recorded_while_sampling_match_the_official_store(tiny_
     ref, store = reference_blended_run(tiny_pipe, z_t, n, official("p2p", "local_blend.threshold"), start)
     assert sorted(store) == sorted(x.name for x in blend.layers)
     for x in blend.layers:
-        torch.testing.assert_close(blend.maps[x.label].flatten(0, 1), store[x.name], rtol=1e-4, atol=1e-5)
+        recorded = blend.recorder[LocalBlend.MAPS][x.label]  # (2, H, N, L) summed over the steps
+        torch.testing.assert_close(recorded.flatten(0, 1), store[x.name], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)  # 6 steps of SDPA vs explicit maps: ~2e-5
 
 
@@ -520,7 +523,8 @@ def reference_fpe_real(pipe, trajectory, target: str, num_steps: int, anchor_off
 def test_fpe_real_anchor_index_is_the_official_one(tiny_pipe):
     n, image = 4, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     traj = ddim_invert(tiny_pipe, encode_image(tiny_pipe, image), "", n, progress=False)
-    ours = fpe_real(tiny_pipe, image, "a red car", "", "ddim", "official", FPE_YAML.self_replace_steps, n, 7.5,
+    ours = fpe_real(tiny_pipe, image, "a red car", "", "ddim", layers="official",
+                    self_replace_steps=FPE_YAML.self_replace_steps, num_inference_steps=n, guidance_scale=7.5,
                     progress=False).latents["edited"]
     torch.testing.assert_close(ours, reference_fpe_real(tiny_pipe, traj, "a red car", n), rtol=1e-4, atol=1e-4)
     one_level_off = reference_fpe_real(tiny_pipe, traj, "a red car", n, anchor_offset=2)
@@ -597,8 +601,8 @@ def test_null_text_inversion_matches_the_official_loop(tiny_pipe):
 
 def test_p2p_self_settings_follow_the_two_official_notebooks(tiny_pipe):
     layers = model_layers(tiny_pipe)
-    assert [x.index for x in p2p_self_layers(layers, "stable")] == list(range(5, 11))  # SD: ≤ 16² at 512 px
-    assert [x.index for x in p2p_self_layers(layers, "official")] == list(range(3, 14))  # ≤ 32²
+    assert [x.index for x in select_layers(layers, "stable")] == list(range(5, 11))  # SD: ≤ 16² at 512 px
+    assert [x.index for x in select_layers(layers, "official")] == list(range(3, 14))  # ≤ 32²
     setting = {"generated": 0.4, "real": 0.5}
     assert per_pair_kind(setting, "generated") == 0.4 and per_pair_kind(setting, "real") == 0.5
     assert per_pair_kind(0.3, "real") == 0.3

@@ -10,7 +10,7 @@ import torch
 
 from sdattn.errors import UserError
 from sdattn.hooks import StepState
-from sdattn.layers import LayerId, LayerSelector
+from sdattn.layers import LayerId, select_layers
 from sdattn.sampling import decode, encode_image, initial_latents
 
 from ..inversion import ddim_invert
@@ -48,7 +48,7 @@ def masactrl_layers(pipe, start_layer: int) -> list[LayerId]:
     if not 0 <= start_layer < n:
         raise UserError(f"method.start_layer {start_layer} is out of range: this model has self layers 0..{n - 1} "
                         "(MasaCtrl's 0-based count)")
-    return LayerSelector(kinds="self", indices=f"{start_layer + 1}-{n}").select(layers)
+    return select_layers(layers, f"{start_layer + 1}-{n}", "self")
 
 
 def edit_masactrl(pipe, example, seed: int, image: torch.Tensor | None = None, *, start_step: int,

@@ -14,21 +14,21 @@ import torch
 
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, StepState
-from sdattn.layers import LayerId, LayerSelector
-from sdattn.sampling import check_prompts, decode, encode_image, initial_latents, latent_size
+from sdattn.layers import LayerId, select_layers
+from sdattn.recorder import Recorder, Tap
+from sdattn.sampling import check_prompts, decode, encode_image, initial_latents
+from sdattn.steps import parse_steps
 
 from ..inversion import ddim_invert, null_text_inversion
-from ..replace import AttentionReplace, select_layers, step_range
+from ..replace import AttentionReplace
 from ..seq_aligner import refinement_mapper, replacement_mapper, word_positions
 from ..two_branch import SOURCE, TARGET, Images, model_layers, replacement_edit
 
 MapEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (A_src, A_tgt) (H, N, L) → new A_tgt
 # LocalBlend reads the cross maps whose side is 1/4 of the latent's (official: the 16² maps at 512 px,
 # ``attention_store["down_cross"][2:4] + attention_store["up_cross"][:3]``)
-BLEND_SIDE_DIVISOR = 4
+BLEND_RESOLUTION = "1/4"
 BLEND_POOL = 3  # the official 3×3 max-pool (k = 1) of the word maps
-# self-layer preset "stable": query tokens ≤ 1/16 of the latent's (prompt-to-prompt_stable.ipynb: ≤ 16² at 512 px)
-STABLE_TOKEN_DIVISOR = 16
 KINDS_OF_PAIR = ("generated", "real")
 
 
@@ -39,14 +39,6 @@ def per_pair_kind(setting, kind: str):
             raise UserError(f"p2p setting {setting!r} must have exactly the keys {list(KINDS_OF_PAIR)}")
         return setting[kind]
     return setting
-
-
-def p2p_self_layers(layers: list[LayerId], spec) -> list[LayerId]:
-    """Self layers: ``stable`` (≤ 1/16 of the latent's tokens) or any :func:`select_layers` preset."""
-    if spec == "stable":
-        largest = max(x.tokens for x in layers if x.kind == "self")
-        return LayerSelector(kinds="self", max_tokens=largest // STABLE_TOKEN_DIVISOR).select(layers)
-    return select_layers(layers, spec, "self")
 
 
 def p2p_mode(source_prompt: str, target_prompt: str) -> str:
@@ -92,25 +84,41 @@ def make_equalizer(tokenizer, source_prompt: str, target_prompt: str, *, words=N
     return eq
 
 
+def pair_cond_rows(layout) -> list[int]:
+    """The conditional rows of the source and the target."""
+    return [layout.cond_row(SOURCE), layout.cond_row(TARGET)]
+
+
 class LocalBlend:
-    """P2P's LocalBlend (official ``null_text_w_ptp.ipynb``), a sampler callback: the conditional cross
-    maps of both prompts on :attr:`layers` are summed over steps (the target's *after* the P2P edit: the
-    official AttentionStore keeps the tensor the controller then edits in place); after each step
-    from ``start`` on, the mask of the blend words (word maps averaged over heads and layers, 3×3
-    max-pooled, nearest-upsampled to the latent, divided by their maximum, > ``threshold``; source
-    mask OR target mask) decides where the target keeps its latent: z_tgt ← z_src + mask·(z_tgt − z_src)."""
+    """P2P's LocalBlend (official ``null_text_w_ptp.ipynb``), a sampler callback: its recorder sums the
+    conditional cross maps (2, H, N, L) of both prompts on :attr:`layers` over the steps (the target's
+    *after* the P2P edit, :meth:`recording`: the official AttentionStore keeps the tensor the controller
+    then edits in place); after each of its ``steps``, the mask of the blend words (word maps averaged over
+    heads and layers, 3×3 max-pooled, nearest-upsampled to the latent, divided by their maximum,
+    > ``threshold``; source mask OR target mask) decides where the target keeps its latent:
+    z_tgt ← z_src + mask·(z_tgt − z_src)."""
 
-    def __init__(self, layers: list[LayerId], alphas: torch.Tensor, threshold: float, start: int):
+    MAPS = "blend"
+
+    def __init__(self, layers: list[LayerId], alphas: torch.Tensor, threshold: float, steps: set[int]):
         self.layers, self.alphas = layers, alphas  # alphas (2, L): 1 on the blend words' tokens
-        self.threshold, self.start = threshold, start
-        self.maps: dict[str, torch.Tensor] = {}  # layer label → (2, H, N, L) summed over steps
+        self.threshold, self.steps = threshold, steps
+        self.recorder = self._recorder(None)
 
-    def add(self, layer: LayerId, probs: torch.Tensor) -> None:
-        self.maps[layer.label] = probs + self.maps[layer.label] if layer.label in self.maps else probs
+    def _recorder(self, target_maps) -> Recorder:
+        return Recorder([Tap(self.layers, "probs", name=self.MAPS, rows=pair_cond_rows, heads="all",
+                             transform=target_maps, over_steps="sum", cpu=False)])
+
+    def recording(self, hooks: dict, target_maps=None) -> dict:
+        """``hooks`` ({layer: factory}) with the blend layers' maps recorded; ``target_maps(layer, state,
+        maps)``: the (2, H, N, L) maps [source, target] as the P2P hooks make them."""
+        self.recorder = self._recorder(target_maps)
+        return self.recorder.hooks(hooks)
 
     def mask(self, size: tuple[int, int]) -> torch.Tensor:
         """(2, 1, h, w) bool: where the blend words are, source OR target (the target's row)."""
-        maps = torch.cat([self.maps[x.label].reshape(2, -1, 1, x.height, x.width, self.alphas.shape[-1])
+        summed = self.recorder[self.MAPS]  # layer label → (2, H, N, L) summed over steps
+        maps = torch.cat([summed[x.label].reshape(2, -1, 1, x.height, x.width, self.alphas.shape[-1])
                           for x in self.layers], 1)  # (2, H·layers, 1, h', w', L)
         words = (maps * self.alphas.to(maps)[:, None, None, None, None]).sum(-1).mean(1)  # (2, 1, h', w')
         words = torch.nn.functional.max_pool2d(words, BLEND_POOL, 1, padding=BLEND_POOL // 2)
@@ -123,7 +131,7 @@ class LocalBlend:
         return None
 
     def on_step_end(self, step, timestep, latents):  # latents (2, C, h, w): [source, target]
-        if step + 1 <= self.start:
+        if step not in self.steps:
             return None
         mask = self.mask(tuple(latents.shape[2:])).to(latents)
         return latents[:1] + mask * (latents - latents[:1])
@@ -152,7 +160,7 @@ def make_local_blend(pipe, source_prompt: str, target_prompt: str, num_inference
                      threshold: float, start_blend: float) -> LocalBlend:
     """LocalBlend for one pair. ``words``: [source word(s), target word(s)] (the official argument), or
     None for the words that change (:func:`blend_words`, our rule for benchmarks); ``start_blend``: a
-    fraction of the steps (official ``int(0.2·50)``: blending after step 10)."""
+    fraction of the steps (official ``int(0.2·50)``: blending after step 10, i.e. from step 10 on)."""
     tok = pipe.tokenizer
     if words is None:
         words = blend_words(source_prompt, target_prompt)
@@ -164,38 +172,29 @@ def make_local_blend(pipe, source_prompt: str, target_prompt: str, num_inference
             alphas[row, word_positions(prompt, str(word), tok)] = 1.0
     if not alphas.any():
         raise UserError(f"local blend: no blend word of {words!r} is in {source_prompt!r} / {target_prompt!r}")
-    h, _ = latent_size(pipe)
-    layers = [x for x in model_layers(pipe) if x.kind == "cross" and x.height * BLEND_SIDE_DIVISOR == h]
+    layers = select_layers(model_layers(pipe), "all", "cross", BLEND_RESOLUTION)
     if not layers:
-        raise UserError(f"local blend needs cross-attention layers at 1/{BLEND_SIDE_DIVISOR} of the latent's side")
-    return LocalBlend(layers, alphas, float(threshold), int(float(start_blend) * num_inference_steps))
+        raise UserError(f"local blend needs cross-attention layers at {BLEND_RESOLUTION} of the latent's side")
+    steps = parse_steps([float(start_blend), 1.0], num_inference_steps, "fraction", "method.local_blend.start_blend")
+    return LocalBlend(layers, alphas, float(threshold), steps)
 
 
 class CrossMapEdit(AttentionHook):
     """P2P on a cross layer, conditional branch, active steps: the target's attention map becomes
-    ``edit(A_src, A_tgt)`` (maps (H, N, L)), then · V_target; every other row is plain attention.
-    With ``blend``, the conditional maps of both prompts (the target's after the edit) go to the LocalBlend
-    on every step."""
+    ``edit(A_src, A_tgt)`` (maps (H, N, L)), then · V_target; every other row is plain attention."""
 
-    def __init__(self, layer: LayerId, state: StepState, steps: set[int], edit: MapEdit,
-                 blend: LocalBlend | None = None):
+    def __init__(self, layer: LayerId, state: StepState, steps: set[int], edit: MapEdit):
         super().__init__(layer, state)
-        self.steps, self.edit, self.blend = steps, edit, blend
+        self.steps, self.edit = steps, edit
 
     def attend(self, attn, query, key, value, mask):
         out = super().attend(attn, query, key, value, mask)
-        active = self.state.step in self.steps
-        if not active and self.blend is None:
+        if self.state.step not in self.steps:
             return out
-        lay = self.state.layout
-        rs, rt = lay.cond_row(SOURCE), lay.cond_row(TARGET)
-        probs = torch.softmax(query[[rs, rt]] @ key[[rs, rt]].transpose(-1, -2) * attn.scale, -1)  # (2, H, N, L)
-        if active:
-            probs = torch.stack([probs[0], self.edit(probs[0], probs[1])])
-            out = out.clone()
-            out[rt] = probs[1] @ value[rt]
-        if self.blend is not None:
-            self.blend.add(self.layer, probs)
+        rows = pair_cond_rows(self.state.layout)
+        probs = torch.softmax(query[rows] @ key[rows].transpose(-1, -2) * attn.scale, -1)  # (2, H, N, L)
+        out = out.clone()
+        out[rows[1]] = self.edit(probs[0], probs[1]) @ value[rows[1]]
         return out
 
 
@@ -203,24 +202,29 @@ def p2p_hooks(pipe, source_prompt: str, target_prompt: str, num_inference_steps:
               self_replace_steps, cross_layers, self_layers, refine: bool,
               blend: LocalBlend | None = None, equalizer: torch.Tensor | None = None) -> tuple[dict, str]:
     """{layer: factory} for P2P: cross maps (replace or refine, :func:`p2p_mode`, re-weighted by
-    ``equalizer``) + self maps, and the ``blend``'s layers recorded; and the mode."""
+    ``equalizer``) + self maps, and the ``blend``'s layers recorded (the target's maps as edited); and the mode."""
     layers = model_layers(pipe)
     # official get_time_words_attention_alpha: α has N + 1 rows, active rows int(a·(N+1))..int(b·(N+1))-1
-    cross = step_range(cross_replace_steps, num_inference_steps + 1)
-    self_steps = step_range(self_replace_steps, num_inference_steps)
+    cross = parse_steps(cross_replace_steps, num_inference_steps + 1, "fraction", "method.cross_replace_steps")
+    self_steps = parse_steps(self_replace_steps, num_inference_steps, "fraction", "method.self_replace_steps")
     mode = p2p_mode(source_prompt, target_prompt)
     if mode == "refine" and not refine:
         raise UserError(f"p2p refine is off (method.refine=false) and {source_prompt!r} → {target_prompt!r} "
                         "differ in word count")
     edit = cross_map_edit(pipe.tokenizer, source_prompt, target_prompt, mode, equalizer)
-    hooks: dict = {}
     edited = select_layers(layers, cross_layers, "cross")
-    recorded = blend.layers if blend is not None else []
-    for layer in [x for x in layers if x in edited or x in recorded]:
-        steps, store = (cross if layer in edited else set()), (blend if layer in recorded else None)
-        hooks[layer] = lambda lay, st, steps=steps, store=store: CrossMapEdit(lay, st, steps, edit, store)
-    for layer in p2p_self_layers(layers, self_layers):
+    hooks: dict = {layer: lambda lay, st: CrossMapEdit(lay, st, cross, edit) for layer in edited}
+    for layer in select_layers(layers, self_layers, "self"):
         hooks[layer] = lambda lay, st: AttentionReplace(lay, st, [(SOURCE, TARGET)], self_steps)
+    if blend is not None:
+        edited = set(edited)
+
+        def target_maps(layer, state, maps):  # (2, H, N, L) [source, target] → as CrossMapEdit attends
+            if layer in edited and state.step in cross:
+                return torch.stack([maps[0], edit(maps[0], maps[1])])
+            return maps
+
+        hooks = blend.recording(hooks, target_maps)
     return hooks, mode
 
 

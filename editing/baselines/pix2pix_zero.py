@@ -1,7 +1,7 @@
 """pix2pix-zero (Parmar et al., SIGGRAPH 2023) on the shared hook layer and sampler.
 
 diffusers' ``StableDiffusionPix2PixZeroPipeline`` is deprecated (``diffusers.pipelines.deprecated``),
-so the method is written here on :class:`~sdattn.hooks.HookSet` hooks and our DDIM maths:
+so the method is written here on the attention recorder (:mod:`sdattn.recorder`) and our DDIM maths:
 
 1. Edit direction Δ = mean text embedding (full (L, D) token embeddings) of target sentences − mean of
    source sentences (official ``construct_direction``). ``direction: banks`` (default): the words that
@@ -14,7 +14,7 @@ so the method is written here on :class:`~sdattn.hooks.HookSet` hooks and our DD
    ``direction: sentences`` takes ``source_sentences`` / ``target_sentences`` (lists, a ``.txt`` file
    or a ``.pt`` mean embedding such as the official ``assets/embeddings_sd_1.4/*.pt``).
 2. Reference pass: DDIM with CFG ``[negative, c]`` from z_T, recording the cross-attention maps of both
-   CFG rows (every head, every cross layer, every step).
+   CFG rows (every head, every cross layer, every step) with the attention recorder.
 3. Edit pass from the same z_T with ``[negative, c + Δ]`` (Δ on the cond row only), as the official
    ``edit_pipeline.py``: x_in = [x_t, x_t]; one SGD step x_in ← x_in − λ·∇ Σ_layers mean_{rows·heads}
    Σ_{queries, keys} (M − M_ref)² (each CFG row steered by its own maps); ε recomputed on x_in with CFG,
@@ -32,15 +32,16 @@ regularisation (auto-correlation + KL on the predicted noise,
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DDIMInverseScheduler
 
 from sdattn.errors import UserError
-from sdattn.hooks import AttentionHook, BatchLayout, HookSet, StepState
-from sdattn.layers import LayerId
+from sdattn.hooks import BatchLayout
+from sdattn.layers import select_layers
+from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import ddim_scheduler, decode, encode_image, encode_prompts, guided_noise, initial_latents
 
 from ..two_branch import Images, model_layers
@@ -159,48 +160,32 @@ def write_sentence_banks(directory: str | Path, world: dict, words) -> list[Path
 
 # ---------------------------------------------------------------------------- cross-attention guidance
 
-@dataclass
-class MapStore:
-    """Shared by the cross-layer hooks. ``mode``: "record" stores the reference maps, "loss" adds
-    the official per-layer loss to ``loss``, "off" leaves the call alone."""
-
-    mode: str = "off"
-    ref: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name → (R, H, N, L) maps
-    loss: torch.Tensor | float = 0.0
+MAPS = "maps"  # the guidance recorder's tap
 
 
-class CrossMapGuidance(AttentionHook):
-    """A cross layer's maps softmax(QKᵀ·scale) (R, H, N, L) of the rows [uncond, cond] (cond only
-    without CFG): recorded, or compared as ((M − M_ref)²).sum over queries and keys, mean over rows
-    and heads (official ``loss += ((curr-ref)**2).sum((1,2)).mean(0)``); output unchanged."""
-
-    def __init__(self, layer: LayerId, state: StepState, store: MapStore):
-        super().__init__(layer, state)
-        self.store = store
-
-    def attend(self, attn, query, key, value, mask):
-        out = super().attend(attn, query, key, value, mask)
-        if self.store.mode == "off":
-            return out
-        layout = self.state.layout
-        rows = [layout.uncond_row(0), layout.cond_row(0)] if layout.cfg else [layout.cond_row(0)]
-        q, k = query[rows].float(), key[rows].float()
-        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1)  # (R, H, N, L)
-        if self.store.mode == "record":
-            self.store.ref[self.layer.name] = probs.detach()
-        else:
-            ref = self.store.ref[self.layer.name]
-            self.store.loss = self.store.loss + ((probs - ref) ** 2).sum((-2, -1)).mean()
-        return out
+def guidance_rows(layout: BatchLayout) -> list[int]:
+    """The rows [uncond, cond] of the one prompt (cond only without CFG)."""
+    return [layout.uncond_row(0), layout.cond_row(0)] if layout.cfg else [layout.cond_row(0)]
 
 
-def guidance_hooks(pipe, store: MapStore) -> HookSet:
-    """Hooks on every cross layer sharing ``store``."""
-    cross = [x for x in model_layers(pipe) if x.kind == "cross"]
-    return HookSet(pipe.unet, cross, lambda lay, st: CrossMapGuidance(lay, st, store))
+def guidance_recorder(pipe) -> Recorder:
+    """Records every cross layer's maps softmax(QKᵀ·scale) (R, H, N, L) of :func:`guidance_rows` in float32,
+    the latest call's, with their autograd graph (the guidance loss backpropagates through them)."""
+    cross = select_layers(model_layers(pipe), "all", "cross")
+    return Recorder([Tap(cross, "probs", name=MAPS, rows=guidance_rows, heads="all", float32=True, grad=True,
+                         over_steps="last", cpu=False)])
 
 
-def cfg_step(unet, scheduler, hooks: HookSet, step: int, timestep, num_steps: int, latents: torch.Tensor,
+def map_loss(maps: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The official loss: per layer ((M − M_ref)²).sum over queries and keys, mean over rows and heads
+    (``loss += ((curr-ref)**2).sum((1,2)).mean(0)``), summed over the layers in run order."""
+    loss = 0.0
+    for label, m in maps.items():
+        loss = loss + ((m - ref[label]) ** 2).sum((-2, -1)).mean()
+    return loss
+
+
+def cfg_step(unet, scheduler, hooks: Recorder, step: int, timestep, num_steps: int, latents: torch.Tensor,
              cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
     """One DDIM step with classifier-free guidance (``sampling.guided_noise``), hooks told the step first.
     latents (1, C, h, w)."""
@@ -209,29 +194,31 @@ def cfg_step(unet, scheduler, hooks: HookSet, step: int, timestep, num_steps: in
     return scheduler.step(noise, timestep, latents).prev_sample
 
 
-def guidance_step(unet, scheduler, hooks: HookSet, store: MapStore, step: int, timestep, num_steps: int,
-                  latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+def guidance_step(unet, scheduler, recorder: Recorder, ref: dict[str, torch.Tensor], step: int, timestep,
+                  num_steps: int, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                   amount: float) -> tuple[torch.Tensor, float]:
     """Official x_in step: x_in = [x_t, x_t] (one row without CFG) with context [uncond, cond];
-    x_in ← x_in − amount·∇ loss against ``store.ref`` (SGD, lr = amount). latents (1, C, h, w) →
-    (x_in (R, C, h, w), loss)."""
+    x_in ← x_in − amount·∇ :func:`map_loss` against the reference maps ``ref`` (SGD, lr = amount), the
+    maps recorded by ``recorder`` (:func:`guidance_recorder`). latents (1, C, h, w) → (x_in (R, C, h, w), loss).
+    Leaves the recorder paused and empty."""
     cfg = uncond is not None
-    hooks.on_step_begin(step, int(timestep), num_steps, BatchLayout(n=1, cfg=cfg))
+    recorder.on_step_begin(step, int(timestep), num_steps, BatchLayout(n=1, cfg=cfg))
     context = torch.cat([uncond, cond]) if cfg else cond
-    store.mode, store.loss = "loss", 0.0
+    recorder.active = True
     try:
         with torch.enable_grad():
             x = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, timestep)
             x = x.detach().clone().requires_grad_(True)  # (R, C, h, w)
             unet(x.to(unet.dtype), timestep, encoder_hidden_states=context)
-            loss = store.loss
+            loss = map_loss(recorder[MAPS], ref)
             (grad,) = torch.autograd.grad(loss, x)
     finally:
-        store.mode = "off"
+        recorder.active = False
+        recorder.clear()
     return (x - amount * grad.float()).detach(), float(loss)
 
 
-def guided_edit_step(unet, scheduler, hooks: HookSet, step: int, timestep, num_steps: int, x_in: torch.Tensor,
+def guided_edit_step(unet, scheduler, hooks: Recorder, step: int, timestep, num_steps: int, x_in: torch.Tensor,
                      cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
     """After :func:`guidance_step`: ε on each steered row of ``x_in`` (R, C, h, w), CFG, and the DDIM step
     from the first (uncond) row, as the official ``latents = x_in.chunk(2)[0]`` → (1, C, h, w)."""
@@ -262,22 +249,23 @@ def pix2pix_zero_sample(pipe, latents: torch.Tensor, cond: torch.Tensor, edit_co
     uncond = None if uncond is None else uncond.to(unet.device, unet.dtype)
     z_ref = latents.to(unet.device, torch.float32) * ref_sched.init_noise_sigma
     z = z_ref.clone()
-    store, losses = MapStore(), []
+    recorder, losses = guidance_recorder(pipe), []
     timesteps = ref_sched.timesteps
-    with guidance_hooks(pipe, store) as hooks:
+    with recorder.installed(unet):
         for i, t in enumerate(timesteps):
-            store.mode = "record" if amount > 0 else "off"
-            z_ref = cfg_step(unet, ref_sched, hooks, i, t, len(timesteps), z_ref, cond, uncond, guidance_scale)
-            store.mode = "off"
+            recorder.active = amount > 0  # the reference maps of this step
+            z_ref = cfg_step(unet, ref_sched, recorder, i, t, len(timesteps), z_ref, cond, uncond, guidance_scale)
+            recorder.active = False
             if amount > 0:
-                x_in, loss = guidance_step(unet, edit_sched, hooks, store, i, t, len(timesteps), z, edit_cond,
+                ref = recorder[MAPS]
+                recorder.clear()
+                x_in, loss = guidance_step(unet, edit_sched, recorder, ref, i, t, len(timesteps), z, edit_cond,
                                            uncond, amount)
                 losses.append(loss)
-                z = guided_edit_step(unet, edit_sched, hooks, i, t, len(timesteps), x_in, edit_cond, uncond,
+                z = guided_edit_step(unet, edit_sched, recorder, i, t, len(timesteps), x_in, edit_cond, uncond,
                                      guidance_scale)
             else:
-                z = cfg_step(unet, edit_sched, hooks, i, t, len(timesteps), z, edit_cond, uncond, guidance_scale)
-            store.ref.clear()
+                z = cfg_step(unet, edit_sched, recorder, i, t, len(timesteps), z, edit_cond, uncond, guidance_scale)
     return z_ref, z, losses
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -34,14 +33,13 @@ from safetensors.torch import save_file
 from sdattn.errors import UserError
 from sdattn.files import atomic_save
 from sdattn.hooks import BatchLayout
-from sdattn.layers import LayerId
+from sdattn.layers import select_layers
 from sdattn.sampling import check_prompts, ddim_scheduler, decode, encode_image, encode_prompts, initial_latents
+from sdattn.steps import parse_steps
 
 from ..inversion import ddim_invert, tensor_digest
-from ..replace import RowInjection, select_layers, step_range
+from ..replace import RowInjection
 from ..two_branch import SOURCE, TARGET, AnchorSource, Images, model_layers, replacement_edit
-
-ATTN_NAME = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.")
 
 
 def target_rows(layout: BatchLayout) -> list[int]:
@@ -93,22 +91,6 @@ def attention_up_blocks(unet) -> list[int]:
     return [i for i, b in enumerate(unet.up_blocks) if getattr(b, "attentions", None)]
 
 
-def pnp_layers(pipe, spec) -> list[LayerId]:
-    """Self layers for Q/K injection. ``"decoder"``: every self layer of the up blocks except those of
-    the first attention module of the first up block with attentions (official ``{1: [1, 2], 2: [0, 1, 2],
-    3: [0, 1, 2]}``: SD 1.5 self layers 9–16); otherwise a :func:`editing.replace.select_layers` spec."""
-    layers = model_layers(pipe)
-    if spec != "decoder":
-        return select_layers(layers, spec, "self")
-    first = attention_up_blocks(pipe.unet)[0]
-    chosen = []
-    for x in layers:
-        m = ATTN_NAME.match(x.name)
-        if x.kind == "self" and m and (int(m[1]), int(m[2])) != (first, 0):
-            chosen.append(x)
-    return chosen
-
-
 def pnp_feature_module(pipe, name: str) -> tuple[str, torch.nn.Module]:
     """The resnet whose residual features are injected: ``"auto"`` = ``up_blocks.<i>.resnets.1`` of the
     first up block with attentions (official ``up_blocks[1].resnets[1]``) or an up-block resnet name.
@@ -127,9 +109,10 @@ def pnp_feature_module(pipe, name: str) -> tuple[str, torch.nn.Module]:
 def pnp_injection(pipe, num_inference_steps: int, *, feature_steps, attn_steps, attn_layers,
                   feature_block: str) -> tuple[dict, FeatureInject]:
     """PnP's hooks, validated: ({self layer: QKInject factory}, the feature hook, not yet installed)."""
-    feat_steps = step_range(feature_steps, num_inference_steps)
-    qk_steps = step_range(attn_steps, num_inference_steps)
-    hooks = {x: (lambda lay, st: QKInject(lay, st, qk_steps)) for x in pnp_layers(pipe, attn_layers)}
+    feat_steps = parse_steps(feature_steps, num_inference_steps, "fraction", "method.feature_steps")
+    qk_steps = parse_steps(attn_steps, num_inference_steps, "fraction", "method.attn_steps")
+    layers = select_layers(model_layers(pipe), attn_layers, "self")  # official "decoder": SD 1.5 self 9–16
+    hooks = {x: (lambda lay, st: QKInject(lay, st, qk_steps)) for x in layers}
     _, module = pnp_feature_module(pipe, feature_block)
     return hooks, FeatureInject(module, feat_steps)
 

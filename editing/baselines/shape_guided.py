@@ -40,7 +40,8 @@ from diffusers import DDIMScheduler
 
 from sdattn.errors import UserError
 from sdattn.hooks import AttentionHook, HookSet, StepState
-from sdattn.layers import LayerId
+from sdattn.layers import LayerId, select_layers
+from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import check_prompts, ddim_scheduler, decode, denoise, encode_image, encode_prompts, latent_size
 
 from ..inversion import ddim_invert
@@ -123,37 +124,24 @@ class InsideOutsideAttention(AttentionHook):
         return (probs * self.weights(key.shape[2]).to(probs)) @ value
 
 
-class WordMapCapture(AttentionHook):
-    """Cross-attention of the given text positions, summed over them and averaged over heads, per call:
-    appends (B, h, w) to ``sink``; the layer's output is unchanged."""
-
-    def __init__(self, layer: LayerId, state: StepState, positions: Sequence[int], sink: list):
-        super().__init__(layer, state)
-        self.positions, self.sink = list(positions), sink
-
-    def attend(self, attn, query, key, value, mask):
-        probs = torch.softmax(query @ key.transpose(-1, -2) * attn.scale, -1)  # (B, H, N, K)
-        b = probs.shape[0]
-        self.sink.append(probs[..., self.positions].sum(-1).mean(1).view(b, self.layer.height, self.layer.width))
-        return probs @ value
-
-
 def attention_mask(pipe, z0: torch.Tensor, source_prompt: str, positions: Sequence[int], num_inference_steps: int,
                    divisor: int, threshold: float) -> torch.Tensor:
     """Object mask from the source's cross-attention of ``positions`` during a plain DDIM inversion of
     ``z0``: the maps of the cross layers at 1/``divisor`` of the latent side, averaged over steps and
     layers, divided by their maximum, > ``threshold`` → (1, 1, h', w') float 0/1."""
-    h, w = latent_size(pipe)
-    side = (h // divisor, w // divisor)
-    layers = [x for x in model_layers(pipe) if x.kind == "cross" and (x.height, x.width) == side]
+    h, _ = latent_size(pipe)
+    layers = select_layers(model_layers(pipe), "all", "cross", f"1/{divisor}")
     if not layers:
         sides = sorted({x.height for x in model_layers(pipe) if x.kind == "cross"})
         raise UserError(f"method.mask_resolution_divisor {divisor}: no cross layer at side {h // divisor}; "
                         f"this model's cross layers have sides {sides} (latent side {h})")
-    sink: list[torch.Tensor] = []
-    with HookSet(pipe.unet, layers, lambda lay, st: WordMapCapture(lay, st, positions, sink)):
+    words = torch.zeros(1, 1, pipe.tokenizer.model_max_length)  # (1, T=1, L): the positions' sum
+    words[0, 0, list(positions)] = 1.0
+    rec = Recorder([Tap(layers, "probs", heads="mean", tokens=words, over_steps="mean")])
+    with rec.installed(pipe.unet):
         ddim_invert(pipe, z0, source_prompt, num_inference_steps, progress=False)
-    m = torch.stack(sink).float().mean(0)[:1, None]  # (1, 1, h', w')
+    m = torch.stack(list(rec["probs"].values())).mean(0)[:1]  # (1, 1, N): mean over layers of step means
+    m = m.reshape(1, 1, layers[0].height, layers[0].width)
     return (m / m.max().clamp_min(1e-12) > threshold).float()
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from editing.grid import labelled_grid
-from editing.replace import AttentionReplace, TokenMapEdit, select_layers, step_range
+from editing.replace import AttentionReplace, TokenMapEdit
 from editing.two_branch import SOURCE, TARGET, model_layers, replacement_edit
 from experiments.common import load_model, output_dir, plain
 from probing.prompts import word_token_positions
 from sdattn.errors import UserError
+from sdattn.layers import select_layers
 from sdattn.sampling import decode, initial_latents
+from sdattn.steps import parse_steps
 
 
 def ablation_rows(pipe, a: DictConfig, source_prompt: str | None = None, target_prompt: str | None = None,
@@ -24,8 +26,7 @@ def ablation_rows(pipe, a: DictConfig, source_prompt: str | None = None, target_
     source_prompt = source_prompt or a.source_prompt
     target_prompt = target_prompt or a.target_prompt
     layers = model_layers(pipe)
-    steps = step_range(plain(a.steps),
-                       a.num_inference_steps)
+    steps = parse_steps(plain(a.steps), a.num_inference_steps, "fraction", "ablation.steps")
     pair = pairs or [(SOURCE, TARGET)]
     rows = []
     if a.kind in ("cross", "self"):

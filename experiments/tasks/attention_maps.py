@@ -16,12 +16,10 @@ from probing.attention_maps import (
     AttentionMaps,
     capture_attention_maps,
     prompt_words,
-    select_cross_layers,
-    self_layer_by_index,
     top_components,
 )
 from sdattn.errors import UserError
-from sdattn.layers import enumerate_layers
+from sdattn.layers import enumerate_layers, select_layers
 from sdattn.sampling import latent_size
 
 
@@ -77,8 +75,15 @@ def run(cfg: DictConfig) -> dict:
     pipe = load_model(cfg)
     lat = latent_size(pipe)
     layers = enumerate_layers(pipe.unet, lat)
-    cross_layers = select_cross_layers(layers, plain(a.cross_layers), plain(a.cross_resolution), min(lat))
-    self_layer = self_layer_by_index(layers, plain(a.self_layer))
+    cross_layers = select_layers(layers, plain(a.cross_layers), "cross", plain(a.cross_resolution))
+    if not cross_layers:
+        sides = sorted({x.resolution for x in layers if x.kind == "cross"})
+        raise UserError(f"no cross layer among attention_maps.cross_layers={plain(a.cross_layers)!r} has "
+                        f"resolution {plain(a.cross_resolution)!r}; resolutions of this model's cross layers: {sides}")
+    self_layers = select_layers(layers, plain(a.self_layer), "self")
+    if len(self_layers) != 1:
+        raise UserError(f"attention_maps.self_layer={plain(a.self_layer)!r} must name one self-attention layer")
+    self_layer = self_layers[0]
     maps = capture_attention_maps(pipe, prompt, int(cfg.seed), cross_layers, self_layer, words,
                                   plain(a.cross_steps), plain(a.self_steps), int(a.num_inference_steps),
                                   float(a.guidance_scale), progress=bool(cfg.progress))

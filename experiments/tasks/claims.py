@@ -39,7 +39,7 @@ from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family
 from sdattn.errors import UserError
 from sdattn.files import atomic_save, atomic_write_text
-from sdattn.layers import LayerSelector
+from sdattn.layers import select_layers
 from sdattn.sampling import check_prompts, decode, initial_latents
 
 METRICS = {"edit_ok": "edit correct", "mask_iou": "mask IoU source↔edited"}
@@ -104,7 +104,7 @@ def capture_all(cfg: DictConfig, pipe, sets: list[ProbeSet], prompts) -> dict[st
     out = {}
     for (kind, _), members in groups.items():
         node = members[0].node
-        layers = LayerSelector(kinds=kind, indices=plain(node.layers)).select(model_layers(pipe))
+        layers = select_layers(model_layers(pipe), plain(node.layers), kind)
         words = [s.word for s in members] if kind == "cross" else []
         spec = CaptureSpec(kind=kind, tokens=words, steps=node.steps, grid=node.grid, pool=node.pool)
         view = _view(cfg, node)

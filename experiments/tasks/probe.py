@@ -28,7 +28,7 @@ from probing.prompts import build_prompts, load_family, resolve_token, word_toke
 from probing.store import FeatureStore
 from probing.tables import accuracy_table, beside_paper, formatted, paper_caption, paper_probe_table, sd1x_layout
 from sdattn.errors import UserError
-from sdattn.layers import LayerSelector, enumerate_layers
+from sdattn.layers import enumerate_layers, select_layers
 from sdattn.sampling import check_prompts, latent_size
 from sdattn.tables import write_table
 
@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
     classes = list(dict.fromkeys(x.label for x in prompts))
     pipe = load_model(cfg)
     all_layers = enumerate_layers(pipe.unet, latent_size(pipe))
-    layers = LayerSelector(kinds=p.kind, indices=plain(p.layers)).select(all_layers)
+    layers = select_layers(all_layers, plain(p.layers), p.kind)
     spec = CaptureSpec(kind=p.kind, tokens=list(p.tokens), steps=p.steps, grid=p.grid, pool=p.pool)
     if p.kind == "cross" and not spec.tokens:
         raise UserError("probe.tokens is empty: name the words whose cross-attention maps to probe, e.g. ['{cls}']")
