@@ -3,10 +3,8 @@
 The page (:mod:`experiments.app.ui`) sees plain data — numpy images, lists, dicts — and never imports
 ``probing`` / ``editing`` / ``sdattn`` itself. Two seams are meant to be re-pointed when the library grows:
 
-- :meth:`Backend.record` records the maps with two small hooks on the shared hook layer
-  (:class:`sdattn.hooks.HookSet`): every word's cross-attention map per layer, step and head, and one
-  self layer's full map. The attention recorder of issue 22 (a ``run_with_cache``-style context
-  manager) replaces :class:`CrossRecorder` / :class:`SelfRecorder` here.
+- :meth:`Backend.record` records the maps with the attention recorder (:class:`sdattn.recorder.Recorder`):
+  every word's cross-attention map per layer, step and head, and one self layer's full map.
 - :meth:`Backend.edit` runs any editors of ``configs/method/`` on one pair through the library's edit API:
   :func:`experiments.common.method_config` (composed as ``method=<name>`` on this run),
   :mod:`editing.methods` (settings merged, built, run and timed) and :mod:`evaluation.compare` (inversions
@@ -32,11 +30,12 @@ from evaluation.metric_models import load_clip
 from experiments.cli import CONFIG_DIR, PROJECT_ROOT, register_resolvers, settings_line
 from experiments.common import load_model, method_config, plain
 from experiments.validate import validate
-from probing.attention_maps import full_self_attention, prompt_words, top_components
-from probing.capture import StepAccumulator, token_weights
+from probing.attention_maps import prompt_words, top_components
+from probing.capture import token_weights
 from sdattn.errors import UserError, first_line
-from sdattn.hooks import AttentionHook, BatchLayout, HookSet, StepState
+from sdattn.hooks import BatchLayout
 from sdattn.layers import LayerId, enumerate_layers
+from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import check_prompts, latent_size, sample
 
 __all__ = ["Backend", "EditOutcome", "Recording", "UserError", "first_line"]
@@ -68,50 +67,6 @@ class EditOutcome:
     # shared_inversion_s, clip_score, clip_directional, same_source (evaluation.compare.comparison_rows)
     clip_note: str = ""  # why CLIP scores are missing, if they are
     plain_clip_score: float | None = None  # CLIP score of the plain target with the target prompt
-
-
-class CrossRecorder(AttentionHook):
-    """Every word's cross-attention map of the conditional branch, per head, at every step.
-
-    softmax(QKᵀ·scale) (1, H, N, L) @ word weights (L, T) → (H, T, h, w), area-pooled to at most
-    ``max_side`` per side, stored as float16 on the CPU under ``store[layer index][step]``.
-    """
-
-    def __init__(self, layer: LayerId, state: StepState, store: dict, weights: torch.Tensor, max_side: int):
-        super().__init__(layer, state)
-        self.store, self.weights, self.max_side = store, weights, max_side  # weights: (T, L)
-
-    def attend(self, attn, query, key, value, mask):
-        out = super().attend(attn, query, key, value, mask)
-        rows = self.state.layout.cond_rows
-        probs = torch.softmax(query[rows].float() @ key[rows].float().transpose(-1, -2) * attn.scale, -1)
-        maps = probs[0] @ self.weights.to(probs.device).T  # (H, N, T)
-        heads, _, words = maps.shape
-        h, w = self.layer.height, self.layer.width
-        maps = maps.transpose(1, 2).reshape(heads * words, 1, h, w)
-        if max(h, w) > self.max_side:
-            maps = F.adaptive_avg_pool2d(maps, (min(h, self.max_side), min(w, self.max_side)))
-        self.store.setdefault(self.layer.index, {})[self.state.step] = \
-            maps.reshape(heads, words, *maps.shape[-2:]).half().cpu()
-        return out
-
-
-class SelfRecorder(AttentionHook):
-    """One self layer's full (N × N) map of the conditional branch (one head or the mean), summed over steps."""
-
-    def __init__(self, layer: LayerId, state: StepState, acc: StepAccumulator, steps: set[int], head: int | None):
-        super().__init__(layer, state)
-        self.acc, self.steps, self.head = acc, steps, head
-
-    def attend(self, attn, query, key, value, mask):
-        out = super().attend(attn, query, key, value, mask)
-        if self.state.step in self.steps:
-            rows = self.state.layout.cond_rows
-            q, k = query[rows], key[rows]
-            if self.head is not None:
-                q, k = q[:, self.head:self.head + 1], k[:, self.head:self.head + 1]
-            self.acc.add("self", full_self_attention(q, k, attn.scale))  # (1, N, N)
-        return out
 
 
 class StepProgress:
@@ -212,28 +167,32 @@ class Backend:
             raise UserError("the prompt is empty: type a prompt, e.g. " + repr(self.settings["prompt"]))
         check_prompts(self.pipe.tokenizer, [prompt])
         words = prompt_words(prompt)
-        weights = token_weights(self.pipe.tokenizer, [prompt], [words])[0]  # (T, L)
+        weights = token_weights(self.pipe.tokenizer, [prompt], [words])  # (1, T, L)
         layer = self.layer("self", self_layer)
-        steps = set(step_set(*(self_steps or (0, self.num_steps - 1)), self.num_steps, "self-attention"))
+        steps = step_set(*(self_steps or (0, self.num_steps - 1)), self.num_steps, "self-attention")
         head = self.check_head(self_head, self.heads[layer.name], f"self layer {layer.index}")
-        store, acc = {}, StepAccumulator()
-        max_side = int(self.settings["max_map_side"])
-
-        def factory(x: LayerId, state: StepState) -> AttentionHook:
-            return SelfRecorder(x, state, acc, steps, head) if x == layer else \
-                CrossRecorder(x, state, store, weights, max_side)
-
-        chosen = ([] if cross_from else [x for x in self.layers if x.kind == "cross"]) + [layer]
-        with HookSet(self.pipe.unet, chosen, factory) as hooks:
+        cross_layers = [] if cross_from else [x for x in self.layers if x.kind == "cross"]
+        taps = [Tap([layer], "probs", name="self", steps=steps, rows="cond", heads="mean" if head is None else head,
+                    float32=True, over_steps="mean")]
+        if cross_layers:  # every word's map on every cross layer, step and head
+            taps.append(Tap(cross_layers, "probs", name="cross", rows="cond", heads="all", tokens=weights,
+                            float32=True, over_steps="each"))
+        rec = Recorder(taps)
+        with rec.installed(self.pipe.unet):
             out = sample(self.pipe, [prompt], [seed], num_inference_steps=self.num_steps,
-                         guidance_scale=self.guidance, callbacks=[hooks, StepProgress(progress, "sampling")],
+                         guidance_scale=self.guidance, callbacks=[rec, StepProgress(progress, "sampling")],
                          progress=False, decode_images=cross_from is None)
         if cross_from is not None:
             image, cross = cross_from.image, cross_from.cross
         else:
-            image = to_numpy_image(out.images)
-            cross = {i: torch.stack([per_step[s] for s in sorted(per_step)]) for i, per_step in store.items()}
-        return Recording(prompt, seed, words, image, cross, layer.index, acc.means()["self"][0],
+            image, cross, recorded = to_numpy_image(out.images), {}, rec["cross"]
+            side = int(self.settings["max_map_side"])
+            for x in cross_layers:
+                maps = recorded[x.label][:, 0].unflatten(-1, (x.height, x.width)).flatten(0, 2)  # (S·H·T, h, w)
+                if max(x.height, x.width) > side:
+                    maps = F.adaptive_avg_pool2d(maps, (min(x.height, side), min(x.width, side)))
+                cross[x.index] = maps.reshape(-1, self.heads[x.name], len(words), *maps.shape[-2:]).half()
+        return Recording(prompt, seed, words, image, cross, layer.index, rec["self"][layer.label][0],
                          (layer.height, layer.width))
 
     def cross_maps(self, rec: Recording, layers: Sequence[int], steps: tuple[int, int],
