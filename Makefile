@@ -11,12 +11,12 @@ FLOORS ?= .venv-floors
 ARGS   ?= probe=cross_attn
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test test-floors test-slow setup lint bench wheel
+.PHONY: run test test-floors test-slow test-app setup lint bench wheel
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0          # first and pinned: the CPU wheel, never a CUDA upgrade
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,app,browser]'   # app, browser: the explorer and its browser test
 	touch $@
 
 setup: $(VENV)/.installed
@@ -36,6 +36,9 @@ test: setup
 
 test-floors: $(FLOORS)/.installed
 	$(FLOORS)/bin/python -m pytest
+
+test-app: setup   # the attention explorer: adapter, served API, one real browser (system chromium)
+	$(PY) -m pytest tests/test_app_backend.py tests/test_app_server.py
 
 test-slow: setup
 	$(PY) -m pytest -m slow

@@ -44,6 +44,8 @@ TASKS: dict[str, tuple[str, str]] = {
                  "sdattn experiment=eval_toy"),
     "eval_toy_edit": ("FPE colour edits on the toy model, scored by the pixel checker",
                       "sdattn experiment=eval_toy_edit"),
+    "app": ("the attention explorer in the browser: maps, editors side by side, probe results "
+            "(pip install 'sdattn-lab[app]'; also `sdattn app [--share]`)", "sdattn task=app app.port=7860"),
 }
 
 # Config groups a user does not pick (settings read from the weights, the null-text schedule, folders,
@@ -57,6 +59,7 @@ GROUP_NOTES = {
     "method": "the editor of a benchmark run",
     "data": "the edit benchmark of a benchmark run",
     "logger": "where numbers go besides the run folder",
+    "app": "the attention explorer's page (sdattn app): app.port=, app.host=, app.share=",
     "hydra/launcher": "how the jobs of -m run (plugins: pip install 'sdattn-lab[cluster]')",
 }
 
