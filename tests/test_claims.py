@@ -100,7 +100,7 @@ def test_claims_on_an_sd_layout_model_give_four_verdicts(compose_cfg, tmp_path):
     """tiny (SD-1.x layout, random weights): probes on the SD layers; edits scored by the generic checker
     (claims.checkers.default: CLIP zero-shot + cross-attention masks; here a tiny random CLIP)."""
     dispatch(compose_cfg("model=tiny", "experiment=claims", *SMALL, "claims.checkers.default.clip=tiny-random",
-                         "claims.checkers.default.mask_steps=2"))
+                         "claims.checkers.default.num_maps_per_mask=2"))
     data, md = _read(tmp_path / "out")
     verdicts = {c["key"]: c["verdict"] for c in data["claims"]}
     assert set(verdicts.values()) <= {"PASS", "FAIL"} and list(verdicts) == ["a", "b", "c", "d"]
