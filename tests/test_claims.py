@@ -1,5 +1,6 @@
 """experiment=claims: the interval and verdict logic, the random probe splits, and small runs on the toy
-model (every claim measured) and on the tiny SD-layout model (edit claims skipped, with the reason)."""
+model (every claim measured, pixel checker) and on the tiny SD-layout model (every claim measured with
+the generic checker; edit claims skipped, with the reason, when its CLIP cannot be loaded)."""
 
 import json
 import math
@@ -116,16 +117,32 @@ def test_claims_run_on_the_toy_model(compose_cfg, tmp_path, capsys):
     assert data["claims"][0]["checks"][0]["n"] == 2  # one value per probe seed
 
 
-def test_claims_on_a_model_without_checker_skip_the_edit_claims(compose_cfg, tmp_path):
-    """tiny (SD-1.x layout, random weights): probes on the SD layers; edits have no checker → SKIP."""
-    dispatch(compose_cfg("model=tiny", "experiment=claims", *SMALL))
+def test_claims_on_an_sd_layout_model_give_four_verdicts(compose_cfg, tmp_path):
+    """tiny (SD-1.x layout, random weights): probes on the SD layers; edits scored by the generic checker
+    (claims.checkers.default: CLIP zero-shot + cross-attention masks; here a tiny random CLIP)."""
+    dispatch(compose_cfg("model=tiny", "experiment=claims", *SMALL, "claims.checkers.default.clip=tiny-random",
+                         "claims.checkers.default.num_maps_per_mask=2"))
     data, md = _read(tmp_path / "out")
     verdicts = {c["key"]: c["verdict"] for c in data["claims"]}
-    assert verdicts["c"] == verdicts["d"] == "SKIP" and verdicts["a"] in ("PASS", "FAIL")
-    assert "no edit checker for model 'tiny'" in md
+    assert set(verdicts.values()) <= {"PASS", "FAIL"} and list(verdicts) == ["a", "b", "c", "d"]
+    rows = data["claims"][2]["numbers"]
+    assert {"target (no edit)", "cross all"} <= set(rows)
+    for label, metrics in rows.items():  # every edit row scored: edit correct in [0, 1], mask IoU in [0, 1]
+        for m in ("edit correct", "mask IoU source↔edited"):
+            assert 0.0 <= metrics[m]["mean"] <= 1.0, (label, m)
     header = next(x for x in md.splitlines() if x.startswith("| probed maps"))
     assert [x.strip() for x in header.split("|")[2:-1]] == \
         ["L3", "L6", "L9", "L10", "L12", "L14", "L16", "mean over layers"]  # the SD-1.x paper columns
+
+
+def test_claims_skip_the_edit_claims_when_the_checker_cannot_load(compose_cfg, tmp_path):
+    """A checker whose CLIP is not here (SD-1.x's CLIP offline): (c), (d) SKIP with the reason, (a), (b) run."""
+    missing = tmp_path / "no-clip-here"
+    dispatch(compose_cfg("model=tiny", "experiment=claims", *SMALL, f"claims.checkers.default.clip={missing}"))
+    data, md = _read(tmp_path / "out")
+    verdicts = {c["key"]: c["verdict"] for c in data["claims"]}
+    assert verdicts["c"] == verdicts["d"] == "SKIP" and verdicts["a"] in ("PASS", "FAIL")
+    assert "edit checker for model 'tiny' unavailable" in md and "no-clip-here" in md
 
 
 def test_batched_replacement_edits_equal_one_pair_at_a_time(tiny_pipe):

@@ -42,3 +42,33 @@ def test_table_layout_and_files(tmp_path):
     back = pd.read_csv(paths["csv"], index_col=0)
     assert back.loc["green", "L6"] == "100.0 ± 0.0"
     assert "\\begin{table}" in paths["tex"].read_text() and "| red" in paths["md"].read_text()
+
+
+def test_capture_workers_give_the_features_of_one_worker(tiny_pipe):
+    """probe.workers: batches captured side by side (own UNet modules, one torch thread each) equal the
+    batches captured one after another, in order; the torch thread count is restored."""
+    import pytest
+
+    from experiments.tasks.probe import in_workers
+    from probing.capture import CaptureSpec, capture_features
+    from sdattn.errors import UserError
+    from sdattn.layers import enumerate_layers
+    from sdattn.sampling import latent_size
+
+    layers = [x for x in enumerate_layers(tiny_pipe.unet, latent_size(tiny_pipe)) if x.kind == "cross"][:2]
+    spec = CaptureSpec(kind="cross", tokens=["{cls}"])
+    batches = [[("a red car", 0), ("a blue car", 1)], [("a red car", 2)], [("a blue car", 3), ("a red car", 4)]]
+
+    def work(pipe, batch):
+        return capture_features(pipe, layers, spec, [p for p, _ in batch], [s for _, s in batch],
+                                [[p.split()[1]] for p, _ in batch], 2, 7.5)
+
+    threads = torch.get_num_threads()
+    one = list(in_workers(tiny_pipe, batches, work, 1))
+    two = list(in_workers(tiny_pipe, batches, work, 2))
+    assert torch.get_num_threads() == threads
+    assert [b for b, _ in two] == batches
+    for (_, a), (_, b) in zip(one, two):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="probe.workers 0"):
+        list(in_workers(tiny_pipe, batches, work, 0))

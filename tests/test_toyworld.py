@@ -223,3 +223,68 @@ def test_training_runs_both_stages(tmp_path):
     assert (tmp_path / "work" / "toy-vae").is_dir() and (tmp_path / "work" / "toy-unet").is_dir()  # injected logger
     # the export runs with the toy model's settings wherever it is loaded from
     assert (tmp_path / "model" / "sdattn.yaml").read_text() == (MODEL / "sdattn.yaml").read_text()
+
+
+def test_stage2_continues_with_a_frozen_text_encoder_and_a_longer_context(tmp_path):
+    """toy.text.freeze / toy.text.max_length: the UNet trains, the text encoder stays as it was (positions of
+    the old context encode exactly as before), the exported tokenizer pads to the new length."""
+    from lightning.pytorch.loggers import CSVLogger
+    from omegaconf import OmegaConf
+
+    from toyworld.model import load_pipeline
+    from toyworld.train import train
+
+    yaml = OmegaConf.load(REPO_ROOT / "configs" / "experiment" / "train_toy.yaml").toy
+    small = {"budget_minutes": 2, "export_every_minutes": 0,
+             "vae": {"channels": [16, 16, 16], "batch": 4, "steps": 1, "scale_batches": 1},
+             "unet": {"channels": [32, 32, 32], "batch": 4, "steps": 2, "warmup": 1}}
+    logger = lambda stage, d: CSVLogger(str(d), name=f"toy-{stage}")  # noqa: E731
+    train(OmegaConf.merge(yaml, small, {"output_dir": str(tmp_path / "a"), "work_dir": str(tmp_path / "wa")}), logger)
+    train(OmegaConf.merge(yaml, small, {"output_dir": str(tmp_path / "b"), "work_dir": str(tmp_path / "wb"),
+                                        "init_pipeline": str(tmp_path / "a"),
+                                        "text": {"freeze": True, "max_length": 20}}), logger)
+    a, b = load_pipeline(tmp_path / "a"), load_pipeline(tmp_path / "b")
+    assert a.tokenizer.model_max_length == 16 and b.tokenizer.model_max_length == 20
+    ids = a.tokenizer(["a red car"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    longer = b.tokenizer(["a red car"], padding="max_length", max_length=20, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(a.text_encoder(ids)[0], b.text_encoder(longer)[0][:, :16])
+    moved = [not torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters())]
+    assert any(moved)
+
+
+def test_start_token_sink_is_written_into_the_cross_attention_queries(pipe, world):
+    """toyworld.sink: every query's logit for the start token rises by the boost over the other keys' mean
+    (the text encoder is causal: the start token's key is the same in every prompt)."""
+    import copy
+
+    from toyworld.sink import all_prompts, install_start_sink, text_states
+
+    sunk = copy.deepcopy(pipe)
+    report = install_start_sink(sunk, all_prompts(world)[:30], boost=6.0)
+    assert len(report) == sum(".attn2." in n for n in pipe.unet.attn_processors)
+    assert all(abs(r["start_lift"] - 6.0) < 0.05 for r in report)
+    start, others = text_states(pipe, ["a red car"])
+    changed = [name for (name, p), q in zip(pipe.unet.named_parameters(), sunk.unet.parameters())
+               if not torch.equal(p, q)]
+    assert changed and all(n.endswith("norm2.bias") for n in changed)  # only the cross-attention queries move
+
+
+def test_token_map_recorder_leaves_sampling_unchanged(pipe):
+    """toyworld.diagnose_tokens records maps without changing the output (its hook returns SDPA)."""
+    from sdattn.hooks import HookSet
+    from sdattn.layers import enumerate_layers
+    from sdattn.sampling import latent_size, sample
+    from toyworld.diagnose_tokens import Positions, TokenMapRecorder, capture
+
+    kw = dict(num_inference_steps=2, guidance_scale=2.0, decode_images=False, progress=False)
+    plain = sample(pipe, ["a red car"], [0], **kw).latents
+    cross = [x for x in enumerate_layers(pipe.unet, latent_size(pipe)) if x.kind == "cross"]
+    sums: dict = {}
+    with HookSet(pipe.unet, cross, lambda layer, state: TokenMapRecorder(layer, state, sums, Positions())) as hooks:
+        hooked = sample(pipe, ["a red car"], [0], callbacks=[hooks], **kw).latents
+    assert torch.allclose(plain, hooked, atol=1e-5)
+    feats, layers = capture(pipe, ["a red car", "a blue car"], [0, 1], 2, 2.0, 2, Positions())
+    assert {name for _, name in feats} >= {"map", "logit", "fixed keys", "mass"}
+    mass = feats[(layers[0].label, "mass")]  # (images, key positions): shares of one softmax
+    assert mass.shape == (2, pipe.tokenizer.model_max_length) and np.allclose(mass.sum(1), 1, atol=1e-4)

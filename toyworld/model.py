@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -13,11 +14,11 @@ from sdattn.models import load_pipeline as load_sd_pipeline
 from sdattn.tokenizer import build_word_tokenizer
 from toyworld.world import World
 
-MAX_LENGTH = 16  # tokenizer / text encoder context
+MAX_LENGTH = 16  # the default tokenizer / text encoder context (toy.text.max_length; SD's is 77)
 
 
-def build_tokenizer(world: World):
-    return build_word_tokenizer(world.vocabulary(), model_max_length=MAX_LENGTH, closed=True)
+def build_tokenizer(world: World, max_length: int = MAX_LENGTH):
+    return build_word_tokenizer(world.vocabulary(), model_max_length=max_length, closed=True)
 
 
 def build_vae(image_size: int, channels=(16, 32, 32), latent_channels: int = 4,
@@ -39,11 +40,45 @@ def build_vae(image_size: int, channels=(16, 32, 32), latent_channels: int = 4,
 def build_text_encoder(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4) -> CLIPTextModel:
     cfg = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=MAX_LENGTH,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
     )
     return CLIPTextModel(cfg)
+
+
+def extend_context(text_encoder: CLIPTextModel, tokenizer, length: int) -> CLIPTextModel:
+    """A copy of ``text_encoder`` with ``length`` positions (e.g. SD's 77) and ``tokenizer`` set to pad to it.
+
+    The learned position embeddings are kept; every new position gets the last one's (they only ever
+    hold padding). Positions before the old length encode exactly as before (the encoder is causal).
+    """
+    old = text_encoder.config.max_position_embeddings
+    if length < old:
+        raise ValueError(f"context length {length} is shorter than the text encoder's {old}")
+    cfg = text_encoder.config.to_dict()
+    cfg["max_position_embeddings"] = length
+    new = CLIPTextModel(CLIPTextConfig.from_dict(cfg))
+    state = {k: v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    name = next(k for k in state if k.endswith("position_embedding.weight"))
+    pos = state[name]  # (old, hidden)
+    state[name] = torch.cat([pos, pos[-1:].expand(length - old, -1)])
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise RuntimeError(f"extend_context: weights do not match (missing {missing}, unexpected {unexpected})")
+    tokenizer.model_max_length = length
+    return new
+
+
+def clip_text_tower(clip_dir: str | Path) -> CLIPTextModel:
+    """The text encoder of a ``CLIPModel`` folder (e.g. the toy CLIP, models/toy_clip) as a ``CLIPTextModel``
+    (SD's text encoder is CLIP's text tower, frozen)."""
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(str(clip_dir))
+    tower = CLIPTextModel(clip.config.text_config)
+    tower.load_state_dict(clip.text_model.state_dict())
+    return tower
 
 
 def build_unet(latent_size: int, channels=(64, 128, 128), cross_dim: int = 64, heads: int = 4,

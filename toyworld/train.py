@@ -27,13 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdattn.settings import SETTINGS_FILE
 from toyworld.model import (
-    MAX_LENGTH,
     assemble_pipeline,
     build_scheduler,
     build_text_encoder,
     build_tokenizer,
     build_unet,
     build_vae,
+    clip_text_tower,
+    extend_context,
     load_pipeline,
     save_pipeline,
 )
@@ -122,7 +123,7 @@ class VAEModule(L.LightningModule):
 
 # --------------------------------------------------------------------------- stage 2: UNet
 class PromptEncoder:
-    """Tokenise prompts padded to max length (as the SD pipeline does), with a cache."""
+    """Tokenise prompts padded to the tokenizer's max length (as the SD pipeline does), with a cache."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.cache = tokenizer, {}
@@ -131,7 +132,7 @@ class PromptEncoder:
         out = []
         for p in prompts:
             if p not in self.cache:
-                self.cache[p] = self.tokenizer(p, padding="max_length", max_length=MAX_LENGTH,
+                self.cache[p] = self.tokenizer(p, padding="max_length", max_length=self.tokenizer.model_max_length,
                                                truncation=True, return_tensors="pt").input_ids[0]
             out.append(self.cache[p])
         return torch.stack(out)
@@ -149,8 +150,9 @@ class DiffusionModule(L.LightningModule):
         self.scheduler = build_scheduler()
         ac = self.scheduler.alphas_cumprod.float()
         self.register_buffer("alphas_cumprod", ac, persistent=False)
+        self.train_text = any(p.requires_grad for p in text_encoder.parameters())  # False: frozen, as SD's CLIP
         self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
-        self.ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+        self.ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if self.train_text else text_encoder
         self.gen = torch.Generator().manual_seed(seed + 1)
 
     def training_step(self, batch, _):
@@ -174,7 +176,11 @@ class DiffusionModule(L.LightningModule):
             noise = noise + float(self.ucfg.offset_noise) * torch.randn((b, z0.shape[1], 1, 1), generator=self.gen)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        cond = self.text_encoder(ids)[0]
+        if self.train_text:
+            cond = self.text_encoder(ids)[0]
+        else:
+            with torch.no_grad():
+                cond = self.text_encoder(ids)[0]
         pred = self.unet(zt, t, cond).sample
         snr = a.view(b) / (1 - a.view(b))
         w = torch.clamp(snr, max=self.ucfg.min_snr_gamma) / snr  # min-SNR-gamma, epsilon target
@@ -187,13 +193,14 @@ class DiffusionModule(L.LightningModule):
         s = self.global_step
         d = min(self.ucfg.ema_decay, (1 + s) / (10 + s))
         with torch.no_grad():
-            for ema, live in ((self.ema_unet, self.unet), (self.ema_text, self.text_encoder)):
+            pairs = [(self.ema_unet, self.unet)] + ([(self.ema_text, self.text_encoder)] if self.train_text else [])
+            for ema, live in pairs:
                 ep, lp = list(ema.parameters()), list(live.parameters())
                 torch._foreach_mul_(ep, d)
                 torch._foreach_add_(ep, lp, alpha=1 - d)
 
     def configure_optimizers(self):
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        params = list(self.unet.parameters()) + (list(self.text_encoder.parameters()) if self.train_text else [])
         return torch.optim.AdamW(params, lr=self.ucfg.lr, weight_decay=self.ucfg.weight_decay)
 
 
@@ -270,7 +277,7 @@ def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
     latent_size = cfg.image_size // factor
     if cfg.get("init_pipeline"):
         return _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, make_logger)
-    tokenizer = build_tokenizer(world)
+    tokenizer = build_tokenizer(world, int(cfg.text.max_length))
     vae = build_vae(cfg.image_size, list(cfg.vae.channels), cfg.vae.latent_channels, bool(cfg.vae.mid_attention))
 
     # ---- stage 1: VAE
@@ -296,7 +303,8 @@ def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
     t_vae = time.time() - t_start
 
     # ---- stage 2: UNet + text encoder in latent space
-    text_encoder = build_text_encoder(tokenizer, cfg.text.hidden, cfg.text.layers, cfg.text.heads)
+    text_encoder = text_encoder_for(cfg, build_text_encoder(tokenizer, cfg.text.hidden, cfg.text.layers,
+                                                            cfg.text.heads), tokenizer)
     unet = build_unet(latent_size, list(cfg.unet.channels), cfg.unet.cross_attention_dim, cfg.unet.heads,
                       cfg.vae.latent_channels)
     info = {"vae_steps": vae_steps, "vae_recon_mae_255": vae_rec_err}
@@ -313,11 +321,25 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     info = {"init_pipeline": str(cfg.init_pipeline), "init_unet_steps": prev.get("unet_steps"),
             "vae_steps": prev.get("vae_steps"), "vae_recon_mae_255": prev.get("vae_recon_mae_255"),
             "previous_config": prev.get("config"), "decoder_finetune": prev.get("decoder_finetune")}
-    unet, text_encoder = pipe.unet.train(), pipe.text_encoder.train()
-    unet.requires_grad_(True)
-    text_encoder.requires_grad_(True)
+    unet = pipe.unet.train().requires_grad_(True)
+    text_encoder = text_encoder_for(cfg, pipe.text_encoder, pipe.tokenizer)
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
                    pipe.tokenizer, float(vae.config.scaling_factor), info, {}, make_logger)
+
+
+def text_encoder_for(cfg, text_encoder, tokenizer):
+    """Stage 2's text encoder from ``toy.text``: ``init`` (a CLIP folder whose text tower replaces it, as SD
+    conditions on CLIP's), ``max_length`` (the context: longer than the encoder's → :func:`extend_context`,
+    and the tokenizer pads to it) and ``freeze`` (SD trains its UNet against a frozen text encoder)."""
+    t = cfg.text
+    if t.get("init"):
+        text_encoder = clip_text_tower(resolve_path(t.init))
+    length = int(t.max_length)
+    if length != text_encoder.config.max_position_embeddings:
+        text_encoder = extend_context(text_encoder, tokenizer, length)
+    tokenizer.model_max_length = length
+    frozen = bool(t.get("freeze"))
+    return text_encoder.train(not frozen).requires_grad_(not frozen)
 
 
 def settings_source(cfg) -> Path | None:

@@ -37,7 +37,7 @@ from experiments.tracking import log_claims
 from probing.capture import CaptureSpec
 from probing.probe import train_probe
 from probing.prompts import build_prompts, load_family
-from sdattn.errors import UserError
+from sdattn.errors import ModelLoadError, UserError, first_line
 from sdattn.files import atomic_save, atomic_write_text
 from sdattn.layers import select_layers
 from sdattn.sampling import check_prompts, decode, initial_latents
@@ -350,6 +350,19 @@ def _save_grid(grid_rows: list, path: Path, cell: int) -> None:
     atomic_save(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
+def edit_checker(c: DictConfig, name: str, pipe) -> tuple:
+    """(checker, None), or (None, why not): ``claims.checkers[<model name>]``, else ``claims.checkers.default``
+    (a node with a ``pipe`` key gets the loaded model); a checker whose model (e.g. its CLIP) cannot be
+    loaded here leaves claims (c), (d) to SKIP with that reason."""
+    node = c.checkers[name] if name in c.checkers else c.checkers.get("default")
+    if node is None:
+        return None, None
+    try:
+        return instantiate(node, **({"pipe": pipe} if "pipe" in node else {})), None
+    except ModelLoadError as e:
+        return None, f"edit checker for model {name!r} unavailable: {first_line(e)}"
+
+
 def run(cfg: DictConfig) -> dict:
     """Returns ``{"claims": [Claim], "files": {...}}``; prints one line per claim."""
     start = time.perf_counter()
@@ -357,7 +370,7 @@ def run(cfg: DictConfig) -> dict:
     pipe = load_model(cfg)
     out = output_dir(cfg)
     name = str(cfg.model.name)
-    checker = instantiate(c.checkers[name]) if name in c.checkers else None
+    checker, unavailable = edit_checker(c, name, pipe)
     # everything that can be refused (layer ranges, words, prompts) is refused before any work
     sweep, cross_all, middle, middle_layers = sweep_rows(pipe, c)
     tokens = EditRows(pipe, [("tokens", c.ablations.tokens)])
@@ -377,8 +390,8 @@ def run(cfg: DictConfig) -> dict:
                 f"per split, {len(c.probe.seeds)} probe seeds; test accuracy, mean [{c.level:.0%} t-interval].",
                 "", _md_table(table, "probed maps"), "", "![probe accuracy per layer](probe_layers.png)", ""]
 
-    skip = None if checker else (f"no edit checker for model {name!r} (claims.checkers has "
-                                 f"{list(c.checkers)}): edit-correct and layout need the toy world's pixel checker")
+    skip = None if checker else unavailable or (f"no edit checker for model {name!r} (claims.checkers has "
+                                                f"{list(c.checkers)} and no default)")
     if checker is None:
         claim_c = Claim("c", "Fig. 4: cross maps on all layers hurt the edit; self maps on the middle layers keep "
                         "the layout and make it", skip_reason=skip)

@@ -6,7 +6,9 @@ and stops (no probes); an unsharded run afterwards finds every feature cached an
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Queue
 
 import torch
 from omegaconf import DictConfig
@@ -21,6 +23,7 @@ from experiments.common import (
     output_dir,
     plain,
 )
+from experiments.interleave import twin_pipeline
 from experiments.tracking import log_probe
 from probing.capture import CaptureSpec, capture_features
 from probing.probe import train_probe
@@ -36,6 +39,39 @@ from sdattn.tables import write_table
 def family_path(cfg: DictConfig) -> Path:
     fam = str(cfg.probe.family)
     return Path(fam) if fam.endswith(".yaml") else Path(cfg.paths.data_dir) / "probe" / f"{fam}.yaml"
+
+
+def in_workers(pipe, batches: list, work, workers: int):
+    """Yield ``(batch, work(pipe, batch))`` for every batch, in order. ``workers`` > 1: that many threads,
+    each with its own UNet modules (:func:`~experiments.interleave.twin_pipeline`: weights shared, so its own
+    hooks) and one torch thread, so the CPU's cores work side by side without the intra-op threads' spin
+    waits (two intra-op threads on a busy 2-core machine run ~5× slower than one). A batch's result depends
+    only on its prompts and seeds, not on the worker."""
+    if workers < 1:
+        raise UserError(f"probe.workers {workers} must be ≥ 1")
+    if workers == 1 or len(batches) < 2:
+        for batch in batches:
+            yield batch, work(pipe, batch)
+        return
+    pipes = [pipe] + [twin_pipeline(pipe) for _ in range(min(workers, len(batches)) - 1)]
+    free: Queue = Queue()
+    for worker_pipe in pipes:
+        free.put(worker_pipe)
+
+    def run(batch):
+        worker_pipe = free.get()
+        try:
+            return work(worker_pipe, batch)
+        finally:
+            free.put(worker_pipe)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(len(pipes)) as pool:
+            yield from zip(batches, pool.map(run, batches))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def collect_features(cfg: DictConfig, pipe, prompts, layers, spec: CaptureSpec, family: dict,
@@ -58,18 +94,23 @@ def collect_features(cfg: DictConfig, pipe, prompts, layers, spec: CaptureSpec, 
             word_token_positions(pipe.tokenizer, x.prompt, resolve_token(t, x))  # a word not in the prompt
     by_id = {x.id: x for x in todo}
     bar = tqdm(total=len(todo), desc=f"capture ({len(todo)} of {len(prompts)} images)", disable=not cfg.progress)
+    batches = [[x.id for x in todo[i:i + p.batch_size]] for i in range(0, len(todo), p.batch_size)]
+    workers = int(p.get("workers") or 1)
+    lanes = [lane for lane in (batches[w::workers] for w in range(workers)) if lane]  # one per worker thread
 
-    def capture(ids: list[str]) -> dict:
-        batch = [by_id[i] for i in ids]
-        words = [[resolve_token(t, x) for t in spec.tokens] for x in batch]
-        feats = capture_features(pipe, layers, spec, [x.prompt for x in batch], [x.seed for x in batch], words,
-                                 p.num_inference_steps, p.guidance_scale)
-        bar.update(len(ids))
-        return feats
+    def fill(worker_pipe, lane: list[list[str]]) -> int:
+        def capture(ids: list[str]) -> dict:
+            batch = [by_id[i] for i in ids]
+            words = [[resolve_token(t, x) for t in spec.tokens] for x in batch]
+            feats = capture_features(worker_pipe, layers, spec, [x.prompt for x in batch], [x.seed for x in batch],
+                                     words, p.num_inference_steps, p.guidance_scale)
+            bar.update(len(ids))
+            return feats
 
-    # each batch captured once, also when another job fills the same cache at the same time
-    captured = store.fill([[x.id for x in todo[i:i + p.batch_size]] for i in range(0, len(todo), p.batch_size)],
-                          capture)
+        # each batch captured once, also when another job fills the same cache at the same time
+        return store.fill(lane, capture)
+
+    captured = sum(n for _, n in in_workers(pipe, lanes, fill, workers))
     bar.close()
     if shard:
         left = len(store.missing([x.id for x in prompts]))
