@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from editing.baselines.diffedit import diffedit_mask
-from editing.baselines.shape_guided import WordMapCapture, edited_tokens
+from editing.baselines.shape_guided import edited_tokens
 from editing.inversion import ddim_invert
 from editing.two_branch import model_layers
 from sdattn.errors import UserError
-from sdattn.hooks import HookSet
+from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import encode_image, latent_size
 
 from .metric_models import load_clip
@@ -96,13 +96,15 @@ class GenericEditChecker:
 
     def attention_mask(self, z0: torch.Tensor, prompt: str, positions: list[int]) -> torch.Tensor:
         """The ``cross_attention`` mask of the words at ``positions`` (module docstring) → (h, w) bool."""
-        sinks: dict[str, list[torch.Tensor]] = {x.label: [] for x in self.layers}
-        with HookSet(self.pipe.unet, self.layers, lambda lay, st: WordMapCapture(lay, st, positions, sinks[lay.label])):
+        words = torch.zeros(1, 1, self.pipe.tokenizer.model_max_length)  # (1, T=1, L): the positions' sum
+        words[0, 0, list(positions)] = 1.0
+        rec = Recorder([Tap(self.layers, "probs", heads="mean", tokens=words, over_steps="mean")])
+        with rec.installed(self.pipe.unet):
             ddim_invert(self.pipe, z0, prompt, self.mask_steps, progress=False)
         maps = []
-        for layer_maps in sinks.values():  # each layer: mean over steps, to the latent's size, / its max
-            m = F.interpolate(torch.stack(layer_maps).float().mean(0)[:1, None], size=latent_size(self.pipe),
-                              mode="bilinear")
+        for layer in self.layers:  # each layer: mean over steps (recorded), to the latent's size, / its max
+            m = rec["probs"][layer.label][:1].float().reshape(1, 1, layer.height, layer.width)
+            m = F.interpolate(m, size=latent_size(self.pipe), mode="bilinear")
             maps.append(m[0, 0] / m.max().clamp_min(1e-12))
         m = torch.stack(maps).mean(0)
         return (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12) > self.mask_threshold
