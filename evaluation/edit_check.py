@@ -70,7 +70,7 @@ class GenericEditChecker:
         self.layers = [x for x in model_layers(pipe) if x.kind == "cross"]
         self._masks: dict[tuple, torch.Tensor] = {}  # the source image recurs in every row of a case
 
-    def edit_ok(self, source_prompt: str, target_prompt: str, edited: torch.Tensor) -> float:
+    def clip_verdict(self, source_prompt: str, target_prompt: str, edited: torch.Tensor) -> float:
         """1.0 when CLIP puts ``edited`` (1, 3, H, W) closer to the target prompt than to the source."""
         image = F.normalize(self.clip.image_features(edited), dim=-1)  # (1, D)
         text = F.normalize(self.clip.text_features([source_prompt, target_prompt]), dim=-1)  # (2, D)
@@ -112,7 +112,7 @@ class GenericEditChecker:
     def __call__(self, source_prompt: str, target_prompt: str, source: torch.Tensor, edited: torch.Tensor) -> dict:
         iou = mask_iou(self.object_mask(source, source_prompt, target_prompt, source_prompt),
                        self.object_mask(edited, source_prompt, target_prompt, target_prompt))
-        return {"edit_ok": self.edit_ok(source_prompt, target_prompt, edited), "mask_iou": iou}
+        return {"edit_ok": self.clip_verdict(source_prompt, target_prompt, edited), "mask_iou": iou}
 
 
 def checker_agreement(first: list[dict], second: list[dict], iou_threshold: float = 0.5) -> dict:

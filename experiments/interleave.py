@@ -55,13 +55,16 @@ class Baton:
 
 def twin_pipeline(pipe):
     """A pipeline sharing every weight tensor with ``pipe`` but with its own UNet modules (and so its
-    own attention processors). VAE, text encoder, tokenizer and scheduler are shared."""
+    own attention processors) and its own tokenizer (a fast tokenizer's padding/truncation state is not
+    thread-safe: two threads tokenizing through one give wrong ids). VAE, text encoder and scheduler config
+    are shared (the sampler builds a fresh scheduler per call)."""
     from diffusers import StableDiffusionPipeline
 
     unet = pipe.unet
     shared = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
     twin = copy.deepcopy(unet, shared)  # module tree copied; tensors in the memo are reused, not copied
-    twin_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": twin}, requires_safety_checker=False)
+    twin_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": twin, "tokenizer": copy.deepcopy(pipe.tokenizer)},
+                                        requires_safety_checker=False)
     twin_pipe.set_progress_bar_config(disable=True)
     return twin_pipe
 

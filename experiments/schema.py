@@ -187,7 +187,8 @@ def input_image(required: Callable[[dict], bool] = lambda node: True) -> Check:
 
         if value is None or value == "":
             if required(node):
-                raise UserError(f"{key} is required here: give {key}=path/to/photo.jpg")
+                where = f"for edit={node['name']}" if node.get("name") else "here"
+                raise UserError(f"{key} is required {where}: give {key}=path/to/photo.jpg")
             return
         read_rgb(value)
     return check
@@ -271,6 +272,10 @@ GROUPS: dict[str, Group] = {
                   "output_dir": output_dir, "work_dir": output_dir}),
     "toy_clip": Group({"seed": seed, "threads": count, "batch": count, "output_dir": output_dir,
                        "work_dir": output_dir}),
+    "app": Group({"host": anything, "port": count, "share": boolean, "open_browser": boolean, "warmup": boolean,
+                  "max_map_side": count, "display_size": count, "components": count, "alpha": fraction,
+                  "self_layer": count, "clip": anything, "methods": anything, "probe_root": anything,
+                  "paper_dir": anything, "prompt": anything, "source_prompt": anything, "target_prompt": anything}),
     "target": Group(target=True),  # any other `_target_` node: its keys are its target's arguments
     "trainer": Group(target=True),
     "logger": Group(target=True),
@@ -284,7 +289,7 @@ MOUNTS: dict[str, str] = {
     "probe": "probe", "ablation": "ablation", "attention_maps": "attention_maps",
     "claims": "claims", "claims.probes.*": "probe", "claims.ablations.*": "ablation", "claims.checkers.*": "target",
     "eval": "eval", "toy_edit": "toy_edit", "toy": "toy", "toy_clip": "toy_clip",
-    "trainer": "trainer", "logger": "logger",
+    "trainer": "trainer", "logger": "logger", "app": "app",
 }
 
 # What each task reads besides the settings every run has (RUN_READS): a key set on the command line
@@ -303,6 +308,7 @@ TASK_READS: dict[str, tuple[str, ...]] = {
     "eval_toy_edit": ("toy_edit", "method"),
     "train_toy": ("toy", "logger"),
     "train_toy_clip": ("toy_clip", "logger"),
+    "app": ("app", "method", "prompt"),
 }
 
 

@@ -233,7 +233,7 @@ def test_input_files_are_checked_before_anything_loads(tmp_path):
     assert refused(["edit=fpe_real", f"edit.image={broken}"]).startswith(f"image '{broken}' cannot be read as an image")
     assert refused(["edit=fpe_real", f"edit.image={tmp_path / 'gone.jpg'}"]) == \
         f"image '{tmp_path / 'gone.jpg'}' does not exist or is not a file"
-    assert refused(["edit=fpe_real"]).startswith("edit.image is required here")
+    assert refused(["edit=fpe_real"]).startswith("edit.image is required for edit=fpe_real")
     assert refused(["experiment=table4", "data=car_fake_edit", f"data.path={tmp_path / 'gone.json'}"]) == \
         f"data.path='{tmp_path / 'gone.json'}' does not exist"
 
