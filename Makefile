@@ -31,11 +31,12 @@ $(FLOORS)/.installed: pyproject.toml constraints/minimum.txt
 run: setup
 	$(PY) -m experiments.run $(ARGS)
 
+# The fast suite on every core (pytest-xdist; each test runs one torch thread): ~8 min on 2 cores.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 test-floors: $(FLOORS)/.installed
-	$(FLOORS)/bin/python -m pytest
+	$(FLOORS)/bin/python -m pytest -n auto
 
 test-app: setup   # the attention explorer: adapter, served API, one real browser (system chromium)
 	$(PY) -m pytest tests/test_app_backend.py tests/test_app_server.py
