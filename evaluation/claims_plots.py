@@ -11,13 +11,11 @@ from sdattn.files import atomic_save
 from .claims import Interval
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kw):
+    """A matplotlib figure without pyplot: no global backend is switched (a notebook's stays as it is)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kw)
 
 
 def _errorbar(ax, xs, intervals: Sequence[Interval], scale: float = 1.0, **kw):
@@ -29,18 +27,16 @@ def _errorbar(ax, xs, intervals: Sequence[Interval], scale: float = 1.0, **kw):
 
 
 def _save(fig, path: Path, dpi: int) -> Path:
-    plt = _pyplot()
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    plt.close(fig)
     return path
 
 
 def probe_figure(per_layer: Mapping[str, Mapping[int, Interval]], chance: float, path: Path, title: str,
                  dpi: int = 120) -> Path:
     """Accuracy (%) vs layer index, one line per feature set (``per_layer[name][layer index]``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig = _figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
     for name, by_layer in per_layer.items():
         idx = sorted(by_layer)
         _errorbar(ax, idx, [by_layer[i] for i in idx], scale=100, label=name)
@@ -54,8 +50,8 @@ def sweep_figure(panels: Mapping[str, Mapping[str, Mapping[str, Interval]]], bas
                  path: Path, title: str, dpi: int = 120) -> Path:
     """One panel per kind (``panels[kind][range label][metric]``): each metric vs layer range, with the
     unedited target generation's value (``baseline[metric]``) as a dashed line."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    fig = _figure(figsize=(4.6 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (kind, rows) in zip(axes[0], panels.items()):
         labels = list(rows)
         xs = list(range(len(labels)))
@@ -73,11 +69,11 @@ def sweep_figure(panels: Mapping[str, Mapping[str, Mapping[str, Interval]]], bas
 
 def bars_figure(rows: Mapping[str, Mapping[str, Interval]], path: Path, title: str, dpi: int = 120) -> Path:
     """Grouped bars: one group per row label (``rows[label][metric]``), one bar per metric."""
-    plt = _pyplot()
     labels = list(rows)
     metrics = list(next(iter(rows.values())))
     width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 3.4))
+    fig = _figure(figsize=(1.2 * len(labels) + 2, 3.4))
+    ax = fig.subplots()
     for k, metric in enumerate(metrics):
         xs = [i + (k - (len(metrics) - 1) / 2) * width for i in range(len(labels))]
         ivs = [rows[x][metric] for x in labels]

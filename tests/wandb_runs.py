@@ -15,6 +15,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def _chunks(data: bytes):
+    if len(data) < HEADER:  # a file W&B's service has only just created: nothing written yet
+        return
     ident, magic, _version = struct.unpack("<4sHB", data[:HEADER])
     assert ident == b":W&B" and magic == 0xBEE1, "not a W&B run file"
     pos, pending = HEADER, b""
@@ -24,6 +26,8 @@ def _chunks(data: bytes):
         if left < HEADER or (kind == 0 and length == 0):  # block padding
             pos += left
             continue
+        if pos + HEADER + length > len(data):  # a record still being written: read again later
+            return
         chunk, pos = data[pos + HEADER:pos + HEADER + length], pos + HEADER + length
         if kind == FULL:
             yield chunk

@@ -60,15 +60,14 @@ def mark(image: np.ndarray, x: float, y: float, radius: int = 4) -> np.ndarray:
 def table_heatmaps(panels: list[tuple[str, object]], dpi: int = 100) -> Image.Image:
     """Accuracy tables (rows classes, columns layers; values in %) as heat maps side by side, each with its
     title and the value in every cell. ``panels``: [(title, DataFrame)], 0–100 % on one colour scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend is switched
 
     widths = [max(3.0, 0.62 * len(df.columns) + 1.6) for _, df in panels]
     height = max(2.5, 0.32 * max(len(df) for _, df in panels) + 1.2)
-    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), height), squeeze=False,
-                             gridspec_kw={"width_ratios": widths})
+    fig = Figure(figsize=(sum(widths), height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": widths})
     for ax, (title, df) in zip(axes[0], panels):
         values = df.to_numpy(dtype=float)
         ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
@@ -80,6 +79,4 @@ def table_heatmaps(panels: list[tuple[str, object]], dpi: int = 100) -> Image.Im
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.canvas.draw()
-    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
-    plt.close(fig)
-    return image
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())

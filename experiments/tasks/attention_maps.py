@@ -26,16 +26,14 @@ from sdattn.sampling import latent_size
 def plot_figure(maps: AttentionMaps, components: np.ndarray, sigma: np.ndarray, path: Path, prompt: str,
                 alpha: float = 0.55, dpi: int = 120) -> Path:
     """Row 1: image and per-word heat maps over it; row 2: the self map's components. components: (k, h, w)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend is switched
 
     image = maps.image.permute(1, 2, 0).numpy()  # (H, W, 3)
     H, W = image.shape[:2]
     cross = maps.cross.numpy()  # (T, h, w)
     ncols = 1 + max(len(maps.words), len(components))
-    fig, axes = plt.subplots(2, ncols, figsize=(2.0 * ncols, 4.6), squeeze=False)
+    fig = Figure(figsize=(2.0 * ncols, 4.6))
+    axes = fig.subplots(2, ncols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     axes[0, 0].imshow(image)
@@ -61,7 +59,6 @@ def plot_figure(maps: AttentionMaps, components: np.ndarray, sigma: np.ndarray, 
                  "mean over heads, layers, steps", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 
