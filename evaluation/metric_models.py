@@ -5,13 +5,14 @@ toy-world CLIP, or a seeded tiny random one for smoke runs). The DINO structure 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel
 
 from sdattn.files import REPO_ROOT
 from sdattn.fingerprint import source_fingerprint
-from sdattn.models import read_vocab
+from sdattn.models import quiet_loading, read_vocab
 from sdattn.tokenizer import build_word_tokenizer
 
 from .metrics import DEFAULT_CLIP_MODEL, ClipMetrics
@@ -43,7 +44,11 @@ def load_clip(name: str | None, device=None) -> ClipMetrics:
     """``metrics.clip``: a hub id / folder (ModelLoadError when unavailable), ``toy`` (the shipped
     toy-world CLIP) or ``tiny-random``."""
     source = clip_source(name)
-    clip = tiny_clip() if source is None else ClipMetrics.from_pretrained(source)
+    if source is None:
+        clip = tiny_clip()
+    else:
+        with quiet_loading(Path(source).is_dir()):
+            clip = ClipMetrics.from_pretrained(source)
     return clip if device is None else ClipMetrics(clip.model, clip.tokenizer, device=device)
 
 

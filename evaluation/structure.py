@@ -27,6 +27,8 @@ PIE-Bench's ``dino_vitb8``). Offline it must be in the Hugging Face cache or giv
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,7 @@ from evaluation.metrics import check_images
 from sdattn.errors import UserError
 from sdattn.fingerprint import source_fingerprint
 from sdattn.hub import load_pretrained
+from sdattn.models import quiet_loading
 
 DEFAULT_DINO_MODEL = "facebook/dino-vitb8"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,7 +181,8 @@ def load_structure(name: str | None, device: str | torch.device | None = None) -
         return None
     if str(name) == "tiny-random":
         return tiny_dino(device=device)
-    return StructureDistance.from_pretrained(name, device=device)
+    with quiet_loading(Path(str(name)).is_dir()):
+        return StructureDistance.from_pretrained(name, device=device)
 
 
 class StructureScore:

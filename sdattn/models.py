@@ -4,6 +4,7 @@ the seeded random ``tiny`` pipeline the tests use."""
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers
@@ -201,7 +202,33 @@ def load_pipeline(
 SKIPPED_COMPONENTS = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+@contextmanager
+def quiet_loading(local: bool):
+    """diffusers' and transformers' per-component progress bars off while a local folder loads (milliseconds of
+    bars per run); a hub download keeps its bars. Restored afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [diffusers_logging, transformers_logging] if local else []
+    enabled = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in zip(libraries, enabled):
+            if was:
+                lib.enable_progress_bar()
+
+
 def load_checked_pipeline(
+    source: str, local_only: bool, torch_dtype: torch.dtype, what: str,
+) -> StableDiffusionPipeline:
+    with quiet_loading(Path(source).is_dir()):
+        return _load_checked_pipeline(source, local_only, torch_dtype, what)
+
+
+def _load_checked_pipeline(
     source: str, local_only: bool, torch_dtype: torch.dtype, what: str,
 ) -> StableDiffusionPipeline:
     """``StableDiffusionPipeline.from_pretrained(source)`` (a diffusers folder or hub id) whose weighted
