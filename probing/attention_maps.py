@@ -20,9 +20,9 @@ from sdattn.layers import LayerId
 from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import sample
 from sdattn.steps import parse_steps
+from sdattn.text import word_token_positions
 
 from .capture import token_weights
-from .prompts import word_token_positions
 
 
 @dataclass
