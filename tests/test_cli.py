@@ -39,7 +39,7 @@ def test_rerun_reuses_cached_features(compose_cfg, tmp_path, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("features were generated again")
 
-    monkeypatch.setattr("experiments.tasks.probe.capture_features", fail)
+    monkeypatch.setattr("probing.features.capture_features", fail)
     assert "cross_attn" in dispatch(cfg)["tables"]
     assert probing.capture.capture_features is not fail
 
