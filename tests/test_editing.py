@@ -175,7 +175,7 @@ def test_edit_task_writes_files(compose_cfg, tmp_path):
     assert set(load_file(files["latents"])) == {"source", "edited"}
     dispatch(compose_cfg("edit=fpe_real", f"edit.image={PHOTO}", "model.steps=3"))
     assert set(load_file(files["latents"])) == {"input", "edited"}  # the photo's VAE latent, the edit's final one
-    with pytest.raises(UserError, match="edit.image is required for edit=fpe_real"):
+    with pytest.raises(UserError, match="edit.image is required here"):
         dispatch(compose_cfg("edit=fpe_real"))
     with pytest.raises(UserError, match=r"method.self_replace_steps=1.5 is outside \[0, 1\]"):
         dispatch(compose_cfg("edit=fpe", "method.self_replace_steps=1.5", "model.steps=2"))
