@@ -155,6 +155,14 @@ def table5_groups(groups) -> list[Table5Group]:
     return out
 
 
+def table_options(table: str | None, groups=None, compare_paper: bool = False) -> dict:
+    """The keyword arguments of :func:`write_tables` for a benchmark's settings: Table 5 only by the table5
+    experiments (``table``), in the layout ``groups`` (``benchmark.table5.groups``, checked here: a bad layout
+    is refused before anything runs), with the paper's numbers when ``compare_paper``."""
+    return {"table5_too": table == "table5", "table5_layout": table5_groups(groups) if groups is not None else None,
+            "compare_paper": bool(compare_paper)}
+
+
 def groups_from_records(collected: dict[str, dict[str, list[dict]]]) -> list[Table5Group]:
     """Without a configured layout: one group per dataset, its kind read from the records (real when
     they carry an image path)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -11,6 +13,8 @@ from sdattn.errors import UserError, first_line
 from sdattn.fingerprint import settings_fingerprint, source_fingerprint
 from sdattn.models import load_pipeline
 from sdattn.speed import accelerate
+
+PROCESS_START = int(time.time())  # with the process id: a run id outside Hydra
 
 
 def plain(value):
@@ -50,6 +54,23 @@ def model_fingerprint(cfg: DictConfig, pipe) -> str:
     spec = dict(plain(m.pipeline))
     spec.pop("device", None)
     return settings_fingerprint(spec)
+
+
+def load_data(data_cfg: DictConfig):
+    """The dataset (:class:`evaluation.datasets.LoadedDataset`) of a ``data`` config (``configs/data/<name>.yaml``):
+    its ``_target_`` loader called with the config's keys (name, path, root, limit, and the loader's own options)."""
+    return instantiate(data_cfg, _convert_="all")
+
+
+def run_id() -> str:
+    """What makes rows "timed together": one multirun (its sweep folder: jobs run one after another on
+    one machine) or one run (its folder); a process-unique id outside Hydra (tests, notebooks)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        return str(hc.sweep.dir) if hc.mode.name == "MULTIRUN" else str(hc.runtime.output_dir)
+    return f"process-{os.getpid()}-{PROCESS_START}"
 
 
 def output_dir(cfg: DictConfig) -> Path:

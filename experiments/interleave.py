@@ -6,7 +6,7 @@ seconds, so two calls timed one after the other (even in rotated rounds) differ 
 few per cent a hook costs. Taking turns at each UNet call puts both calls under the same drift;
 the per-pair ratio is then tight enough to read a 2 % difference from a handful of pairs.
 
-How: the baseline call runs on one pipeline, the variant on a *twin* (:func:`twin_pipeline`: the
+How: the baseline call runs on one pipeline, the variant on a *twin* (:func:`sdattn.models.twin_pipeline`: the
 same weight tensors, its own UNet modules, so attention processors installed by one call never reach
 the other). A forward pre-hook on each UNet hands the turn to the other thread before every UNet
 call (a ``torch.nn.Module`` hook, used only here: nothing of the sampler or the editors changes).
@@ -17,7 +17,6 @@ CUDA the work is asynchronous and wall time with synchronisation is the measure.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import threading
 import time
@@ -51,22 +50,6 @@ class Baton:
             self._done[me] = True
             self._turn = 1 - me
             self._cond.notify_all()
-
-
-def twin_pipeline(pipe):
-    """A pipeline sharing every weight tensor with ``pipe`` but with its own UNet modules (and so its
-    own attention processors) and its own tokenizer (a fast tokenizer's padding/truncation state is not
-    thread-safe: two threads tokenizing through one give wrong ids). VAE, text encoder and scheduler config
-    are shared (the sampler builds a fresh scheduler per call)."""
-    from diffusers import StableDiffusionPipeline
-
-    unet = pipe.unet
-    shared = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
-    twin = copy.deepcopy(unet, shared)  # module tree copied; tensors in the memo are reused, not copied
-    twin_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": twin, "tokenizer": copy.deepcopy(pipe.tokenizer)},
-                                        requires_safety_checker=False)
-    twin_pipe.set_progress_bar_config(disable=True)
-    return twin_pipe
 
 
 def lockstep_pair(first: Callable[[], object], second: Callable[[], object], unets: tuple) -> tuple[float, float]:

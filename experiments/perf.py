@@ -179,12 +179,11 @@ def _capture_setup(cfg, n_prompts: int):
     """The batch and capture settings the capture variants use, from the probe config."""
     from omegaconf import OmegaConf
 
-    from experiments.tasks.probe import family_path
     from probing.capture import CaptureSpec
-    from probing.prompts import build_prompts, load_family, resolve_token
+    from probing.prompts import build_prompts, family_file, load_family, resolve_token
 
     p = cfg.probe
-    family = load_family(family_path(cfg))
+    family = load_family(family_file(str(p.family), cfg.paths.data_dir))
     per_class = max(2, -(-n_prompts // len(family["classes"])))
     prompts = sorted(build_prompts(family, per_class), key=lambda x: x.seed)[:n_prompts]  # one per class first
     tokens = list(p.tokens) or ["{cls}"]
@@ -337,7 +336,8 @@ def run(args) -> dict:
         raw = measure_rounds(calls, device, args.rounds)
         paired = None
         if lockstep:  # after the sequential rounds, so the twin's modules never count in their memory
-            from experiments.interleave import lockstep_ratios, twin_pipeline
+            from experiments.interleave import lockstep_ratios
+            from sdattn.models import twin_pipeline
 
             twin = twin or twin_pipeline(pipe)
             twin_calls = edit_calls(twin, cfg, steps) if group == "edit" else capture_calls(twin, cfg, steps,

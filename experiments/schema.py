@@ -308,7 +308,7 @@ TASK_READS: dict[str, tuple[str, ...]] = {
     "eval_toy_edit": ("toy_edit", "method"),
     "train_toy": ("toy", "logger"),
     "train_toy_clip": ("toy_clip", "logger"),
-    "app": ("app", "method", "prompt"),
+    "app": ("app",),
 }
 
 

@@ -35,11 +35,11 @@ import torch
 from IPython.display import display
 
 from editing.grid import labelled_grid
-from probing.prompts import word_token_positions
 from sdattn.hooks import AttentionHook
 from sdattn.layers import enumerate_layers, format_layer_table, select_layers
 from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import latent_size, sample
+from sdattn.text import word_token_positions
 from toyworld.model import load_pipeline
 
 torch.set_num_threads(1)

@@ -34,10 +34,10 @@ from hydra import compose, initialize_config_dir
 from IPython.display import display
 
 from editing.grid import labelled_grid
+from editing.methods import build_method
 from evaluation.datasets import EditExample
 from experiments.common import load_model
 from experiments.run import CONFIG_DIR
-from experiments.tasks.benchmark import build_method
 
 torch.set_num_threads(1)
 

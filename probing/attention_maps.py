@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from sdattn.errors import UserError
-from sdattn.layers import LayerId
+from sdattn.layers import LayerId, select_layers
 from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import sample
 from sdattn.steps import parse_steps
+from sdattn.text import word_token_positions
 
 from .capture import token_weights
-from .prompts import word_token_positions
 
 
 @dataclass
@@ -53,6 +53,21 @@ def prompt_words(prompt: str, words: Sequence[str] | None = None) -> list[str]:
         if w.lower() not in lower:
             raise UserError(f"word {w!r} is not in the prompt {prompt!r}; words there: {available}")
     return words
+
+
+def figure_layers(layers: Sequence[LayerId], cross_layers, cross_resolution,
+                  self_layer) -> tuple[list[LayerId], LayerId]:
+    """The figure's cross layers (the ``cross_layers`` spec at ``cross_resolution``) and its one self layer
+    (the ``self_layer`` spec) among ``layers``; a spec that picks none (or several self layers) is refused."""
+    cross = select_layers(layers, cross_layers, "cross", cross_resolution)
+    if not cross:
+        sides = sorted({x.resolution for x in layers if x.kind == "cross"})
+        raise UserError(f"no cross layer among attention_maps.cross_layers={cross_layers!r} has "
+                        f"resolution {cross_resolution!r}; resolutions of this model's cross layers: {sides}")
+    chosen = select_layers(layers, self_layer, "self")
+    if len(chosen) != 1:
+        raise UserError(f"attention_maps.self_layer={self_layer!r} must name one self-attention layer")
+    return cross, chosen[0]
 
 
 def capture_attention_maps(

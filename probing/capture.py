@@ -25,6 +25,7 @@ from sdattn.layers import LayerId
 from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import sample
 from sdattn.steps import parse_steps
+from sdattn.text import word_token_positions
 
 
 @dataclass
@@ -40,8 +41,6 @@ class CaptureSpec:
 
 def token_weights(tokenizer, prompts: Sequence[str], words: Sequence[Sequence[str]]) -> torch.Tensor:
     """(B, T, L) weights averaging the tokens of word t of prompt b (L = tokenizer max length)."""
-    from .prompts import word_token_positions
-
     L = tokenizer.model_max_length
     w = torch.zeros(len(prompts), max(len(x) for x in words), L)
     for b, (prompt, ws) in enumerate(zip(prompts, words)):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
 
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -82,3 +83,25 @@ def train_probe(
     per_class = MulticlassAccuracy(num_classes=n_classes, average=None)(pred, y_test)
     overall = (pred == y_test).float().mean().item()
     return ProbeResult(per_class, overall)
+
+
+def layer_probes(features: dict[str, torch.Tensor], y: torch.Tensor, train: torch.Tensor, n_classes: int,
+                 seeds: list[int], make_trainer: Callable[[], pl.Trainer], mlp: dict, control: bool = False,
+                 progress: bool = False, desc: str = "probes") -> tuple[dict, dict, dict]:
+    """One probe per column and seed: ``features[column]`` (N, F) features, ``y`` (N,) labels, ``train`` (N,) bool
+    split, ``mlp`` the probe's settings (:func:`train_probe`); ``control``: also the shuffled-label probe.
+    → ({column: [per-class accuracy (C,) per seed]}, {column: [overall per seed]}, {column: [control per seed]}),
+    what :func:`probing.tables.accuracy_table` reads."""
+    per_class: dict[str, list] = {}
+    overall: dict[str, list] = {}
+    shuffled: dict[str, list] = {}
+    for col, x in tqdm(features.items(), desc=desc, disable=not progress):
+        for s in seeds:
+            kw = dict(n_classes=n_classes, make_trainer=make_trainer, seed=int(s), **mlp)
+            r = train_probe(x[train], y[train], x[~train], y[~train], **kw)
+            per_class.setdefault(col, []).append(r.per_class.numpy())
+            overall.setdefault(col, []).append(r.overall)
+            if control:
+                shuffled.setdefault(col, []).append(
+                    train_probe(x[train], y[train], x[~train], y[~train], shuffle_labels=True, **kw).overall)
+    return per_class, overall, shuffled

@@ -35,6 +35,12 @@ def with_articles(text: str) -> str:
     return " ".join(words)
 
 
+def family_file(family: str, data_dir: str | Path) -> Path:
+    """The YAML file of a probe's ``family``: a path ending in ``.yaml`` as given, else the shipped family
+    ``<data_dir>/probe/<family>.yaml``."""
+    return Path(family) if family.endswith(".yaml") else Path(data_dir) / "probe" / f"{family}.yaml"
+
+
 def load_family(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists():
@@ -80,21 +86,3 @@ def build_prompts(
 def resolve_token(spec: str, prompt: ProbePrompt) -> str:
     """A token spec like ``"{cls}"`` or ``"car"`` → the word it names in this prompt."""
     return spec.format(**prompt.words)
-
-
-def word_token_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Positions (with the start token at 0) of the tokens of the first occurrence of ``word``.
-
-    A word the tokenizer splits into several tokens gives all of them (capture averages their maps).
-    """
-    words = prompt.split()
-    target = word.lower()
-    if target not in [w.lower() for w in words]:
-        raise UserError(f"word {word!r} is not in the prompt {prompt!r}; words there: {words}")
-    pos = 1  # after the start token
-    for w in words:
-        n = len(tokenizer(w, add_special_tokens=False).input_ids)
-        if w.lower() == target:
-            return list(range(pos, pos + n))
-        pos += n
-    raise AssertionError("unreachable")

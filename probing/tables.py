@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from sdattn.tables import write_table
+
 
 def accuracy_table(
     results: dict[str, list[np.ndarray]],
@@ -104,3 +106,17 @@ def paper_caption(paper: dict, model_name: str) -> str:
     role = ("the target of this run" if model_name in (paper.get("model_configs") or [])
             else f"a different model's reference, not a target for model {model_name}")
     return f"(n) = Liu et al. 2024 Table {paper['table']} ({paper['model']}), %, same class and layer: {role}"
+
+
+def write_probe_tables(mean: pd.DataFrame, std: pd.DataFrame, out: str | Path, stem: str, caption: str,
+                       with_std: bool, paper: dict | None, model_name: str) -> tuple[dict, str]:
+    """Write one probe table (``<stem>.csv/md/tex``: "mean ± std" cells with ``with_std``) and, with the
+    paper's table (:func:`paper_probe_table`), ``<stem>_vs_paper`` with its numbers in the cells we share.
+    → ({stem: files, ...}, the table to print with its caption, Markdown)."""
+    table = formatted(mean, std, with_std=with_std)
+    files = {stem: write_table(table, out, stem, caption)}
+    shown, shown_caption = table, caption
+    if paper is not None:  # the paper's numbers in the cells we share (same class, same layer number)
+        shown, shown_caption = beside_paper(table, paper), f"{caption}; {paper_caption(paper, model_name)}"
+        files[f"{stem}_vs_paper"] = write_table(shown, out, f"{stem}_vs_paper", shown_caption)
+    return files, f"{shown_caption}\n{shown.to_markdown()}"

@@ -3,6 +3,7 @@ the seeded random ``tiny`` pipeline the tests use."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -299,3 +300,17 @@ def single_file_error(path: Path, config: str | None, error: Exception) -> Model
                 f"or pass model.config=<local diffusers folder of the same architecture> ({first_line(error)})")
     with_config = f" with model.config {config!r}" if config is not None else ""
     return ModelLoadError(f"could not load {what}{with_config}: {first_line(error)}")
+
+
+def twin_pipeline(pipe):
+    """A pipeline sharing every weight tensor with ``pipe`` but with its own UNet modules (and so its
+    own attention processors: hooks installed on one never reach the other) and its own tokenizer (a
+    tokenizer call sets padding and truncation on the shared backend: two threads calling one tokenizer
+    read each other's settings). VAE, text encoder and scheduler are shared."""
+    unet = pipe.unet
+    shared = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
+    twin = copy.deepcopy(unet, shared)  # module tree copied; tensors in the memo are reused, not copied
+    twin_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": twin, "tokenizer": copy.deepcopy(pipe.tokenizer)},
+                                        requires_safety_checker=False)
+    twin_pipe.set_progress_bar_config(disable=True)
+    return twin_pipe

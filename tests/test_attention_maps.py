@@ -11,10 +11,10 @@ import torch
 
 from experiments.run import dispatch
 from probing.attention_maps import capture_attention_maps, top_components
-from probing.prompts import word_token_positions
 from sdattn.errors import UserError
 from sdattn.layers import enumerate_layers, select_layers
 from sdattn.sampling import sample
+from sdattn.text import word_token_positions
 
 from .conftest import ROOT
 from .test_capture import explicit_probs

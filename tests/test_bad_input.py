@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import experiments.tasks.probe as probe_task
+import probing.features as probe_features
 from evaluation.datasets import EditExample, finish_dataset, load_dataset
 from evaluation.records import RecordStore
 from experiments.cli import check_command_line
@@ -205,7 +206,7 @@ def test_two_probe_jobs_capture_each_prompt_once(compose_cfg, tiny_pipe, tmp_pat
         return {layer.label: torch.zeros(len(prompts), 2) for layer in layers}
 
     monkeypatch.setattr(probe_task, "load_model", lambda cfg: tiny_pipe)
-    monkeypatch.setattr(probe_task, "capture_features", capture)
+    monkeypatch.setattr(probe_features, "capture_features", capture)
     cfgs = [compose_cfg("probe=cross_attn", "probe.n_per_class=4", "probe.batch_size=5", "probe.layers=[3]",
                         "probe.shard=0/1", f"paths.cache_dir={tmp_path / 'shared'}") for _ in range(2)]
     jobs = [threading.Thread(target=probe_task.run, args=(cfg,)) for cfg in cfgs]

@@ -3,13 +3,14 @@ import torch
 import torch.nn.functional as F
 
 from probing.capture import CaptureSpec, capture_features, token_weights
-from probing.prompts import build_prompts, load_family, word_token_positions
+from probing.prompts import build_prompts, load_family
 from probing.store import FeatureStore
 from sdattn.errors import UserError
 from sdattn.layers import enumerate_layers, select_layers
 from sdattn.maps import attention_with_pooled_map, pooled_self_attention
 from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import sample
+from sdattn.text import word_token_positions
 
 from .conftest import ROOT
 

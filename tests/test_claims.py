@@ -11,7 +11,7 @@ from scipy import stats
 
 from evaluation.claims import Check, Claim, Interval, bootstrap_interval, t_interval
 from experiments.run import dispatch
-from experiments.tasks.claims import random_split
+from probing.probe_runs import random_split
 
 SMALL = ["model.steps=2", "claims.probe.n_per_class=2", "claims.probe.seeds=[0,1]", "claims.edits.seeds=[0]",
          "claims.edits.token_seeds=[0,1]",
@@ -64,18 +64,17 @@ def test_cases_the_checker_cannot_read_are_left_out_and_counted():
     """Issue 23 item 5 in the claims: a case with no mask IoU (None from the toy checker → NaN) is not a 0
     in the interval nor in the paired differences, and the table says how many cases remain."""
     import pandas as pd
-    from omegaconf import OmegaConf
 
-    from experiments.tasks.claims import PLAIN, _diff, interval_table, variant_intervals
+    from editing.ablation import PLAIN
+    from evaluation.paper_claims import interval_table, paired_diff, variant_intervals
 
-    c = OmegaConf.create({"level": 0.95, "edits": {"bootstrap": 200}})
     df = pd.DataFrame({"case": [0, 1, 2, 0, 1, 2], "variant": [PLAIN] * 3 + ["self 2-5"] * 3,
                        "edit_ok": [1.0, 1.0, 0.0, 1.0, 1.0, 1.0], "mask_iou": [0.5, math.nan, 0.7, 0.9, 0.8, 0.9]})
-    ivs = variant_intervals(df, c)
+    ivs = variant_intervals(df, 0.95, 200)
     iou = ivs[PLAIN]["mask IoU source↔edited"]
     assert iou.n == 2 and iou.mean == pytest.approx(0.6)  # not (0.5 + 0 + 0.7) / 3
     assert ivs[PLAIN]["edit correct"].n == 3
-    assert _diff(df, "self 2-5", PLAIN, "mask_iou", c).n == 2  # paired: case 1 left out on both sides
+    assert paired_diff(df, "self 2-5", PLAIN, "mask_iou", 0.95, 200).n == 2  # paired: case 1 left out on both sides
     table = interval_table(ivs, df)
     assert table.loc[PLAIN, "not scored"] == "mask IoU source↔edited over 2 of 3 cases; 1 unreadable"
     assert table.loc["self 2-5", "not scored"] == ""

@@ -39,7 +39,7 @@ def test_rerun_reuses_cached_features(compose_cfg, tmp_path, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("features were generated again")
 
-    monkeypatch.setattr("experiments.tasks.probe.capture_features", fail)
+    monkeypatch.setattr("probing.features.capture_features", fail)
     assert "cross_attn" in dispatch(cfg)["tables"]
     assert probing.capture.capture_features is not fail
 
@@ -111,8 +111,8 @@ def test_a_users_own_method_config_is_found_by_name(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from editing.methods import build_method
     from experiments.cli import CONFIG_DIR, check_command_line
-    from experiments.tasks.benchmark import build_method
     from sdattn.errors import UserError
 
     (tmp_path / "method").mkdir()

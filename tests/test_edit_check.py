@@ -46,8 +46,9 @@ def test_generic_checker_agrees_with_the_pixel_checker_on_the_claims_cases(compo
     docs/toy_world.md): layout verdicts (IoU ≥ 0.5) agree on 90.6 %, edit-correct on 81 % — the pixel checker
     also fails colour edits whose shape broke (Fig. 5's "<- car", "- car"), which CLIP zero-shot between
     "a black car" and "a pink car" cannot see."""
+    from editing.ablation import Ablation, EditRows, sweep_rows
+    from evaluation.paper_claims import run_edits
     from experiments.common import instantiate, plain
-    from experiments.tasks.claims import EditRows, run_edits, sweep_rows
 
     cfg = compose_cfg("model=toy", "experiment=claims")
     c = cfg.claims
@@ -58,12 +59,14 @@ def test_generic_checker_agrees_with_the_pixel_checker_on_the_claims_cases(compo
         scores.append((pixel(*args), generic(*args)))
         return scores[-1][0]
 
-    sweep, *_ = sweep_rows(toy_pipe, c)
+    ab = {k: Ablation.from_settings(v) for k, v in plain(c.ablations).items()}
+    sweep, *_ = sweep_rows(toy_pipe, ab["cross"], ab["self"], plain(c.edits.middle))
     cases = [(s, t, seed) for s, t in (tuple(p) for p in plain(c.edits.sweep_pairs)) for seed in c.edits.seeds]
     run_edits(sweep, cases, both, c.edits.batch_size, False, 0)
     t = c.ablations.tokens
-    run_edits(EditRows(toy_pipe, [("tokens", t)]), [(t.source_prompt, t.target_prompt, s) for s in c.edits.token_seeds],
-              both, c.edits.batch_size, False, 0)
+    tokens = EditRows(toy_pipe, [("tokens", ab["tokens"])])
+    run_edits(tokens, [(t.source_prompt, t.target_prompt, s) for s in c.edits.token_seeds], both, c.edits.batch_size,
+              False, 0)
     agreement = checker_agreement([p for p, _ in scores], [g for _, g in scores])
     assert agreement["n"] == len(scores) >= 90
     assert agreement["layout"] >= 0.9 and agreement["edit_ok"] >= 0.75

@@ -7,8 +7,7 @@ import torch
 from editing.images import load_image
 from editing.inversion import image_size
 from editing.methods import build_method
-from experiments.common import load_model
-from experiments.tasks.benchmark import load_data
+from experiments.common import load_data, load_model
 
 from .conftest import ROOT
 

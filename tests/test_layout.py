@@ -20,14 +20,14 @@ ALLOWED = {
 }
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def import_graph(root: Path = ROOT) -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
     """({module: project modules it imports}, [(module, source module, private name)])."""
-    files = {_module_name(p): p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
+    files = {_module_name(p, root): p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
     edges: dict[str, set[str]] = {m: set() for m in files}
     private = []
 
@@ -97,7 +97,56 @@ def test_the_checks_can_fail():
 
 
 def test_no_editor_in_evaluation_and_no_method_registry():
-    sources = {p: p.read_text(encoding="utf-8") for p in (ROOT / "evaluation").rglob("*.py")}
-    assert not [p for p, text in sources.items() if "def edit_" in text]
+    trees = {p: ast.parse(p.read_text(encoding="utf-8")) for p in (ROOT / "evaluation").rglob("*.py")}
+    # an editor is a module-level edit_<name>(pipe, example, seed, ...) (a checker's edit_ok method is not one)
+    assert not [(p, f.name) for p, tree in trees.items() for f in tree.body
+                if isinstance(f, ast.FunctionDef) and f.name.startswith("edit_")]
     for path in (ROOT / "configs" / "method").glob("*.yaml"):
         assert "_target_: editing." in path.read_text(encoding="utf-8"), path
+
+
+TASKS = "experiments.tasks."
+# A task composes library calls: its config in, files and a result dict out. Past this many lines it holds
+# library logic that another task, perf, a notebook or the app would then import from it (issue 22).
+TASK_LINE_BUDGET = 120
+
+
+def script_imports(path: Path) -> set[str]:
+    """The modules a script outside the packages (a notebook's .py) imports, by name."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return names
+
+
+def task_importers(edges: dict[str, set[str]], scripts: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, task module) for every import of a task module by another module of the packages (a task
+    included) or by a script: tasks are run only by ``experiments.run`` (``importlib``, by name)."""
+    found = [(m, d) for m, deps in edges.items() for d in deps if d.startswith(TASKS) and d != m]
+    found += [(s, n) for s, names in scripts.items() for n in names if n.startswith(TASKS)]
+    return sorted(found)
+
+
+def test_no_task_imports_a_task_and_only_the_entry_point_runs_them():
+    edges, _ = import_graph()
+    scripts = {p.name: script_imports(p) for p in (ROOT / "notebooks").glob("*.py")}
+    assert len(scripts) >= 3 and "editing.methods.build_method" in scripts["03_fpe_and_baselines.py"]
+    assert task_importers(edges, scripts) == []
+
+
+def test_the_task_check_can_fail():
+    edges = {"experiments.tasks.merge": {"experiments.tasks.benchmark", "evaluation.merge"},
+             "experiments.perf": {"experiments.tasks.probe"}, "experiments.tasks.probe": set()}
+    assert task_importers(edges, {"03.py": {"experiments.tasks.benchmark.build_method"}}) == [
+        ("03.py", "experiments.tasks.benchmark.build_method"), ("experiments.perf", "experiments.tasks.probe"),
+        ("experiments.tasks.merge", "experiments.tasks.benchmark")]
+
+
+def test_task_modules_stay_short():
+    tasks = (ROOT / "experiments" / "tasks").glob("*.py")
+    lines = {p.stem: len(p.read_text(encoding="utf-8").splitlines()) for p in tasks}
+    assert len(lines) > 10 and "claims" in lines
+    assert {name: n for name, n in lines.items() if n > TASK_LINE_BUDGET} == {}

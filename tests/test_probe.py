@@ -49,8 +49,8 @@ def test_capture_workers_give_the_features_of_one_worker(tiny_pipe):
     batches captured one after another, in order; the torch thread count is restored."""
     import pytest
 
-    from experiments.tasks.probe import in_workers
     from probing.capture import CaptureSpec, capture_features
+    from probing.features import in_workers
     from sdattn.errors import UserError
     from sdattn.layers import enumerate_layers
     from sdattn.sampling import latent_size

@@ -13,6 +13,7 @@ import torch
 
 import experiments.tasks.benchmark as bench_task
 import experiments.tasks.probe as probe_task
+import probing.features as probe_features
 from evaluation.datasets import EditExample, LoadedDataset
 from evaluation.records import collect, read_pairs
 from evaluation.shards import Shard, merge_runs, parse_shard, shard_dataset
@@ -140,13 +141,13 @@ def test_two_capture_shards_fill_the_cache_of_one_run(compose_cfg, tiny_pipe, tm
     monkeypatch.setattr(probe_task, "load_model", lambda cfg: tiny_pipe)
     single = tmp_path / "single"
     stores = {}
-    real_store = probe_task.FeatureStore
+    real_store = probe_features.FeatureStore
 
     def store(root, config):  # remember each run's store
         stores[str(root)] = real_store(root, config)
         return stores[str(root)]
 
-    monkeypatch.setattr(probe_task, "FeatureStore", store)
+    monkeypatch.setattr(probe_features, "FeatureStore", store)
     dispatch(compose_cfg(*PROBE, f"paths.cache_dir={single}"))
     for i in range(2):
         res = dispatch(compose_cfg(*PROBE, f"paths.cache_dir={tmp_path / 'sharded'}", f"probe.shard={i}/2"))
@@ -155,8 +156,8 @@ def test_two_capture_shards_fill_the_cache_of_one_run(compose_cfg, tiny_pipe, tm
     assert "probe capture shard 0/2: 10 of 10 prompts captured now, 0 already cached; 10 of 20 prompts" in out
     assert "probe capture shard 1/2: 10 of 10 prompts captured now, 0 already cached; 0 of 20 prompts" in out
     calls = []
-    real_capture = probe_task.capture_features
-    monkeypatch.setattr(probe_task, "capture_features", lambda *a, **k: (calls.append(1), real_capture(*a, **k))[1])
+    real_capture = probe_features.capture_features
+    monkeypatch.setattr(probe_features, "capture_features", lambda *a, **k: (calls.append(1), real_capture(*a, **k))[1])
     res = dispatch(compose_cfg(*PROBE, f"paths.cache_dir={tmp_path / 'sharded'}"))
     assert calls == [] and res["tables"]  # every feature cached by the shards: probes trained, nothing captured
     one, two = stores[str(single / "features")], stores[str(tmp_path / "sharded" / "features")]

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from evaluation.metric_models import load_clip
 from evaluation.records import read_pairs
 from evaluation.tables import REL_FPE
+from experiments.common import load_data
 from experiments.run import dispatch
-from experiments.tasks.benchmark import load_data
 from sdattn.errors import UserError
 from toyworld.edit_benchmark import load_toy_edit
 from toyworld.scores import mask_iou, read_image, toy_edit_scores

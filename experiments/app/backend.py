@@ -265,8 +265,9 @@ class Backend:
         if unknown:
             raise UserError(f"{unknown[0]!r} is not a setting of method {name!r}; settings: "
                             f"{', '.join(self.method_settings(name))}")
+        # as task=edit, the task that reads the method group (its schema: fractions, step counts, guidance)
         validate(OmegaConf.create({"task": "edit", "dtype": self.cfg.dtype, "device": self.cfg.device,
-                                   "resize": self.cfg.resize, "method": spec}))  # as the edit task checks it
+                                   "resize": self.cfg.resize, "method": spec}))
         return spec
 
     def method_settings(self, name: str) -> dict:

@@ -11,14 +11,11 @@ sharding) into ``<root>/<data>/<method>/shard-<i>-of-<n>/``; the tables merge ev
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from editing.methods import build_method, method_settings
-from evaluation.datasets import LoadedDataset
 from evaluation.merge import shard_line, write_plan, write_tables_locked
 from evaluation.metric_models import clip_fingerprint, load_clip
 from evaluation.metrics import DEFAULT_CLIP_MODEL
@@ -27,40 +24,10 @@ from evaluation.records import collect
 from evaluation.runner import run_pairs
 from evaluation.scorers import build_metrics, metrics_columns, metrics_meta, scorer
 from evaluation.shards import SHARD_KEY, parse_shard, shard_dataset
-from evaluation.tables import COLUMNS, table5_groups
-from experiments.common import instantiate, load_model, model_fingerprint, plain
+from evaluation.tables import COLUMNS, table_options
+from experiments.common import load_data, load_model, model_fingerprint, plain, run_id
 from experiments.tracking import log_benchmark
 from sdattn.errors import UserError
-
-PROCESS_START = int(time.time())
-
-
-def load_data(data_cfg) -> LoadedDataset:
-    """The dataset of a ``data`` config (``configs/data/<name>.yaml``): its ``_target_`` loader called
-    with the config's keys (name, path, root, limit, and the loader's own options)."""
-    return instantiate(data_cfg, _convert_="all")
-
-
-
-
-def run_id() -> str:
-    """What makes rows "timed together": one multirun (its sweep folder: jobs run one after another on
-    one machine) or one run (its folder); a process-unique id outside Hydra (tests, notebooks)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        return str(hc.sweep.dir) if hc.mode.name == "MULTIRUN" else str(hc.runtime.output_dir)
-    return f"process-{os.getpid()}-{PROCESS_START}"
-
-
-def table_options(bench: dict) -> dict:
-    """How the tables of ``benchmark`` are written: Table 5 only by the table5 experiments, in its
-    configured layout (``benchmark.table5.groups``), with the paper's numbers when ``compare_paper``."""
-    groups = (bench.get("table5") or {}).get("groups")
-    return {"table5_too": bench.get("table") == "table5",
-            "table5_layout": table5_groups(groups) if groups is not None else None,
-            "compare_paper": bool(bench.get("compare_paper", False))}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -73,7 +40,8 @@ def run(cfg: DictConfig) -> dict:
     bench = (plain(cfg.get("benchmark")) or {})
     shard = parse_shard(bench.get("shard"), "benchmark.shard")
     dataset = shard_dataset(load_data(cfg.data), shard, int(cfg.seed))
-    table_opts = table_options(bench)  # a bad Table 5 layout → one line before any loading
+    table_opts = table_options(bench.get("table"), (bench.get("table5") or {}).get("groups"),
+                               bench.get("compare_paper", False))  # a bad Table 5 layout → one line now
     clip_name = str((plain(cfg.get("metrics")) or {}).get("clip") or DEFAULT_CLIP_MODEL)
     root = Path(bench.get("root") or Path(cfg.paths.log_dir) / "benchmark")
     out_dir = Path(bench.get("out_dir") or root / str(cfg.data.name) / name)

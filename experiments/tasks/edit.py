@@ -53,10 +53,7 @@ def run(cfg: DictConfig) -> dict:
     names = method_names(cfg)
     specs = {n: with_settings(method_config(cfg, n), (plain(e.settings) or {}).get(n)) for n in names}
     editors = [build_method(specs[n]) for n in names]  # a bad setting or target → one line before any loading
-    if e.image is None and e.image_required:
-        raise UserError(f"edit.image is required for edit={e.name}: give edit.image=path/to/photo.jpg")
-    if e.image is not None and not Path(str(e.image)).is_file():
-        raise UserError(f"image {str(e.image)!r} does not exist or is not a file")
+    # edit.image (required by edit=fpe_real, readable) is checked by the schema (experiments.schema) before this
     comparing = bool(e.get("methods"))
     clip = load_clip(str(e.clip), device=cfg.device) if comparing and e.clip else None
     pipe = load_model(cfg)

@@ -10,8 +10,8 @@ from omegaconf import DictConfig
 
 from evaluation.merge import gpu_seconds, progress, write_tables_locked
 from evaluation.metrics import DEFAULT_CLIP_MODEL
+from evaluation.tables import table_options
 from experiments.common import plain
-from experiments.tasks.benchmark import table_options
 from sdattn.errors import UserError
 
 
@@ -21,7 +21,9 @@ def run(cfg: DictConfig) -> dict:
     if not root.is_dir():
         raise UserError(f"benchmark.root {str(root)!r} does not exist: nothing to merge")
     clip_name = str((plain(cfg.get("metrics")) or {}).get("clip") or DEFAULT_CLIP_MODEL)
-    tables = write_tables_locked(root, clip_name, str(cfg.model.name), **table_options(bench))
+    options = table_options(bench.get("table"), (bench.get("table5") or {}).get("groups"),
+                            bench.get("compare_paper", False))
+    tables = write_tables_locked(root, clip_name, str(cfg.model.name), **options)
     folders = progress(root)
     per_method = gpu_seconds(folders)
     print(f"record folders under {root}:\n{folders.to_markdown(index=False)}\n")
