@@ -230,8 +230,9 @@ class DiffusionModule(L.LightningModule):
         d = min(self.ucfg.ema_decay, (1 + s) / (10 + s))
         with torch.no_grad():
             pairs = [(self.ema_unet, self.unet)] + ([(self.ema_text, self.text_encoder)] if self.train_text else [])
-            for ema, live in pairs:
-                ep, lp = list(ema.parameters()), list(live.parameters())
+            for ema, live in pairs:  # trained parameters only: frozen ones stay bit-identical
+                ep, lp = zip(*[(e, p) for e, p in zip(ema.parameters(), live.parameters()) if p.requires_grad])
+                ep, lp = list(ep), list(lp)
                 torch._foreach_mul_(ep, d)
                 torch._foreach_add_(ep, lp, alpha=1 - d)
 
