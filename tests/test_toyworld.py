@@ -8,6 +8,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
@@ -240,17 +241,22 @@ def test_stage2_continues_with_a_frozen_text_encoder_and_a_longer_context(tmp_pa
              "unet": {"channels": [32, 32, 32], "batch": 4, "steps": 2, "warmup": 1}}
     logger = lambda stage, d: CSVLogger(str(d), name=f"toy-{stage}")  # noqa: E731
     train(OmegaConf.merge(yaml, small, {"output_dir": str(tmp_path / "a"), "work_dir": str(tmp_path / "wa")}), logger)
+    frozen = "attn2.to_q"  # toy.unet.freeze; the sink loss runs beside it (toy.unet.sink_weight)
     train(OmegaConf.merge(yaml, small, {"output_dir": str(tmp_path / "b"), "work_dir": str(tmp_path / "wb"),
-                                        "init_pipeline": str(tmp_path / "a"),
-                                        "text": {"freeze": True, "max_length": 20}}), logger)
+                                        "init_pipeline": str(tmp_path / "a"), "progress_every": 1,
+                                        "text": {"freeze": True, "max_length": 20},
+                                        "unet": {"freeze": [frozen], "sink_weight": 1.0}}), logger)
     a, b = load_pipeline(tmp_path / "a"), load_pipeline(tmp_path / "b")
     assert a.tokenizer.model_max_length == 16 and b.tokenizer.model_max_length == 20
     ids = a.tokenizer(["a red car"], padding="max_length", max_length=16, return_tensors="pt").input_ids
     longer = b.tokenizer(["a red car"], padding="max_length", max_length=20, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(a.text_encoder(ids)[0], b.text_encoder(longer)[0][:, :16])
-    moved = [not torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters())]
-    assert any(moved)
+    moved = {n: not torch.equal(p, q) for (n, p), q in zip(a.unet.named_parameters(), b.unet.parameters())}
+    assert any(moved.values())
+    assert not any(m for n, m in moved.items() if frozen in n) and any(frozen in n for n in moved)
+    metrics = pd.read_csv(next((tmp_path / "wb").rglob("metrics.csv")))
+    assert metrics["unet/sink_deviation"].notna().any()
 
 
 def test_start_token_sink_is_written_into_the_cross_attention_queries(pipe, world):
@@ -268,6 +274,35 @@ def test_start_token_sink_is_written_into_the_cross_attention_queries(pipe, worl
     changed = [name for (name, p), q in zip(pipe.unet.named_parameters(), sunk.unet.parameters())
                if not torch.equal(p, q)]
     assert changed and all(n.endswith("norm2.bias") for n in changed)  # only the cross-attention queries move
+
+
+def test_exact_start_token_sink_lifts_the_start_logit_for_every_query(pipe, world):
+    """toyworld.sink --method key: whatever the query, the start token's logit rises by the boost over the
+    mean of the other keys it was fitted on (LayerNorm gives the query an exactly constant component); the
+    other keys' logits move together up to a per-key offset much smaller than the boost."""
+    import copy
+
+    from toyworld.sink import all_prompts, cross_blocks, install_key_sink, text_states
+
+    prompts = all_prompts(world)[:30]
+    sunk = copy.deepcopy(pipe)
+    install_key_sink(sunk, prompts, boost=6.0)
+    start, others = text_states(pipe, prompts)
+    states = torch.cat([start[None], others])  # (1 + N, D)
+    g = torch.Generator().manual_seed(0)
+
+    def logits(norm, attn, x):  # (heads, queries, keys)
+        q, k = attn.to_q(norm(x)), attn.to_k(states)
+        d = q.shape[1] // attn.heads
+        return torch.einsum("qhd,khd->hqk", q.view(len(x), attn.heads, d), k.view(-1, attn.heads, d)) * attn.scale
+
+    with torch.no_grad():
+        for (_, norm, attn), (_, norm_s, attn_s) in zip(cross_blocks(pipe.unet), cross_blocks(sunk.unet)):
+            x = torch.randn(50, norm.normalized_shape[0], generator=g) * 3 + 1  # any features
+            moved = logits(norm_s, attn_s, x) - logits(norm, attn, x)
+            lift = moved[..., 0] - moved[..., 1:].mean(-1)
+            assert (lift - 6.0).abs().max() < 0.2
+            assert (moved[..., 1:] - moved[..., 1:].mean(-1, keepdim=True)).std() < 0.1 * 6.0
 
 
 def test_token_map_recorder_leaves_sampling_unchanged(pipe):

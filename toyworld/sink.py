@@ -24,6 +24,8 @@ and prints, per layer, the boost of the start token over the mean of the others 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import shutil
 from pathlib import Path
 
@@ -68,13 +70,16 @@ def sink_query(attn, start: torch.Tensor, others: torch.Tensor, boost: float, ri
 
 
 @torch.no_grad()
-def install_start_sink(pipe, prompts: list[str], boost: float) -> list[dict]:
-    """Add the sink to ``pipe``'s UNet in place; per layer: the start token's logit over the others' mean
-    and the standard deviation of the others' added logits (both averaged over heads)."""
+def install_start_sink(pipe, prompts: list[str], boost: float | list[float]) -> list[dict]:
+    """Add the sink to ``pipe``'s UNet in place (``boost``: one for every layer, or one per cross layer in
+    :func:`cross_blocks` order); per layer: the start token's logit over the others' mean and the standard
+    deviation of the others' added logits (both averaged over heads)."""
     start, others = text_states(pipe, prompts)
+    blocks = list(cross_blocks(pipe.unet))
+    boosts = list(boost) if isinstance(boost, (list, tuple)) else [boost] * len(blocks)
     report = []
-    for name, norm, attn in cross_blocks(pipe.unet):
-        c = sink_query(attn, start, others, boost)
+    for (name, norm, attn), b in zip(blocks, boosts):
+        c = sink_query(attn, start, others, b)
         wq = attn.to_q.weight.float()  # (inner, C)
         delta = torch.linalg.lstsq(wq, c[:, None]).solution[:, 0]
         norm.bias += delta.to(norm.bias)
@@ -88,6 +93,62 @@ def install_start_sink(pipe, prompts: list[str], boost: float) -> list[dict]:
             lift.append(float(ks[h * d:(h + 1) * d] @ cs - lo.mean()))
             spread.append(float(lo.std()))
         report.append({"layer": name, "start_lift": sum(lift) / len(lift), "others_spread": sum(spread) / len(spread)})
+    return report
+
+
+@torch.no_grad()
+def start_direction(start: torch.Tensor, others: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """w (D,) with w·(start − mean) = 1 and the least variance of w·other over the other states (ridge
+    relative to their mean variance): a text feature that is 1 for the start token and ~constant elsewhere."""
+    mean = others.mean(0)
+    oc, d = others - mean, start - mean
+    m = oc.T @ oc / len(oc)
+    m += ridge * m.diagonal().mean() * torch.eye(len(d))
+    w = torch.linalg.solve(m, d)
+    return w / (d @ w)
+
+
+@torch.no_grad()
+def install_key_sink(pipe, prompts: list[str], boost: float, kappa: float = 4.0) -> list[dict]:
+    """An exact start-token sink: every query's logit for the start token rises by ``boost`` over the other
+    keys' mean, whatever the query, and the other keys' logits keep their differences except along one
+    direction per head (the one in which the centred keys vary least).
+
+    Per cross layer and head (head dim d, direction u, text feature w of :func:`start_direction`):
+    the query gets a constant component κ·u — exact, because LayerNorm's output y = γ⊙x̂ + β has
+    Σᵢ (yᵢ − βᵢ)/γᵢ = 0, so s·y is constant for s ∝ 1/γ (``norm2.bias`` moves by γ first, so that
+    constant is far from 0, and ``to_q`` is corrected to give the same queries) — and the key gets
+    g·(w·text state)·u in place of its u component; the start token's logit then exceeds the others' mean
+    by κ·g·scale = ``boost``. Returns per layer the lift, the others' spread (boost × std of w·state) and the
+    share of the centred keys' variance lost with u (mean over heads)."""
+    start, others = text_states(pipe, prompts)
+    w = start_direction(start, others)
+    spread = float(boost * (others @ w).std())
+    report = []
+    for name, norm, attn in cross_blocks(pipe.unet):
+        gamma = norm.weight.float()
+        norm.bias += gamma.to(norm.bias)  # β' = β + γ: Σ β'/γ ≈ C, far from 0
+        beta = norm.bias.float()
+        s_vec = 1 / (gamma * (beta / gamma).sum())  # s·y = 1 for every LayerNorm output y
+        wq, wk = attn.to_q.weight.float(), attn.to_k.weight.float()  # (inner, C), (inner, D)
+        wq = wq - (wq @ gamma)[:, None] * s_vec[None]  # the same queries as before the bias moved
+        keys = torch.cat([start[None], others]).to(wk) @ wk.T  # (N + 1, inner)
+        d = wq.shape[0] // attn.heads
+        g = boost / (kappa * attn.scale)
+        lost = []
+        for h in range(attn.heads):
+            r = slice(h * d, (h + 1) * d)
+            kc = keys[:, r] - keys[:, r].mean(0)
+            evals, evecs = torch.linalg.eigh(kc.T @ kc)
+            u = evecs[:, 0]  # least variance of the keys
+            lost.append(float(evals[0] / evals.sum()))
+            proj = torch.eye(d) - torch.outer(u, u)
+            wq[r] = proj @ wq[r] + kappa * torch.outer(u, s_vec)
+            wk[r] = proj @ wk[r] + g * torch.outer(u, w.to(wk))
+        attn.to_q.weight.copy_(wq.to(attn.to_q.weight))
+        attn.to_k.weight.copy_(wk.to(attn.to_k.weight))
+        report.append({"layer": name, "start_lift": boost, "others_spread": spread,
+                       "key_variance_lost": sum(lost) / len(lost)})
     return report
 
 
@@ -114,6 +175,28 @@ def compensate_values(pipe, before: dict[str, float], after: dict[str, float]) -
         attn.to_v.weight *= alpha
 
 
+@torch.no_grad()
+def calibrate_sink(pipe, prompts: list[str], probe: list[str], share: float, boost: float, steps: int,
+                   guidance: float, rounds: int) -> tuple[list[float], dict[str, float]]:
+    """Install the sink with a boost per layer such that the start token's measured share while sampling
+    ``probe`` is near ``share`` on every layer: ``rounds`` corrections of each boost by the difference of the
+    log-odds (the other keys' spread makes the share of a given boost differ per layer). Returns the
+    boosts and the shares of the last installed sink (``pipe`` holds it)."""
+    original = copy.deepcopy(pipe.unet.state_dict())
+    labels = [x.label for x in model_cross_layers(pipe)]
+    boosts = [boost] * len(labels)
+    target = math.log(share / (1 - share))
+    for r in range(rounds + 1):
+        pipe.unet.load_state_dict(original)
+        install_start_sink(pipe, prompts, boosts)
+        shares = start_shares(pipe, probe, steps, guidance)
+        print(f"round {r}: " + ", ".join(f"{x} +{b:.1f} → {shares[x]:.1%}" for x, b in zip(labels, boosts)),
+              flush=True)
+        if r < rounds:
+            boosts = [b + target - math.log(shares[x] / (1 - shares[x])) for x, b in zip(labels, boosts)]
+    return boosts, shares
+
+
 def model_cross_layers(pipe):
     """The cross layers in the order of :func:`cross_blocks` (module order), as LayerIds."""
     from sdattn.layers import enumerate_layers
@@ -133,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="models/toy")
     ap.add_argument("--out", required=True)
     ap.add_argument("--boost", type=float, default=8.0)
+    ap.add_argument("--share", type=float, default=None,
+                    help="calibrate each layer's boost (from --boost) until the start token takes this share")
+    ap.add_argument("--rounds", type=int, default=3, help="calibration rounds (with --share)")
+    ap.add_argument("--method", choices=("query", "key"), default="query",
+                    help="query: least-squares query bias (approximate); key: exact (install_key_sink)")
     ap.add_argument("--grammar", default=None)
     ap.add_argument("--images", type=int, default=10, help="prompts sampled to measure the start token's share")
     ap.add_argument("--steps", type=int, default=10)
@@ -143,10 +231,19 @@ def main(argv: list[str] | None = None) -> None:
     world = load_world(args.grammar)
     probe = [world.make_prompt(c, s) for c, s in zip(world.colors, list(world.shapes) * 2)][:args.images]
     before = start_shares(pipe, probe, args.steps, args.guidance)
-    for r in install_start_sink(pipe, all_prompts(world), args.boost):
-        print(f"{r['layer']:45s} start logit +{r['start_lift']:.2f} over the others' mean; "
-              f"others' added logits spread {r['others_spread']:.2f}")
-    after = start_shares(pipe, probe, args.steps, args.guidance)
+    if args.method == "key":
+        for r in install_key_sink(pipe, all_prompts(world), args.boost):
+            print(f"{r['layer']:45s} start logit +{r['start_lift']:.2f} over the others' mean; others' spread "
+                  f"{r['others_spread']:.3f}; key variance lost {r['key_variance_lost']:.2%}")
+        after = start_shares(pipe, probe, args.steps, args.guidance)
+    elif args.share is not None:
+        _, after = calibrate_sink(pipe, all_prompts(world), probe, args.share, args.boost, args.steps,
+                                  args.guidance, args.rounds)
+    else:
+        for r in install_start_sink(pipe, all_prompts(world), args.boost):
+            print(f"{r['layer']:45s} start logit +{r['start_lift']:.2f} over the others' mean; "
+                  f"others' added logits spread {r['others_spread']:.2f}")
+        after = start_shares(pipe, probe, args.steps, args.guidance)
     compensate_values(pipe, before, after)
     for label in before:
         print(f"{label}: start token share {before[label]:.1%} → {after[label]:.1%}")

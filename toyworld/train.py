@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from sdattn.hooks import AttentionHook, HookSet
+from sdattn.layers import enumerate_layers
 from sdattn.settings import SETTINGS_FILE
 from toyworld.model import (
     assemble_pipeline,
@@ -138,6 +141,32 @@ class PromptEncoder:
         return torch.stack(out)
 
 
+class StartShareHook(AttentionHook):
+    """A cross-attention layer computed explicitly (softmax(q·kᵀ·scale)·v, what SDPA computes) that keeps,
+    with its gradient, the squared distance of the start token's share (per image and head, mean over the
+    queries) from ``target`` (the start-token sink loss: SD 1.x puts 0.9–0.99 of every cross-attention map
+    on its start token). Two-sided: a share pushed to 1 leaves no attention for the prompt, and a saturated
+    softmax gives the diffusion loss no gradient to bring it back."""
+
+    def __init__(self, layer, state, deviations: list, target: float):
+        super().__init__(layer, state)
+        self.deviations, self.target = deviations, target
+
+    def attend(self, attn, query, key, value, mask):
+        logits = query @ key.transpose(-1, -2) * attn.scale  # (B, H, Nq, L)
+        if mask is not None:
+            logits = logits + mask
+        probs = logits.softmax(-1)
+        self.deviations.append((probs[..., 0].mean(-1) - self.target).pow(2).mean())
+        return probs @ value  # (B, H, Nq, d)
+
+
+def sink_hooks(unet, target: float, deviations: list) -> HookSet:
+    """:class:`StartShareHook` on every cross layer of ``unet`` (installed while the HookSet is entered)."""
+    cross = [x for x in enumerate_layers(unet) if x.kind == "cross"]
+    return HookSet(unet, cross, lambda layer, state: StartShareHook(layer, state, deviations, target))
+
+
 class DiffusionModule(L.LightningModule):
     def __init__(self, unet, text_encoder, vae, tokenizer, scaling_factor: float, ucfg, progress: StepBudget,
                  seed: int):
@@ -154,6 +183,7 @@ class DiffusionModule(L.LightningModule):
         self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if self.train_text else text_encoder
         self.gen = torch.Generator().manual_seed(seed + 1)
+        self.sink_deviations: list = []  # filled by sink_hooks during the UNet's forward (ucfg.sink_weight > 0)
 
     def training_step(self, batch, _):
         x, prompts = batch
@@ -181,12 +211,18 @@ class DiffusionModule(L.LightningModule):
         else:
             with torch.no_grad():
                 cond = self.text_encoder(ids)[0]
+        self.sink_deviations.clear()
         pred = self.unet(zt, t, cond).sample
         snr = a.view(b) / (1 - a.view(b))
         w = torch.clamp(snr, max=self.ucfg.min_snr_gamma) / snr  # min-SNR-gamma, epsilon target
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (w * per).mean()
-        self.log_dict({"unet/loss": loss, "unet/mse": per.mean(), "unet/lr": lr}, prog_bar=True, on_step=True)
+        logs = {"unet/loss": loss, "unet/mse": per.mean(), "unet/lr": lr}
+        if self.sink_deviations:  # the start-token sink loss (mean over cross layers)
+            sink = torch.stack(self.sink_deviations).mean()
+            loss = loss + float(self.ucfg.sink_weight) * sink
+            logs["unet/sink_deviation"] = sink
+        self.log_dict(logs, prog_bar=True, on_step=True)
         return loss
 
     def on_train_batch_end(self, *args):
@@ -194,13 +230,15 @@ class DiffusionModule(L.LightningModule):
         d = min(self.ucfg.ema_decay, (1 + s) / (10 + s))
         with torch.no_grad():
             pairs = [(self.ema_unet, self.unet)] + ([(self.ema_text, self.text_encoder)] if self.train_text else [])
-            for ema, live in pairs:
-                ep, lp = list(ema.parameters()), list(live.parameters())
+            for ema, live in pairs:  # trained parameters only: frozen ones stay bit-identical
+                ep, lp = zip(*[(e, p) for e, p in zip(ema.parameters(), live.parameters()) if p.requires_grad])
+                ep, lp = list(ep), list(lp)
                 torch._foreach_mul_(ep, d)
                 torch._foreach_add_(ep, lp, alpha=1 - d)
 
     def configure_optimizers(self):
-        params = list(self.unet.parameters()) + (list(self.text_encoder.parameters()) if self.train_text else [])
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        params += list(self.text_encoder.parameters()) if self.train_text else []
         return torch.optim.AdamW(params, lr=self.ucfg.lr, weight_decay=self.ucfg.weight_decay)
 
 
@@ -321,10 +359,21 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     info = {"init_pipeline": str(cfg.init_pipeline), "init_unet_steps": prev.get("unet_steps"),
             "vae_steps": prev.get("vae_steps"), "vae_recon_mae_255": prev.get("vae_recon_mae_255"),
             "previous_config": prev.get("config"), "decoder_finetune": prev.get("decoder_finetune")}
-    unet = pipe.unet.train().requires_grad_(True)
+    unet = freeze_parameters(pipe.unet.train().requires_grad_(True), list(cfg.unet.get("freeze") or []))
     text_encoder = text_encoder_for(cfg, pipe.text_encoder, pipe.tokenizer)
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
                    pipe.tokenizer, float(vae.config.scaling_factor), info, {}, make_logger)
+
+
+def freeze_parameters(unet, patterns: list[str]):
+    """``unet`` with every parameter whose name contains one of ``patterns`` frozen (e.g. the cross-attention
+    queries and keys that hold a start-token sink, ``toyworld.sink``: it stays exact while the rest trains)."""
+    for name, p in unet.named_parameters():
+        if any(pat in name for pat in patterns):
+            p.requires_grad_(False)
+    if patterns and all(p.requires_grad for p in unet.parameters()):
+        raise ValueError(f"toy.unet.freeze {patterns}: no UNet parameter name contains any of these")
+    return unet
 
 
 def text_encoder_for(cfg, text_encoder, tokenizer):
@@ -381,7 +430,10 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
 
     tr = _trainer(cfg, work, "unet", int(cfg.unet.steps), unet_seconds,
                   [ExportCallback(export, float(cfg.export_every_minutes))], make_logger)
-    tr.fit(dm, _loader(world, int(cfg.unet.batch), int(cfg.seed) + 1))
+    sink_weight = float(cfg.unet.get("sink_weight") or 0.0)
+    hooks = sink_hooks(unet, float(cfg.unet.sink_target), dm.sink_deviations) if sink_weight > 0 else nullcontext()
+    with hooks:  # on the live UNet only (the EMA copy, which is exported, keeps SDPA)
+        tr.fit(dm, _loader(world, int(cfg.unet.batch), int(cfg.seed) + 1))
     unet_steps = int(tr.global_step)
     finish_training_logger(tr)
     export(unet_steps)
