@@ -1,5 +1,5 @@
 """Reference tests (issue 11): each baseline's UNet call or step computed the way the authors' code
-computes it, re-implemented here from the official logic (/work/notes/fidelity.md; the official files
+computes it, re-implemented here from the official logic (docs/fidelity.md; the official files
 are named per test), against ours on the tiny SD-layout model, to 1e-5. They catch the next drift."""
 
 from contextlib import contextmanager

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.metrics import ClipMetrics, preprocess_images
 from sdattn.files import atomic_write_text
 from toyworld.model import MAX_LENGTH, build_tokenizer
-from toyworld.train import StageLogger, finish_training_logger, resolve_path
+from toyworld.train import StageLogger, finish_training_logger, output_path, resolve_path
 from toyworld.world import World, load_world
 
 
@@ -236,7 +236,7 @@ def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
     else:
         model = build_clip(tokenizer, world.image_size, cfg)
     vae = load_vae(cfg.vae_path)
-    work = resolve_path(cfg.work_dir)
+    work = output_path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     module = ClipModule(model, tokenizer, Augment(cfg), cfg)
     pool = roundtrip_pool(world, vae, int(cfg.pool_per_prompt), int(cfg.seed) + 7) if vae is not None else None
@@ -254,7 +254,7 @@ def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
     finish_training_logger(trainer)
     model.eval()
     scores = evaluate(ClipMetrics(model, tokenizer), world, vae, int(cfg.eval_renders), int(cfg.seed) + 999)
-    out = resolve_path(cfg.output_dir)
+    out = output_path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

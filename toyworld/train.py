@@ -47,9 +47,17 @@ TOY_SETTINGS = REPO_ROOT / "models" / "toy" / SETTINGS_FILE  # the toy model's s
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A path of the training configs: relative ones are relative to the repository root."""
+    """An input of the training configs: a relative path found under the working folder, else under the
+    project (the shipped ``models/toy``, ``datasets/...``, also from an installed package)."""
     p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def output_path(path: str | Path) -> Path:
+    """An output of the training configs: relative to the working folder, never into the package."""
+    return Path(path).absolute()
 
 
 # --------------------------------------------------------------------------- data
@@ -306,9 +314,9 @@ def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
     world = load_world(resolve_path(cfg.grammar))
     if world.image_size != cfg.image_size:
         raise ValueError(f"image_size {cfg.image_size} != grammar image_size {world.image_size}")
-    work = resolve_path(cfg.work_dir)
+    work = output_path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    out_dir = resolve_path(cfg.output_dir)
+    out_dir = output_path(cfg.output_dir)
     budget = float(cfg.budget_minutes) * 60
 
     factor = 2 ** (len(cfg.vae.channels) - 1)
