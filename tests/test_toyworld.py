@@ -323,3 +323,20 @@ def test_token_map_recorder_leaves_sampling_unchanged(pipe):
     assert {name for _, name in feats} >= {"map", "logit", "fixed keys", "mass"}
     mass = feats[(layers[0].label, "mass")]  # (images, key positions): shares of one softmax
     assert mass.shape == (2, pipe.tokenizer.model_max_length) and np.allclose(mass.sum(1), 1, atol=1e-4)
+
+
+def test_training_writes_under_the_working_folder_and_reads_shipped_inputs(tmp_path, monkeypatch):
+    """Relative outputs land under the working folder (never in the package or over models/toy); relative
+    inputs are found there first, else among the shipped data; the default output is not the shipped model."""
+    from omegaconf import OmegaConf
+
+    from toyworld.train import output_path, resolve_path
+
+    monkeypatch.chdir(tmp_path)
+    assert output_path("outputs/toy_model") == tmp_path / "outputs/toy_model"
+    assert resolve_path("models/toy") == REPO_ROOT / "models/toy"
+    (tmp_path / "models/toy").mkdir(parents=True)
+    assert resolve_path("models/toy") == Path("models/toy")
+    for name, node in (("train_toy", "toy"), ("train_toy_clip", "toy_clip")):
+        cfg = OmegaConf.load(REPO_ROOT / "configs/experiment" / f"{name}.yaml")[node]
+        assert not Path(cfg.output_dir).parts[0] == "models", cfg.output_dir
