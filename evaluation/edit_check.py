@@ -118,11 +118,16 @@ class GenericEditChecker:
 def checker_agreement(first: list[dict], second: list[dict], iou_threshold: float = 0.5) -> dict:
     """How often two checkers agree on the same edits (``{"edit_ok", "mask_iou"}`` per edit, in one order):
     the share of edits with the same edit-correct verdict, the same layout verdict (IoU ≥ ``iou_threshold``
-    on both sides or below it on both), and both at once."""
+    on both sides or below it on both), and both at once. An edit whose IoU either checker could not read
+    (None: no object found) has no layout verdict: ``layout`` and ``both`` are shares of the ``layout_n``
+    edits both read, and ``unreadable`` counts the others."""
     if len(first) != len(second) or not first:
         raise ValueError(f"checker_agreement needs two equal, non-empty lists of scores ({len(first)}, {len(second)})")
     edit = [float(a["edit_ok"]) == float(b["edit_ok"]) for a, b in zip(first, second)]
-    layout = [(a["mask_iou"] >= iou_threshold) == (b["mask_iou"] >= iou_threshold) for a, b in zip(first, second)]
-    n = len(first)
-    return {"n": n, "edit_ok": sum(edit) / n, "layout": sum(layout) / n,
-            "both": sum(e and ly for e, ly in zip(edit, layout)) / n}
+    read = [a["mask_iou"] is not None and b["mask_iou"] is not None for a, b in zip(first, second)]
+    layout = [r and (a["mask_iou"] >= iou_threshold) == (b["mask_iou"] >= iou_threshold)
+              for a, b, r in zip(first, second, read)]
+    n, n_read = len(first), sum(read)
+    share = (lambda k: k / n_read) if n_read else (lambda k: None)
+    return {"n": n, "edit_ok": sum(edit) / n, "layout": share(sum(layout)), "layout_n": n_read,
+            "unreadable": n - n_read, "both": share(sum(e and ly for e, ly in zip(edit, layout)))}

@@ -19,7 +19,11 @@ def test_mask_iou_and_agreement_arithmetic():
     assert mask_iou(a, a) == 1.0 and mask_iou(a, 1 - a) == 0.0 and mask_iou(a * 0, a * 0) == 0.0
     pix = [{"edit_ok": 1.0, "mask_iou": 0.9}, {"edit_ok": 0.0, "mask_iou": 0.2}]
     gen = [{"edit_ok": 1.0, "mask_iou": 0.3}, {"edit_ok": 1.0, "mask_iou": 0.1}]
-    assert checker_agreement(pix, gen) == {"n": 2, "edit_ok": 0.5, "layout": 0.5, "both": 0.0}
+    assert checker_agreement(pix, gen) == {"n": 2, "edit_ok": 0.5, "layout": 0.5, "layout_n": 2, "unreadable": 0,
+                                           "both": 0.0}
+    unread = [{"edit_ok": 0.0, "mask_iou": None}, {"edit_ok": 0.0, "mask_iou": 0.1}]  # the pixel checker saw no object
+    assert checker_agreement(unread, gen) == {"n": 2, "edit_ok": 0.0, "layout": 1.0, "layout_n": 1, "unreadable": 1,
+                                              "both": 0.0}
     with pytest.raises(ValueError):
         checker_agreement(pix, gen[:1])
 
@@ -43,7 +47,8 @@ def test_generic_checker_reads_toy_renders(toy_pipe):
 def test_generic_checker_agrees_with_the_pixel_checker_on_the_claims_cases(compose_cfg, toy_pipe):
     """Every edit of experiment=claims on the toy model (default sizes: Fig. 4's layer sweep on 2 pairs × 3 seeds,
     Fig. 5's token edits on 6 seeds), scored by both checkers. Measured on the shipped toy model (issue 25,
-    docs/toy_world.md): layout verdicts (IoU ≥ 0.5) agree on 90.6 %, edit-correct on 81 % — the pixel checker
+    docs/claims.md): layout verdicts (IoU ≥ 0.5) agree on 94.0 % of the 84 of 96 edits both checkers read
+    (12 have no object for the pixel checker), edit-correct on 81 % — the pixel checker
     also fails colour edits whose shape broke (Fig. 5's "<- car", "- car"), which CLIP zero-shot between
     "a black car" and "a pink car" cannot see."""
     from editing.ablation import Ablation, EditRows, sweep_rows
@@ -68,5 +73,6 @@ def test_generic_checker_agrees_with_the_pixel_checker_on_the_claims_cases(compo
     run_edits(tokens, [(t.source_prompt, t.target_prompt, s) for s in c.edits.token_seeds], both, c.edits.batch_size,
               False, 0)
     agreement = checker_agreement([p for p, _ in scores], [g for _, g in scores])
-    assert agreement["n"] == len(scores) >= 90
+    print("generic vs pixel checker on the claims cases:", agreement)  # shown with -s (docs/claims.md)
+    assert agreement["n"] == len(scores) >= 90 and agreement["layout_n"] >= 0.8 * agreement["n"]
     assert agreement["layout"] >= 0.9 and agreement["edit_ok"] >= 0.75
