@@ -18,6 +18,8 @@ for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+# lightning 2.6 building a LeafSpec under torch >= 2.10 warns on every fit (lightning/pytorch/utilities/_pytree.py)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 class MLPProbe(pl.LightningModule):
