@@ -5,7 +5,6 @@ toy-world CLIP, or a seeded tiny random one for smoke runs). The DINO structure 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel
@@ -47,7 +46,7 @@ def load_clip(name: str | None, device=None) -> ClipMetrics:
     if source is None:
         clip = tiny_clip()
     else:
-        with quiet_loading(Path(source).is_dir()):
+        with quiet_loading(source):
             clip = ClipMetrics.from_pretrained(source)
     return clip if device is None else ClipMetrics(clip.model, clip.tokenizer, device=device)
 

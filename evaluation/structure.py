@@ -27,8 +27,6 @@ PIE-Bench's ``dino_vitb8``). Offline it must be in the Hugging Face cache or giv
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -181,7 +179,7 @@ def load_structure(name: str | None, device: str | torch.device | None = None) -
         return None
     if str(name) == "tiny-random":
         return tiny_dino(device=device)
-    with quiet_loading(Path(str(name)).is_dir()):
+    with quiet_loading(name):
         return StructureDistance.from_pretrained(name, device=device)
 
 

@@ -204,13 +204,13 @@ SKIPPED_COMPONENTS = dict(safety_checker=None, feature_extractor=None, requires_
 
 
 @contextmanager
-def quiet_loading(local: bool):
-    """diffusers' and transformers' per-component progress bars off while a local folder loads (milliseconds of
-    bars per run); a hub download keeps its bars. Restored afterwards."""
+def quiet_loading(source: str | Path):
+    """diffusers' and transformers' per-component progress bars off while ``source`` loads, when it is a local
+    folder (milliseconds of bars per run); a hub download keeps its bars. Restored afterwards."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    libraries = [diffusers_logging, transformers_logging] if local else []
+    libraries = [diffusers_logging, transformers_logging] if Path(str(source)).is_dir() else []
     enabled = [lib.is_progress_bar_enabled() for lib in libraries]
     for lib in libraries:
         lib.disable_progress_bar()
@@ -225,7 +225,7 @@ def quiet_loading(local: bool):
 def load_checked_pipeline(
     source: str, local_only: bool, torch_dtype: torch.dtype, what: str,
 ) -> StableDiffusionPipeline:
-    with quiet_loading(Path(source).is_dir()):
+    with quiet_loading(source):
         return _load_checked_pipeline(source, local_only, torch_dtype, what)
 
 
