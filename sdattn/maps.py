@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from .errors import UserError
 
 
-def probabilities(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(QKᵀ·scale): (B, H, N, d), (B, H, M, d) → (B, H, N, M) in the inputs' dtype."""
-    return torch.softmax(query @ key.transpose(-1, -2) * scale, -1)
+def probabilities(query: torch.Tensor, key: torch.Tensor, scale: float,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(QKᵀ·scale + mask): (B, H, N, d), (B, H, M, d) → (B, H, N, M) in the inputs' dtype; ``mask``
+    an additive attention mask broadcastable to the logits (diffusers' prepared mask), or None."""
+    logits = query @ key.transpose(-1, -2) * scale
+    return torch.softmax(logits if mask is None else logits + mask, -1)
 
 
 def attend_to(query: torch.Tensor, key: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdattn.hooks import AttentionHook, HookSet
 from sdattn.layers import enumerate_layers
+from sdattn.maps import probabilities
 from sdattn.settings import SETTINGS_FILE
 from toyworld.model import (
     assemble_pipeline,
@@ -161,10 +162,7 @@ class StartShareHook(AttentionHook):
         self.deviations, self.target = deviations, target
 
     def attend(self, attn, query, key, value, mask):
-        logits = query @ key.transpose(-1, -2) * attn.scale  # (B, H, Nq, L)
-        if mask is not None:
-            logits = logits + mask
-        probs = logits.softmax(-1)
+        probs = probabilities(query, key, attn.scale, mask)  # (B, H, Nq, L)
         self.deviations.append((probs[..., 0].mean(-1) - self.target).pow(2).mean())
         return probs @ value  # (B, H, Nq, d)
 
