@@ -12,6 +12,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+PHOTO = SHARED / "benchmarks" / "fpe" / "000141.jpg"  # the real photo in ../shared beside the checkout (as in CI)
+needs_photo = pytest.mark.skipif(not PHOTO.is_file(), reason="../shared/benchmarks/fpe/000141.jpg is missing")
 
 torch.set_num_threads(1)  # small models: one thread is fastest and immune to a busy second core
 

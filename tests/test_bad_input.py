@@ -24,9 +24,7 @@ from experiments.run import dispatch
 from experiments.validate import validate
 from sdattn.errors import UserError
 
-from .conftest import ROOT, SHARED
-
-PHOTO = SHARED / "benchmarks" / "fpe" / "000141.jpg"
+from .conftest import PHOTO, ROOT, needs_photo
 
 
 def refused(argv: list[str]) -> str:
@@ -146,6 +144,7 @@ def test_empty_prompts_are_refused(argv, message):
     assert message in refused(argv)
 
 
+@needs_photo
 def test_a_real_image_may_be_inverted_without_a_caption():
     check_command_line(["edit=fpe_real", f"edit.image={PHOTO}"])  # the paper's default: source prompt ""
 
@@ -241,6 +240,7 @@ def test_input_files_are_checked_before_anything_loads(tmp_path):
 
 # ------------------------------------------------------------- 8. can the model represent the image?
 
+@needs_photo
 def test_a_photo_the_toy_model_cannot_represent_is_warned_about(compose_cfg, capsys):
     dispatch(compose_cfg("model=toy", "edit=fpe_real", f"edit.image={PHOTO}", "model.steps=2"))
     lines = capsys.readouterr().out.splitlines()

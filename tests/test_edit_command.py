@@ -15,10 +15,8 @@ from experiments.run import dispatch
 from sdattn.errors import UserError
 from sdattn.sampling import decode, encode_image
 
-from .conftest import SHARED
+from .conftest import PHOTO, needs_photo
 
-PHOTO = SHARED / "benchmarks" / "fpe" / "000141.jpg"
-needs_photo = pytest.mark.skipif(not PHOTO.is_file(), reason="../shared/benchmarks/fpe/000141.jpg is missing")
 FOUR = "edit.methods=[fpe,p2p,masactrl,pnp]"
 FAST = ["model.steps=2", "edit.clip=tiny-random", "edit.cell=64"]
 

@@ -16,10 +16,7 @@ from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import denoise, encode_image, encode_prompts, initial_latents, sample
 from sdattn.steps import parse_steps
 
-from .conftest import SHARED
-
-PHOTO = SHARED / "benchmarks" / "fpe" / "000141.jpg"  # ../shared beside the checkout (as in CI)
-needs_photo = pytest.mark.skipif(not PHOTO.is_file(), reason="../shared/benchmarks/fpe/000141.jpg is missing")
+from .conftest import PHOTO, needs_photo
 
 KW = dict(num_inference_steps=4, guidance_scale=7.5, progress=False)
 
