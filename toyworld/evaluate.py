@@ -112,10 +112,11 @@ def classify_mask_shape(mask: np.ndarray, world: World | None = None,
     return max(scores, key=scores.get), scores
 
 
-def foreground_mask(img: np.ndarray, enclosed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def foreground_mask(img: np.ndarray, enclosed: bool = False, close: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(bool mask of the main object, background RGB) of a uint8 HxWx3 image. ``enclosed``: the
     object sits inside a ring (an outline), so holes are filled before the largest part is kept
-    (an object close to the background colour is then joined to its ring)."""
+    (an object close to the background colour is then joined to its ring). ``close`` > 0: gaps in the
+    ring up to about twice that many pixels are closed first (a morphological closing with a disc)."""
     a = img.astype(np.float32)
     border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
                              a[:, -2:].reshape(-1, 3)])
@@ -126,6 +127,9 @@ def foreground_mask(img: np.ndarray, enclosed: bool = False) -> tuple[np.ndarray
     peak = float(np.percentile(dist, 99.5))
     thr = max(0.5 * peak, 2.0 * noise, 20.0)
     mask = dist > thr
+    if close:
+        mask = ndimage.binary_closing(np.pad(mask, close + 1), structure=_disc(close))[close + 1:-close - 1,
+                                                                                     close + 1:-close - 1]
     if enclosed:
         mask = ndimage.binary_fill_holes(mask)
     lab, n = ndimage.label(mask)
@@ -141,18 +145,30 @@ def _disc(radius: int) -> np.ndarray:
     return (r[:, None] ** 2 + r[None, :] ** 2) <= radius**2 + radius  # the renderer's outline disc
 
 
+def _inside_ring(mask: np.ndarray, w: int) -> np.ndarray:
+    """The object inside a foreground of object + ring: ``mask`` eroded by the outline's disc (radius ``w``)."""
+    return ndimage.binary_erosion(np.pad(mask, w + 1), structure=_disc(w))[w + 1:-w - 1, w + 1:-w - 1]
+
+
 def classify_image(img, world: World | None = None) -> tuple[str | None, str | None, np.ndarray]:
     """(colour name, shape name, bool mask) of a toy-world image; (None, None, mask) if no object.
 
     In a world with outlines (``style.outline_width`` w > 0) the foreground is object + ring: its shape
     is matched against outlined templates, the object mask is the foreground eroded by the outline's
     disc, and the colour is the mean of the pixels deeper than w + 1.5 px inside the foreground
-    (the object's interior, away from the ring; the deepest pixels for thin objects).
+    (the object's interior, away from the ring; the deepest pixels for thin objects). A generated ring
+    can have a gap; an object close to the background colour (white on the light ground) then leaks
+    out and the foreground is the ring alone, with (almost) nothing inside: when the ring closed by a
+    disc of w + 1 px holds more than twice as much, the closed foreground is read instead.
     """
     world = world or load_world()
     a = to_uint8(img)
     w = world.outline_width
     mask, _bg = foreground_mask(a, enclosed=bool(w))
+    if w:  # a ring with a gap holds (almost) nothing inside; closed, it holds the object
+        closed, _bg = foreground_mask(a, enclosed=True, close=w + 1)
+        if _inside_ring(closed, w).sum() > 2 * _inside_ring(mask, w).sum():
+            mask = closed
     if mask.sum() < MIN_PIXELS:
         return None, None, mask
     if w:
@@ -161,8 +177,7 @@ def classify_image(img, world: World | None = None) -> tuple[str | None, str | N
         if sel.sum() < MIN_PIXELS // 2:
             sel = depth >= np.sort(depth[mask])[-min(MIN_PIXELS // 2, int(mask.sum()))]
         shape, _ = classify_mask_shape(mask, world, outline=w)
-        obj = ndimage.binary_erosion(np.pad(mask, w + 1), structure=_disc(w))[w + 1:-w - 1, w + 1:-w - 1]
-        return _nearest_color(a[sel], world), shape, obj
+        return _nearest_color(a[sel], world), shape, _inside_ring(mask, w)
     inner = ndimage.binary_erosion(mask, iterations=1)
     sel = inner if inner.sum() >= MIN_PIXELS // 2 else mask
     shape, _ = classify_mask_shape(mask, world)
