@@ -262,7 +262,8 @@ def test_stage2_continues_with_a_frozen_text_encoder_and_a_longer_context(tmp_pa
     train(OmegaConf.merge(yaml, small, {"output_dir": str(tmp_path / "b"), "work_dir": str(tmp_path / "wb"),
                                         "init_pipeline": str(tmp_path / "a"), "progress_every": 1,
                                         "text": {"freeze": True, "max_length": 20},
-                                        "unet": {"freeze": [frozen], "sink_weight": 1.0}}), logger)
+                                        "unet": {"freeze": [frozen], "sink_weight": 1.0, "padding_dropout": 0.5}}),
+          logger)
     a, b = load_pipeline(tmp_path / "a"), load_pipeline(tmp_path / "b")
     assert a.tokenizer.model_max_length == 16 and b.tokenizer.model_max_length == 20
     ids = a.tokenizer(["a red car"], padding="max_length", max_length=16, return_tensors="pt").input_ids
@@ -274,6 +275,22 @@ def test_stage2_continues_with_a_frozen_text_encoder_and_a_longer_context(tmp_pa
     assert not any(m for n, m in moved.items() if frozen in n) and any(frozen in n for n in moved)
     metrics = pd.read_csv(next((tmp_path / "wb").rglob("metrics.csv")))
     assert metrics["unet/sink_deviation"].notna().any()
+
+
+def test_content_free_padding_replaces_only_the_chosen_rows_after_their_end_token(pipe):
+    """toy.unet.padding_dropout: a chosen prompt's positions after its end token become the empty prompt's (which
+    carry no prompt); its start, words and end token, and every position of the other prompts, stay."""
+    from toyworld.train import PromptEncoder, content_free_padding
+
+    enc = PromptEncoder(pipe.tokenizer)
+    ids = enc.ids(["a red car", "a blue star in the park"])  # (2, L)
+    with torch.no_grad():
+        cond, empty = pipe.text_encoder(ids)[0], pipe.text_encoder(enc.ids([""]))[0][0]
+    out = content_free_padding(cond, ids, empty, pipe.tokenizer.eos_token_id, torch.tensor([True, False]))
+    n = len(pipe.tokenizer("a red car").input_ids)  # start, 3 words, end
+    assert torch.equal(out[0, :n], cond[0, :n]) and torch.equal(out[0, n:], empty[n:])
+    assert not torch.allclose(cond[0, n:], empty[n:])  # the padding did carry the prompt
+    assert torch.equal(out[1], cond[1])
 
 
 def test_start_token_sink_is_written_into_the_cross_attention_queries(pipe, world):
@@ -340,6 +357,20 @@ def test_token_map_recorder_leaves_sampling_unchanged(pipe):
     assert {name for _, name in feats} >= {"map", "logit", "fixed keys", "mass"}
     mass = feats[(layers[0].label, "mass")]  # (images, key positions): shares of one softmax
     assert mass.shape == (2, pipe.tokenizer.model_max_length) and np.allclose(mass.sum(1), 1, atol=1e-4)
+
+
+def test_reading_diagnosis_groups_positions_and_zeroing_the_whole_prompt_loses_it(pipe, world):
+    """toyworld.diagnose_reading: the groups cover the prompt's positions as the tokenizer lays them out; with no
+    position zeroed the shipped model draws the prompt, with every position but the start token zeroed it draws
+    neither its colour nor its shape (the start token is the same in every prompt)."""
+    from toyworld.diagnose_reading import kept, position_groups
+
+    g = position_groups(pipe.tokenizer, "a red star in the park")
+    n, length = len(pipe.tokenizer("a red star in the park").input_ids), pipe.tokenizer.model_max_length
+    assert g["words"] == list(range(1, n - 1)) and g["end"] == [n - 1] and g["padding"] == list(range(n, length))
+    assert g["all but start"] == list(range(1, length)) and g["noun"] == [3]
+    assert kept(pipe, world, "a red star in the park", [], [0, 1], 25, 2.0) == (2, 2)
+    assert kept(pipe, world, "a red star in the park", g["all but start"], [0, 1], 25, 2.0) == (0, 0)
 
 
 def test_training_writes_under_the_working_folder_and_reads_shipped_inputs(tmp_path, monkeypatch):

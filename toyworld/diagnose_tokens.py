@@ -171,6 +171,13 @@ def interval(values: list[float], level: float = 0.95) -> str:
     return f"{v.mean():.1f} ± {half:.1f}"
 
 
+def sampling_settings(model: str) -> tuple[int, float]:
+    """(steps, guidance scale) from the toy model folder's own settings (relative folders: to the repository)."""
+    folder = Path(model) if Path(model).is_absolute() else REPO_ROOT / model
+    settings = yaml.safe_load((folder / SETTINGS_FILE).read_text())
+    return int(settings["steps"]), float(settings["guidance_scale"])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="models/toy")
@@ -185,8 +192,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
-    folder = Path(args.model) if Path(args.model).is_absolute() else REPO_ROOT / args.model
-    settings = yaml.safe_load((folder / SETTINGS_FILE).read_text())
     family = yaml.safe_load((REPO_ROOT / args.family).read_text())
     mlp = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "configs/probe/cross_attn.yaml").mlp)
     epochs = int(OmegaConf.load(REPO_ROOT / "configs/trainer/probe.yaml").max_epochs)
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     y = np.repeat(np.arange(len(classes)), args.n_per_class)
     words = prompts[0].split()
     pos = Positions(article=1, colour=2, noun=3, end=1 + len(words))
-    steps, guidance = int(settings["steps"]), float(settings["guidance_scale"])
+    steps, guidance = sampling_settings(args.model)
     print(f"model {args.model}: {len(prompts)} images ({family['template']}), {steps} steps, guidance {guidance}, "
           f"context {pipe.tokenizer.model_max_length} tokens", flush=True)
     feats, labels = cached_capture(args.features, pipe, prompts, seeds, steps, guidance, args.batch, pos)

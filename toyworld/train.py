@@ -150,6 +150,18 @@ class PromptEncoder:
         return torch.stack(out)
 
 
+def content_free_padding(cond: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor, end_id: int,
+                         chosen: torch.Tensor) -> torch.Tensor:
+    """``cond`` (B, L, D) with the padding of the ``chosen`` (B,) bool rows — every position after the first
+    ``end_id`` of ``ids`` (B, L) — taken from ``empty`` (L, D), the empty prompt's encoding. A causal text
+    encoder writes the whole prompt into its padding, so a UNet can read the prompt there instead of from its
+    words (docs/toy_world.md, issue 25); with the padding content-free in some images, it cannot rely on it."""
+    first_end = (ids == end_id).int().argmax(1, keepdim=True)  # (B, 1)
+    after = torch.arange(ids.shape[1], device=ids.device)[None] > first_end  # (B, L)
+    swap = (after & chosen[:, None].to(after.device))[..., None]  # (B, L, 1)
+    return torch.where(swap, empty[None].to(cond.dtype), cond)
+
+
 class StartShareHook(AttentionHook):
     """A cross-attention layer computed explicitly (softmax(q·kᵀ·scale)·v, what SDPA computes) that keeps,
     with its gradient, the squared distance of the start token's share (per image and head, mean over the
@@ -217,6 +229,11 @@ class DiffusionModule(L.LightningModule):
         else:
             with torch.no_grad():
                 cond = self.text_encoder(ids)[0]
+        if self.ucfg.get("padding_dropout", 0.0):
+            with torch.no_grad():
+                empty = self.text_encoder(self.prompts.ids([""]))[0][0]  # (L, D)
+            chosen = torch.rand(b, generator=self.gen) < float(self.ucfg.padding_dropout)
+            cond = content_free_padding(cond, ids, empty, self.prompts.tokenizer.eos_token_id, chosen)
         self.sink_deviations.clear()
         pred = self.unet(zt, t, cond).sample
         snr = a.view(b) / (1 - a.view(b))
