@@ -291,6 +291,8 @@ def test_content_free_padding_replaces_only_the_chosen_rows_after_their_end_toke
     assert torch.equal(out[0, :n], cond[0, :n]) and torch.equal(out[0, n:], empty[n:])
     assert not torch.allclose(cond[0, n:], empty[n:])  # the padding did carry the prompt
     assert torch.equal(out[1], cond[1])
+    out = content_free_padding(cond, ids, empty, pipe.tokenizer.eos_token_id, torch.tensor([True, False]), True)
+    assert torch.equal(out[0, : n - 1], cond[0, : n - 1]) and torch.equal(out[0, n - 1:], empty[n - 1:])
 
 
 def test_start_token_sink_is_written_into_the_cross_attention_queries(pipe, world):

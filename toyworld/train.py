@@ -151,12 +151,13 @@ class PromptEncoder:
 
 
 def content_free_padding(cond: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor, end_id: int,
-                         chosen: torch.Tensor) -> torch.Tensor:
+                         chosen: torch.Tensor, with_end: bool = False) -> torch.Tensor:
     """``cond`` (B, L, D) with the padding of the ``chosen`` (B,) bool rows — every position after the first
-    ``end_id`` of ``ids`` (B, L) — taken from ``empty`` (L, D), the empty prompt's encoding. A causal text
-    encoder writes the whole prompt into its padding, so a UNet can read the prompt there instead of from its
-    words (docs/toy_world.md, issue 25); with the padding content-free in some images, it cannot rely on it."""
-    first_end = (ids == end_id).int().argmax(1, keepdim=True)  # (B, 1)
+    ``end_id`` of ``ids`` (B, L), and that end token itself when ``with_end`` — taken from ``empty`` (L, D),
+    the empty prompt's encoding. A causal text encoder writes the whole prompt into its end token and padding,
+    so a UNet can read the prompt there instead of from its words (docs/toy_world.md, issue 25); with them
+    content-free in some images, it cannot rely on them."""
+    first_end = (ids == end_id).int().argmax(1, keepdim=True) - int(with_end)  # (B, 1)
     after = torch.arange(ids.shape[1], device=ids.device)[None] > first_end  # (B, L)
     swap = (after & chosen[:, None].to(after.device))[..., None]  # (B, L, 1)
     return torch.where(swap, empty[None].to(cond.dtype), cond)
@@ -233,7 +234,8 @@ class DiffusionModule(L.LightningModule):
             with torch.no_grad():
                 empty = self.text_encoder(self.prompts.ids([""]))[0][0]  # (L, D)
             chosen = torch.rand(b, generator=self.gen) < float(self.ucfg.padding_dropout)
-            cond = content_free_padding(cond, ids, empty, self.prompts.tokenizer.eos_token_id, chosen)
+            cond = content_free_padding(cond, ids, empty, self.prompts.tokenizer.eos_token_id, chosen,
+                                        bool(self.ucfg.get("padding_dropout_end", False)))
         self.sink_deviations.clear()
         pred = self.unet(zt, t, cond).sample
         snr = a.view(b) / (1 - a.view(b))
