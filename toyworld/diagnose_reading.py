@@ -27,7 +27,7 @@ import torch
 from editing.replace import TokenMapEdit
 from editing.two_branch import model_layers, pair_rows, replacement_edits
 from sdattn.sampling import decode, initial_latents
-from toyworld.diagnose_tokens import sampling_settings
+from toyworld.diagnose_tokens import Positions, sampling_settings
 from toyworld.model import load_pipeline
 from toyworld.scores import read_image
 from toyworld.world import load_world
@@ -36,12 +36,12 @@ PROMPTS = ("a pink car", "a red star in the park", "a blue circle", "a green tri
 
 
 def position_groups(tokenizer, prompt: str) -> dict[str, list[int]]:
-    """Key positions of ``prompt`` "a <colour> <noun> ..." by group (start token at 0; module docstring)."""
-    n = len(tokenizer(prompt).input_ids)  # start, the words, end
+    """Key positions of ``prompt`` "a <colour> <noun> ..." by group (module docstring)."""
+    p = Positions(end=len(tokenizer(prompt).input_ids) - 1)  # start, the words, end
     length = tokenizer.model_max_length
-    return {"none": [], "a": [1], "colour": [2], "noun": [3], "end": [n - 1], "padding": list(range(n, length)),
-            "end+padding": list(range(n - 1, length)), "words": list(range(1, n - 1)),
-            "all but start": list(range(1, length))}
+    return {"none": [], "a": [p.article], "colour": [p.colour], "noun": [p.noun], "end": [p.end],
+            "padding": list(range(p.end + 1, length)), "end+padding": list(range(p.end, length)),
+            "words": list(range(p.start + 1, p.end)), "all but start": list(range(p.start + 1, length))}
 
 
 def kept(pipe, world, prompt: str, positions: list[int], seeds: list[int], steps: int,
