@@ -166,9 +166,11 @@ def classify_image(img, world: World | None = None) -> tuple[str | None, str | N
     w = world.outline_width
     mask, _bg = foreground_mask(a, enclosed=bool(w))
     if w:  # a ring with a gap holds (almost) nothing inside; closed, it holds the object
+        inside = _inside_ring(mask, w)
         closed, _bg = foreground_mask(a, enclosed=True, close=w + 1)
-        if _inside_ring(closed, w).sum() > 2 * _inside_ring(mask, w).sum():
-            mask = closed
+        closed_inside = _inside_ring(closed, w)
+        if closed_inside.sum() > 2 * inside.sum():
+            mask, inside = closed, closed_inside
     if mask.sum() < MIN_PIXELS:
         return None, None, mask
     if w:
@@ -177,7 +179,7 @@ def classify_image(img, world: World | None = None) -> tuple[str | None, str | N
         if sel.sum() < MIN_PIXELS // 2:
             sel = depth >= np.sort(depth[mask])[-min(MIN_PIXELS // 2, int(mask.sum()))]
         shape, _ = classify_mask_shape(mask, world, outline=w)
-        return _nearest_color(a[sel], world), shape, _inside_ring(mask, w)
+        return _nearest_color(a[sel], world), shape, inside
     inner = ndimage.binary_erosion(mask, iterations=1)
     sel = inner if inner.sum() >= MIN_PIXELS // 2 else mask
     shape, _ = classify_mask_shape(mask, world)
