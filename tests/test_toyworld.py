@@ -262,7 +262,8 @@ def test_stage2_continues_with_a_frozen_text_encoder_and_a_longer_context(tmp_pa
     train(OmegaConf.merge(yaml, small, {"output_dir": str(tmp_path / "b"), "work_dir": str(tmp_path / "wb"),
                                         "init_pipeline": str(tmp_path / "a"), "progress_every": 1,
                                         "text": {"freeze": True, "max_length": 20},
-                                        "unet": {"freeze": [frozen], "sink_weight": 1.0, "padding_dropout": 0.5}}),
+                                        "unet": {"freeze": [frozen], "sink_weight": 1.0, "padding_dropout": 0.5,
+                                                 "padding_source": "other"}}),
           logger)
     a, b = load_pipeline(tmp_path / "a"), load_pipeline(tmp_path / "b")
     assert a.tokenizer.model_max_length == 16 and b.tokenizer.model_max_length == 20
@@ -293,6 +294,28 @@ def test_content_free_padding_replaces_only_the_chosen_rows_after_their_end_toke
     assert torch.equal(out[1], cond[1])
     out = content_free_padding(cond, ids, empty, pipe.tokenizer.eos_token_id, torch.tensor([True, False]), True)
     assert torch.equal(out[0, : n - 1], cond[0, : n - 1]) and torch.equal(out[0, n - 1:], empty[n - 1:])
+
+
+def test_other_prompt_padding_takes_the_next_prompts_padding_aligned_at_its_end_token(pipe):
+    """toy.unet.padding_source=other: a chosen prompt's padding (and end token, with_end) is the next prompt's
+    (cyclically), read from that prompt's own end token on; its words, and the rows not chosen, stay."""
+    from toyworld.train import PromptEncoder, other_prompt_padding
+
+    enc = PromptEncoder(pipe.tokenizer)
+    prompts = ["a red car", "a blue star in the park", ""]
+    ids = enc.ids(prompts)  # (3, L)
+    with torch.no_grad():
+        cond = pipe.text_encoder(ids)[0]
+    n0, n1, n2 = (len(pipe.tokenizer(p).input_ids) for p in prompts)  # start, words, end
+    length, end = ids.shape[1], pipe.tokenizer.eos_token_id
+    out = other_prompt_padding(cond, ids, end, torch.tensor([True, True, False]))
+    assert torch.equal(out[0, :n0], cond[0, :n0]) and torch.equal(out[1, :n1], cond[1, :n1])
+    assert torch.equal(out[0, n0:n0 + length - n1], cond[1, n1:])  # row 0 ← row 1's padding, then its last position
+    assert torch.equal(out[0, n0 + length - n1:], cond[1, -1:].expand(n1 - n0, -1))
+    assert torch.equal(out[1, n1:], cond[2, n2:n2 + length - n1])  # row 1 ← the empty prompt's padding
+    assert not torch.allclose(out[0, n0:], cond[0, n0:]) and torch.equal(out[2], cond[2])
+    out = other_prompt_padding(cond, ids, end, torch.tensor([True, False, False]), with_end=True)
+    assert torch.equal(out[0, : n0 - 1], cond[0, : n0 - 1]) and torch.equal(out[0, n0 - 1], cond[1, n1 - 1])
 
 
 def test_start_token_sink_is_written_into_the_cross_attention_queries(pipe, world):

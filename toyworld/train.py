@@ -163,6 +163,23 @@ def content_free_padding(cond: torch.Tensor, ids: torch.Tensor, empty: torch.Ten
     return torch.where(swap, empty[None].to(cond.dtype), cond)
 
 
+def other_prompt_padding(cond: torch.Tensor, ids: torch.Tensor, end_id: int, chosen: torch.Tensor,
+                         with_end: bool = False) -> torch.Tensor:
+    """``cond`` (B, L, D) with the padding of the ``chosen`` (B,) bool rows (every position after the first
+    ``end_id`` of ``ids`` (B, L), and that end token itself when ``with_end``) taken from the next row's prompt
+    (row i + 1, cyclically), aligned at that prompt's own end token. Unlike ``content_free_padding`` the
+    padding still looks like a prompt's padding, but it holds another prompt: reading the prompt there is
+    penalised, so the UNet learns to read it from the words (issue 25)."""
+    b, length = ids.shape
+    first = (ids == end_id).int().argmax(1) + 1 - int(with_end)  # (B,) first replaced position
+    donor = torch.roll(torch.arange(b, device=ids.device), -1)  # (B,) row i takes row i + 1's padding
+    pos = torch.arange(length, device=ids.device)[None]  # (1, L)
+    src = (first[donor][:, None] + pos - first[:, None]).clamp(0, length - 1)  # (B, L) donor position
+    taken = cond[donor[:, None], src]  # (B, L, D)
+    swap = ((pos >= first[:, None]) & chosen[:, None].to(ids.device))[..., None]  # (B, L, 1)
+    return torch.where(swap, taken, cond)
+
+
 class StartShareHook(AttentionHook):
     """A cross-attention layer computed explicitly (softmax(q·kᵀ·scale)·v, what SDPA computes) that keeps,
     with its gradient, the squared distance of the start token's share (per image and head, mean over the
@@ -231,11 +248,17 @@ class DiffusionModule(L.LightningModule):
             with torch.no_grad():
                 cond = self.text_encoder(ids)[0]
         if self.ucfg.get("padding_dropout", 0.0):
-            with torch.no_grad():
-                empty = self.text_encoder(self.prompts.ids([""]))[0][0]  # (L, D)
             chosen = torch.rand(b, generator=self.gen) < float(self.ucfg.padding_dropout)
-            cond = content_free_padding(cond, ids, empty, self.prompts.tokenizer.eos_token_id, chosen,
-                                        bool(self.ucfg.get("padding_dropout_end", False)))
+            end_id, with_end = self.prompts.tokenizer.eos_token_id, bool(self.ucfg.get("padding_dropout_end", False))
+            source = self.ucfg.get("padding_source", "empty")
+            if source == "other":
+                cond = other_prompt_padding(cond, ids, end_id, chosen, with_end)
+            elif source == "empty":
+                with torch.no_grad():
+                    empty = self.text_encoder(self.prompts.ids([""]))[0][0]  # (L, D)
+                cond = content_free_padding(cond, ids, empty, end_id, chosen, with_end)
+            else:
+                raise ValueError(f"toy.unet.padding_source={source!r}: allowed are empty, other")
         self.sink_deviations.clear()
         pred = self.unet(zt, t, cond).sample
         snr = a.view(b) / (1 - a.view(b))
