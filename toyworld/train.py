@@ -150,6 +150,9 @@ class PromptEncoder:
         return torch.stack(out)
 
 
+PADDING_SOURCES = ("empty", "other")  # toy.unet.padding_source
+
+
 def content_free_padding(cond: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor, end_id: int,
                          chosen: torch.Tensor, with_end: bool = False) -> torch.Tensor:
     """``cond`` (B, L, D) with the padding of the ``chosen`` (B,) bool rows — every position after the first
@@ -157,10 +160,17 @@ def content_free_padding(cond: torch.Tensor, ids: torch.Tensor, empty: torch.Ten
     the empty prompt's encoding. A causal text encoder writes the whole prompt into its end token and padding,
     so a UNet can read the prompt there instead of from its words (docs/toy_world.md, issue 25); with them
     content-free in some images, it cannot rely on them."""
-    first_end = (ids == end_id).int().argmax(1, keepdim=True) - int(with_end)  # (B, 1)
-    after = torch.arange(ids.shape[1], device=ids.device)[None] > first_end  # (B, L)
-    swap = (after & chosen[:, None].to(after.device))[..., None]  # (B, L, 1)
+    _, swap = padding_positions(ids, end_id, chosen, with_end)
     return torch.where(swap, empty[None].to(cond.dtype), cond)
+
+
+def padding_positions(ids: torch.Tensor, end_id: int, chosen: torch.Tensor, with_end: bool):
+    """Where ``content_free_padding`` / ``other_prompt_padding`` replace: the first replaced position of each
+    row of ``ids`` (B, L) (after its first ``end_id``; the end token itself when ``with_end``) → (B,), and the
+    replaced positions of the ``chosen`` (B,) rows → (B, L, 1) bool."""
+    first = (ids == end_id).int().argmax(1) + 1 - int(with_end)  # (B,)
+    pos = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, L)
+    return first, ((pos >= first[:, None]) & chosen[:, None].to(ids.device))[..., None]
 
 
 def other_prompt_padding(cond: torch.Tensor, ids: torch.Tensor, end_id: int, chosen: torch.Tensor,
@@ -171,13 +181,11 @@ def other_prompt_padding(cond: torch.Tensor, ids: torch.Tensor, end_id: int, cho
     padding still looks like a prompt's padding, but it holds another prompt: reading the prompt there is
     penalised, so the UNet learns to read it from the words (issue 25)."""
     b, length = ids.shape
-    first = (ids == end_id).int().argmax(1) + 1 - int(with_end)  # (B,) first replaced position
+    first, swap = padding_positions(ids, end_id, chosen, with_end)  # (B,), (B, L, 1)
     donor = torch.roll(torch.arange(b, device=ids.device), -1)  # (B,) row i takes row i + 1's padding
     pos = torch.arange(length, device=ids.device)[None]  # (1, L)
     src = (first[donor][:, None] + pos - first[:, None]).clamp(0, length - 1)  # (B, L) donor position
-    taken = cond[donor[:, None], src]  # (B, L, D)
-    swap = ((pos >= first[:, None]) & chosen[:, None].to(ids.device))[..., None]  # (B, L, 1)
-    return torch.where(swap, taken, cond)
+    return torch.where(swap, cond[donor[:, None], src], cond)
 
 
 class StartShareHook(AttentionHook):
@@ -220,6 +228,9 @@ class DiffusionModule(L.LightningModule):
         self.ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if self.train_text else text_encoder
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.sink_deviations: list = []  # filled by sink_hooks during the UNet's forward (ucfg.sink_weight > 0)
+        self.padding_source = ucfg.get("padding_source", "empty")  # checked here, not at the first step
+        if self.padding_source not in PADDING_SOURCES:
+            raise ValueError(f"toy.unet.padding_source={self.padding_source!r}: allowed are {list(PADDING_SOURCES)}")
 
     def training_step(self, batch, _):
         x, prompts = batch
@@ -250,15 +261,12 @@ class DiffusionModule(L.LightningModule):
         if self.ucfg.get("padding_dropout", 0.0):
             chosen = torch.rand(b, generator=self.gen) < float(self.ucfg.padding_dropout)
             end_id, with_end = self.prompts.tokenizer.eos_token_id, bool(self.ucfg.get("padding_dropout_end", False))
-            source = self.ucfg.get("padding_source", "empty")
-            if source == "other":
+            if self.padding_source == "other":
                 cond = other_prompt_padding(cond, ids, end_id, chosen, with_end)
-            elif source == "empty":
+            else:
                 with torch.no_grad():
                     empty = self.text_encoder(self.prompts.ids([""]))[0][0]  # (L, D)
                 cond = content_free_padding(cond, ids, empty, end_id, chosen, with_end)
-            else:
-                raise ValueError(f"toy.unet.padding_source={source!r}: allowed are empty, other")
         self.sink_deviations.clear()
         pred = self.unet(zt, t, cond).sample
         snr = a.view(b) / (1 - a.view(b))
