@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.metrics import ClipMetrics, preprocess_images
 from sdattn.files import atomic_write_text
 from toyworld.model import MAX_LENGTH, build_tokenizer
-from toyworld.train import StageLogger, finish_training_logger, output_path, resolve_path
+from toyworld.train import StageLogger, finish_training_logger, fit_quietly, output_path, resolve_path
 from toyworld.world import World, load_world
 
 
@@ -249,7 +249,7 @@ def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
                         callbacks=[TQDMProgressBar(refresh_rate=int(cfg.progress_every))],
                         enable_checkpointing=False, num_sanity_val_steps=0)
     t0 = time.time()
-    trainer.fit(module, loader)
+    fit_quietly(trainer, module, loader)
     minutes = (time.time() - t0) / 60
     finish_training_logger(trainer)
     model.eval()

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from sdattn.env import set_process_defaults
 from toyworld.evaluate import classify_image
 from toyworld.model import build_vae
-from toyworld.train import RenderStream, StepBudget, cosine_lr
+from toyworld.train import RenderStream, StepBudget, cosine_lr, fit_quietly
 from toyworld.world import load_world
 
 
@@ -87,7 +87,7 @@ def finetune_decoder(vae, minutes: float, steps: int = 100000, batch: int = 16, 
                    callbacks=[TQDMProgressBar(refresh_rate=progress_every)], log_every_n_steps=progress_every,
                    num_sanity_val_steps=0)
     loader = torch.utils.data.DataLoader(RenderStream(world, batch, seed + 31), batch_size=None, num_workers=0)
-    tr.fit(mod, loader)
+    fit_quietly(tr, mod, loader)
     vae.eval().requires_grad_(False)
     return int(tr.global_step)
 

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -314,6 +315,19 @@ class ExportCallback(Callback):
 StageLogger = Callable[[str, Path], object]  # (stage, save dir) → a Lightning logger, or None for none
 
 
+# Lightning's own notices that say nothing about our run: its pytree code on newer torch (LeafSpec), and the
+# frozen modules (VAE, text tower) that are in eval mode on purpose.
+_LIGHTNING_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r"Found \d+ module\(s\) in eval mode.*")
+
+
+def fit_quietly(trainer, module, loader) -> None:
+    """``trainer.fit(module, loader)`` without the Lightning notices in ``_LIGHTNING_NOISE``."""
+    with warnings.catch_warnings():
+        for message in _LIGHTNING_NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, loader)
+
+
 def finish_training_logger(trainer) -> None:
     try:
         from lightning.pytorch.loggers import WandbLogger
@@ -379,7 +393,7 @@ def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
     vae_mod = VAEModule(vae, cfg.vae.lr, cfg.vae.kl_weight, StepBudget(cfg.vae.steps, vae_seconds),
                         crop=int(cfg.vae.crop), seed=int(cfg.seed))
     tr = _trainer(cfg, work, "vae", int(cfg.vae.steps), vae_seconds, [], make_logger)
-    tr.fit(vae_mod, _loader(world, int(cfg.vae.batch), int(cfg.seed)))
+    fit_quietly(tr, vae_mod, _loader(world, int(cfg.vae.batch), int(cfg.seed)))
     vae_steps = int(tr.global_step)
     finish_training_logger(tr)
     vae.eval().requires_grad_(False)
@@ -489,7 +503,7 @@ def _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae
     sink_weight = float(cfg.unet.get("sink_weight") or 0.0)
     hooks = sink_hooks(unet, float(cfg.unet.sink_target), dm.sink_deviations) if sink_weight > 0 else nullcontext()
     with hooks:  # on the live UNet only (the EMA copy, which is exported, keeps SDPA)
-        tr.fit(dm, _loader(world, int(cfg.unet.batch), int(cfg.seed) + 1))
+        fit_quietly(tr, dm, _loader(world, int(cfg.unet.batch), int(cfg.seed) + 1))
     unet_steps = int(tr.global_step)
     finish_training_logger(tr)
     export(unet_steps)
