@@ -278,6 +278,24 @@ def test_stage2_continues_with_a_frozen_text_encoder_and_a_longer_context(tmp_pa
     assert metrics["unet/sink_deviation"].notna().any()
 
 
+def test_stage2_from_scratch_builds_a_fresh_unet_of_the_configured_sizes(pipe):
+    """toy.unet.from_scratch: a continued stage 2 keeps the init pipeline's VAE but trains a new UNet (same
+    architecture, new weights); without it the pipeline's own UNet continues."""
+    from omegaconf import OmegaConf
+
+    from toyworld.train import stage2_unet
+
+    ucfg = OmegaConf.load(REPO_ROOT / "configs" / "experiment" / "train_toy.yaml").toy.unet
+    latent = pipe.unet.config.sample_size
+    assert stage2_unet(ucfg, pipe, latent) is pipe.unet
+    fresh = stage2_unet(OmegaConf.merge(ucfg, {"from_scratch": True}), pipe, latent)
+    assert fresh is not pipe.unet
+    assert list(fresh.config.block_out_channels) == list(ucfg.channels) == list(pipe.unet.config.block_out_channels)
+    old = dict(pipe.unet.named_parameters())
+    assert all(p.shape == old[n].shape for n, p in fresh.named_parameters())
+    assert not any(torch.equal(p, old[n]) for n, p in fresh.named_parameters() if p.numel() > 1 and p.std() > 0)
+
+
 def test_content_free_padding_replaces_only_the_chosen_rows_after_their_end_token(pipe):
     """toy.unet.padding_dropout: a chosen prompt's positions after its end token become the empty prompt's (which
     carry no prompt); its start, words and end token, and every position of the other prompts, stay."""

@@ -421,7 +421,8 @@ def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
 
 
 def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, make_logger) -> dict:
-    """Stage 2 only, initialised from an exported pipeline (its VAE, tokenizer, EMA UNet/text)."""
+    """Stage 2 only, initialised from an exported pipeline (its VAE, tokenizer, EMA UNet/text; with
+    ``toy.unet.from_scratch`` a fresh UNet instead of its UNet)."""
     src = resolve_path(cfg.init_pipeline)
     pipe = load_pipeline(src)
     prev = json.loads((src / "toy_model.json").read_text()) if (src / "toy_model.json").exists() else {}
@@ -429,10 +430,23 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     info = {"init_pipeline": str(cfg.init_pipeline), "init_unet_steps": prev.get("unet_steps"),
             "vae_steps": prev.get("vae_steps"), "vae_recon_mae_255": prev.get("vae_recon_mae_255"),
             "previous_config": prev.get("config"), "decoder_finetune": prev.get("decoder_finetune")}
-    unet = freeze_parameters(pipe.unet.train().requires_grad_(True), list(cfg.unet.get("freeze") or []))
+    if cfg.unet.get("from_scratch"):
+        info["init_unet_steps"] = 0
+    unet = freeze_parameters(stage2_unet(cfg.unet, pipe, latent_size).train().requires_grad_(True),
+                             list(cfg.unet.get("freeze") or []))
     text_encoder = text_encoder_for(cfg, pipe.text_encoder, pipe.tokenizer)
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
                    pipe.tokenizer, float(vae.config.scaling_factor), info, {}, make_logger)
+
+
+def stage2_unet(ucfg, pipe, latent_size: int):
+    """The UNet a continued stage 2 trains: ``pipe``'s, or with ``toy.unet.from_scratch`` a freshly built one
+    (``toy.unet`` sizes, ``pipe``'s latent channels), so the VAE and its decoder fine-tune stay while the UNet
+    learns a new recipe from its first step."""
+    if not ucfg.get("from_scratch"):
+        return pipe.unet
+    return build_unet(latent_size, list(ucfg.channels), ucfg.cross_attention_dim, ucfg.heads,
+                      int(pipe.vae.config.latent_channels))
 
 
 def freeze_parameters(unet, patterns: list[str]):
