@@ -1,8 +1,12 @@
 """A model-agnostic check of one edit, for ``experiment=claims`` (claims (c), (d)) on any model:
 
 - **edit correct** — CLIP zero-shot between the source and the target prompt (they differ only in the
-  edited words): 1 when the edited image is closer to the target prompt than to the source prompt. The
-  CLIP is the benchmark's CLIP of the model (``model.clip``: SD-1.x CLIP ViT-L/14, the toy's own CLIP).
+  edited words): the edited image is closer to the target prompt than to the source prompt. The CLIP is the
+  benchmark's CLIP of the model (``model.clip``: SD-1.x CLIP ViT-L/14, the toy's own CLIP). And the model
+  itself still recognises the target prompt in the edited image (:mod:`evaluation.prompt_gain`): the target
+  prompt's denoising gain on the edited image is at least ``min_prompt_gain`` × the source prompt's on the
+  source image. CLIP zero-shot between "a black car" and "a pink car" sees the colour only; an edit that turned
+  the car into a pink blob passes it, but the model gains nothing from "a pink car" on that blob.
 - **layout kept** — IoU of two object masks the edited model itself draws, one on the source image and one
   on the edited image (``mask``):
 
@@ -36,6 +40,7 @@ from sdattn.recorder import Recorder, Tap
 from sdattn.sampling import encode_image, latent_size
 
 from .metric_models import load_clip
+from .prompt_gain import prompt_gain
 
 MASKS = ("noise", "cross_attention")
 
@@ -54,14 +59,23 @@ class GenericEditChecker:
     num_inference_steps / guidance_scale: the model's sampling settings (``noise``: the timestep grid and the
     CFG of the predictions); mask_encode_strength, num_maps_per_mask, mask_thresholding_ratio: DiffEdit's
     (``noise``); mask_steps, mask_threshold: inversion steps and cut of the aggregated map
-    (``cross_attention``)."""
+    (``cross_attention``); min_prompt_gain (None: CLIP alone), gain_timesteps, gain_draws, gain_batch: the
+    prompt-gain test of edit correct (module docstring)."""
 
     def __init__(self, pipe, clip: str | None, num_inference_steps: int, guidance_scale: float,
                  mask: str = "noise", mask_encode_strength: float = 0.5, num_maps_per_mask: int = 10,
-                 mask_thresholding_ratio: float = 3.0, mask_steps: int = 10, mask_threshold: float = 0.5):
+                 mask_thresholding_ratio: float = 3.0, mask_steps: int = 10, mask_threshold: float = 0.5,
+                 min_prompt_gain: float | None = None, gain_timesteps: int = 9, gain_draws: int = 4,
+                 gain_batch: int = 36):
         if mask not in MASKS or mask_steps < 1 or not 0 < mask_threshold < 1:
             raise UserError(f"edit checker: mask {mask!r} must be one of {list(MASKS)}, mask_steps {mask_steps} "
                             f"≥ 1 and mask_threshold {mask_threshold} in (0, 1)")
+        if min(gain_timesteps, gain_draws, gain_batch) < 1:
+            raise UserError(f"edit checker: gain_timesteps {gain_timesteps}, gain_draws {gain_draws} and "
+                            f"gain_batch {gain_batch} must be ≥ 1")
+        self.min_gain = None if min_prompt_gain is None else float(min_prompt_gain)
+        self.gain_args = {"timesteps": int(gain_timesteps), "draws": int(gain_draws), "seed": 0,
+                          "batch": int(gain_batch)}  # one noise seed: source and edited see the same draws
         self.pipe, self.clip, self.mask = pipe, load_clip(clip, device=pipe.device), mask
         self.steps, self.guidance = int(num_inference_steps), float(guidance_scale)
         self.diffedit = {"mask_encode_strength": mask_encode_strength, "num_maps_per_mask": num_maps_per_mask,
@@ -69,6 +83,7 @@ class GenericEditChecker:
         self.mask_steps, self.mask_threshold = int(mask_steps), float(mask_threshold)
         self.layers = [x for x in model_layers(pipe) if x.kind == "cross"]
         self._masks: dict[tuple, torch.Tensor] = {}  # the source image recurs in every row of a case
+        self._gains: dict[tuple, float] = {}
 
     def clip_verdict(self, source_prompt: str, target_prompt: str, edited: torch.Tensor) -> float:
         """1.0 when CLIP puts ``edited`` (1, 3, H, W) closer to the target prompt than to the source."""
@@ -76,6 +91,22 @@ class GenericEditChecker:
         text = F.normalize(self.clip.text_features([source_prompt, target_prompt]), dim=-1)  # (2, D)
         sims = (image @ text.T)[0]
         return float(sims[1] > sims[0])
+
+    def gain(self, image: torch.Tensor, prompt: str) -> float:
+        """The model's denoising gain from ``prompt`` on ``image`` (1, 3, H, W), cached per image and prompt."""
+        key = (prompt, hashlib.sha1(image.float().cpu().numpy().tobytes()).hexdigest())
+        if key not in self._gains:
+            self._gains[key] = prompt_gain(self.pipe, encode_image(self.pipe, image), prompt, **self.gain_args)
+        return self._gains[key]
+
+    def edit_correct(self, source_prompt: str, target_prompt: str, source: torch.Tensor,
+                     edited: torch.Tensor) -> float:
+        """1.0 when CLIP prefers the target prompt and the model recognises it (module docstring)."""
+        if not self.clip_verdict(source_prompt, target_prompt, edited):
+            return 0.0
+        if self.min_gain is None:
+            return 1.0
+        return float(self.gain(edited, target_prompt) >= self.min_gain * self.gain(source, source_prompt))
 
     def object_mask(self, image: torch.Tensor, source_prompt: str, target_prompt: str, own_prompt: str) -> torch.Tensor:
         """(h, w) bool mask of the edited object in ``image`` (1, 3, H, W), cached per image and prompts."""
@@ -112,7 +143,7 @@ class GenericEditChecker:
     def __call__(self, source_prompt: str, target_prompt: str, source: torch.Tensor, edited: torch.Tensor) -> dict:
         iou = mask_iou(self.object_mask(source, source_prompt, target_prompt, source_prompt),
                        self.object_mask(edited, source_prompt, target_prompt, target_prompt))
-        return {"edit_ok": self.clip_verdict(source_prompt, target_prompt, edited), "mask_iou": iou}
+        return {"edit_ok": self.edit_correct(source_prompt, target_prompt, source, edited), "mask_iou": iou}
 
 
 def checker_agreement(first: list[dict], second: list[dict], iou_threshold: float = 0.5) -> dict:
