@@ -118,7 +118,7 @@ def test_claims_run_on_the_toy_model(compose_cfg, tmp_path, capsys):
 
 def test_claims_on_an_sd_layout_model_give_four_verdicts(compose_cfg, tmp_path):
     """tiny (SD-1.x layout, random weights): probes on the SD layers; edits scored by the generic checker
-    (claims.checkers.default: CLIP zero-shot + cross-attention masks; here a tiny random CLIP)."""
+    (claims.checkers.default: CLIP zero-shot and the model's prompt gain + object masks; here a tiny random CLIP)."""
     dispatch(compose_cfg("model=tiny", "experiment=claims", *SMALL, "claims.checkers.default.clip=tiny-random",
                          "claims.checkers.default.num_maps_per_mask=2"))
     data, md = _read(tmp_path / "out")
