@@ -84,6 +84,7 @@ class GenericEditChecker:
         self.layers = [x for x in model_layers(pipe) if x.kind == "cross"]
         self._masks: dict[tuple, torch.Tensor] = {}  # the source image recurs in every row of a case
         self._gains: dict[tuple, float] = {}
+        self._latents: dict[str, torch.Tensor] = {}  # image hash -> (1, C, h, w)
 
     def clip_verdict(self, source_prompt: str, target_prompt: str, edited: torch.Tensor) -> float:
         """1.0 when CLIP puts ``edited`` (1, 3, H, W) closer to the target prompt than to the source."""
@@ -92,12 +93,19 @@ class GenericEditChecker:
         sims = (image @ text.T)[0]
         return float(sims[1] > sims[0])
 
+    def latent(self, image: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """(key, latent) of ``image`` (1, 3, H, W): encoded once for its masks and its prompt gains."""
+        key = hashlib.sha1(image.float().cpu().numpy().tobytes()).hexdigest()
+        if key not in self._latents:
+            self._latents[key] = encode_image(self.pipe, image)
+        return key, self._latents[key]
+
     def gain(self, image: torch.Tensor, prompt: str) -> float:
         """The model's denoising gain from ``prompt`` on ``image`` (1, 3, H, W), cached per image and prompt."""
-        key = (prompt, hashlib.sha1(image.float().cpu().numpy().tobytes()).hexdigest())
-        if key not in self._gains:
-            self._gains[key] = prompt_gain(self.pipe, encode_image(self.pipe, image), prompt, **self.gain_args)
-        return self._gains[key]
+        key, z0 = self.latent(image)
+        if (prompt, key) not in self._gains:
+            self._gains[prompt, key] = prompt_gain(self.pipe, z0, prompt, **self.gain_args)
+        return self._gains[prompt, key]
 
     def edit_correct(self, source_prompt: str, target_prompt: str, source: torch.Tensor,
                      edited: torch.Tensor) -> float:
@@ -110,10 +118,9 @@ class GenericEditChecker:
 
     def object_mask(self, image: torch.Tensor, source_prompt: str, target_prompt: str, own_prompt: str) -> torch.Tensor:
         """(h, w) bool mask of the edited object in ``image`` (1, 3, H, W), cached per image and prompts."""
-        key = (source_prompt, target_prompt, own_prompt,
-               hashlib.sha1(image.float().cpu().numpy().tobytes()).hexdigest())
+        image_key, z0 = self.latent(image)
+        key = (source_prompt, target_prompt, own_prompt, image_key)
         if key not in self._masks:
-            z0 = encode_image(self.pipe, image)
             if self.mask == "noise":
                 m = diffedit_mask(self.pipe, z0, source_prompt, target_prompt, 0, self.steps, self.guidance,
                                   **self.diffedit)[0, 0] > 0.5

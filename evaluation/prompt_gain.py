@@ -30,17 +30,18 @@ def prompt_gain(pipe, z0: torch.Tensor, prompt: str, timesteps: int, draws: int,
     copies (noise from ``torch.Generator().manual_seed(seed)``), UNet calls in chunks of ``batch`` rows."""
     unet, sched = pipe.unet, ddim_scheduler(pipe)  # add_noise / get_velocity of the model's own schedule
     ts = gain_timesteps(int(sched.config.num_train_timesteps), timesteps).repeat_interleave(draws)  # (n,)
-    z0 = z0.to(unet.device, torch.float32)
-    noise = torch.randn((len(ts), *z0.shape[1:]), generator=torch.Generator().manual_seed(int(seed))).to(z0)
-    z_t = sched.add_noise(z0.expand(len(ts), -1, -1, -1), noise, ts.to(z0.device))  # (n, C, h, w)
-    target = (sched.get_velocity(z0.expand(len(ts), -1, -1, -1), noise, ts.to(z0.device))
-              if sched.config.get("prediction_type") == "v_prediction" else noise)
+    ts = ts.to(unet.device)
+    z0 = z0.to(unet.device, torch.float32).expand(len(ts), -1, -1, -1)  # (n, C, h, w)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(int(seed))).to(z0)
+    z_t = sched.add_noise(z0, noise, ts)
+    target = sched.get_velocity(z0, noise, ts) if sched.config.get("prediction_type") == "v_prediction" else noise
     context = encode_prompts(pipe, ["", prompt]).to(unet.device, unet.dtype)  # (2, L, D)
     total = torch.zeros(2, dtype=torch.float64)
-    for i in range(0, len(ts), max(1, batch // 2)):
-        sl = slice(i, i + max(1, batch // 2))
+    rows = max(1, batch // 2)  # noised latents per call, each with both prompts
+    for i in range(0, len(ts), rows):
+        sl = slice(i, i + rows)
         k = len(ts[sl])
-        pred = unet(z_t[sl].repeat(2, 1, 1, 1).to(unet.dtype), ts[sl].repeat(2).to(z0.device),
+        pred = unet(z_t[sl].repeat(2, 1, 1, 1).to(unet.dtype), ts[sl].repeat(2),
                     encoder_hidden_states=context.repeat_interleave(k, 0)).sample.float()  # (2k, C, h, w)
         err = ((pred - target[sl].repeat(2, 1, 1, 1)) ** 2).flatten(1).mean(1).view(2, k)  # (2, k)
         total += err.sum(1).double().cpu()

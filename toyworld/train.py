@@ -413,8 +413,7 @@ def train(cfg: DictConfig, make_logger: StageLogger | None = None) -> dict:
     # ---- stage 2: UNet + text encoder in latent space
     text_encoder = text_encoder_for(cfg, build_text_encoder(tokenizer, cfg.text.hidden, cfg.text.layers,
                                                             cfg.text.heads), tokenizer)
-    unet = build_unet(latent_size, list(cfg.unet.channels), cfg.unet.cross_attention_dim, cfg.unet.heads,
-                      cfg.vae.latent_channels)
+    unet = new_unet(cfg.unet, latent_size, int(cfg.vae.latent_channels))
     info = {"vae_steps": vae_steps, "vae_recon_mae_255": vae_rec_err}
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
                    tokenizer, scaling, info, {"vae_minutes": round(t_vae / 60, 2)}, make_logger)
@@ -445,8 +444,12 @@ def stage2_unet(ucfg, pipe, latent_size: int):
     learns a new recipe from its first step."""
     if not ucfg.get("from_scratch"):
         return pipe.unet
-    return build_unet(latent_size, list(ucfg.channels), ucfg.cross_attention_dim, ucfg.heads,
-                      int(pipe.vae.config.latent_channels))
+    return new_unet(ucfg, latent_size, int(pipe.vae.config.latent_channels))
+
+
+def new_unet(ucfg, latent_size: int, latent_channels: int):
+    """A freshly initialised UNet of the ``toy.unet`` sizes for ``latent_channels`` × ``latent_size``² latents."""
+    return build_unet(latent_size, list(ucfg.channels), ucfg.cross_attention_dim, ucfg.heads, latent_channels)
 
 
 def freeze_parameters(unet, patterns: list[str]):
