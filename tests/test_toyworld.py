@@ -382,6 +382,32 @@ def test_exact_start_token_sink_lifts_the_start_logit_for_every_query(pipe, worl
             assert (moved[..., 1:] - moved[..., 1:].mean(-1, keepdim=True)).std() < 0.1 * 6.0
 
 
+def test_exact_start_token_sink_on_chosen_layers_leaves_the_others(pipe, world):
+    """toyworld.sink --method key --layers: only the named cross layers' parameters move."""
+    import copy
+
+    from toyworld.sink import all_prompts, cross_blocks, install_key_sink, model_cross_layers
+
+    label = model_cross_layers(pipe)[-1].label
+    sunk = copy.deepcopy(pipe)
+    report = install_key_sink(sunk, all_prompts(world)[:30], boost=6.0, layers=[label])
+    assert [r["label"] for r in report] == [label]
+    chosen = [name for (name, _, _), x in zip(cross_blocks(pipe.unet), model_cross_layers(pipe)) if x.label == label]
+    changed = {name for (name, p), q in zip(pipe.unet.named_parameters(), sunk.unet.parameters())
+               if not torch.equal(p, q)}
+    assert changed and all(name.startswith(chosen[0] + ".") for name in changed)
+
+
+def test_sink_cli_names_an_unknown_layer(capsys):
+    from toyworld.sink import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", str(MODEL), "--out", "unused", "--method", "key", "--layers", "cross-99"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --layers cross-99") and "cross-1 cross-2" in err[0]
+
+
 def test_token_map_recorder_leaves_sampling_unchanged(pipe):
     """toyworld.diagnose_tokens records maps without changing the output (its hook returns SDPA)."""
     from sdattn.hooks import HookSet

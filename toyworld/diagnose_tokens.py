@@ -19,7 +19,7 @@ colour, with the claims' protocol (random splits by image seed; the probe settin
 - ``sink +δ``        the map with the start token's logit raised by δ (a counterfactual SD-like sink; the
                      start token's resulting share is printed beside it);
 
-plus the colour word's map and the noun's map for reference, and the attention mass of every key
+plus the colour word's, the noun's and the start token's maps for reference, and the attention mass of every key
 position (start, "a", colour, noun, end, padding) — SD's start token takes most of it.
 
     python -m toyworld.diagnose_tokens [--model models/toy] [--n-per-class 8] [--splits 5]
@@ -51,7 +51,7 @@ from toyworld.model import load_pipeline
 VARIANTS = ("map", "no colour key", "no padding", "fixed keys", "logit")
 SINKS = (2.0, 4.0, 8.0)  # counterfactual start-token logit boosts (SD: the start token takes most of the mass)
 REFERENCES = ("colour word: map", "colour word: logit", f"colour word: sink +{SINKS[-1]:g}", "noun: map",
-              "noun: logit")
+              "noun: logit", "start: map")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ class TokenMapRecorder(AttentionHook):
         self.add("noun: logit", logits[..., p.noun].mean(1))
         self.add("colour word: map", pc.mean(1))
         self.add("noun: map", probs[..., p.noun].mean(1))
+        self.add("start: map", ps.mean(1))  # 1 − the others' share: what a sink leaves of the softmax share
         self.add("mass", probs.mean((1, 2)))  # (B, L)
         self.add("steps", torch.ones(()))
         return super().attend(attn, query, key, value, mask)

@@ -27,6 +27,8 @@ import argparse
 import copy
 import math
 import shutil
+import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -109,7 +111,8 @@ def start_direction(start: torch.Tensor, others: torch.Tensor, ridge: float = 1e
 
 
 @torch.no_grad()
-def install_key_sink(pipe, prompts: list[str], boost: float, kappa: float = 4.0) -> list[dict]:
+def install_key_sink(pipe, prompts: list[str], boost: float, kappa: float = 4.0,
+                     layers: Collection[str] | None = None) -> list[dict]:
     """An exact start-token sink: every query's logit for the start token rises by ``boost`` over the other
     keys' mean, whatever the query, and the other keys' logits keep their differences except along one
     direction per head (the one in which the centred keys vary least).
@@ -120,12 +123,16 @@ def install_key_sink(pipe, prompts: list[str], boost: float, kappa: float = 4.0)
     constant is far from 0, and ``to_q`` is corrected to give the same queries) — and the key gets
     g·(w·text state)·u in place of its u component; the start token's logit then exceeds the others' mean
     by κ·g·scale = ``boost``. Returns per layer the lift, the others' spread (boost × std of w·state) and the
-    share of the centred keys' variance lost with u (mean over heads)."""
+    share of the centred keys' variance lost with u (mean over heads). ``layers``: only these cross layers (labels,
+    e.g. ``cross-3``) get the sink; the others are left as they are."""
     start, others = text_states(pipe, prompts)
     w = start_direction(start, others)
     spread = float(boost * (others @ w).std())
     report = []
-    for name, norm, attn in cross_blocks(pipe.unet):
+    labels = [x.label for x in model_cross_layers(pipe)]
+    for label, (name, norm, attn) in zip(labels, cross_blocks(pipe.unet)):
+        if layers is not None and label not in layers:
+            continue
         gamma = norm.weight.float()
         norm.bias += gamma.to(norm.bias)  # β' = β + γ: Σ β'/γ ≈ C, far from 0
         beta = norm.bias.float()
@@ -147,7 +154,7 @@ def install_key_sink(pipe, prompts: list[str], boost: float, kappa: float = 4.0)
             wk[r] = proj @ wk[r] + g * torch.outer(u, w.to(wk))
         attn.to_q.weight.copy_(wq.to(attn.to_q.weight))
         attn.to_k.weight.copy_(wk.to(attn.to_k.weight))
-        report.append({"layer": name, "start_lift": boost, "others_spread": spread,
+        report.append({"layer": name, "label": label, "start_lift": boost, "others_spread": spread,
                        "key_variance_lost": sum(lost) / len(lost)})
     return report
 
@@ -221,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="calibration rounds (with --share)")
     ap.add_argument("--method", choices=("query", "key"), default="query",
                     help="query: least-squares query bias (approximate); key: exact (install_key_sink)")
+    ap.add_argument("--layers", nargs="+", default=None,
+                    help="with --method key: only these cross layers get the sink (labels, e.g. cross-2 cross-3)")
     ap.add_argument("--grammar", default=None)
     ap.add_argument("--images", type=int, default=10, help="prompts sampled to measure the start token's share")
     ap.add_argument("--steps", type=int, default=10)
@@ -230,9 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(args.model)
     world = load_world(args.grammar)
     probe = [world.make_prompt(c, s) for c, s in zip(world.colors, list(world.shapes) * 2)][:args.images]
+    known = sorted((x.label for x in model_cross_layers(pipe)), key=lambda label: int(label.rsplit("-", 1)[1]))
+    if args.layers is not None and (unknown := sorted(set(args.layers) - set(known))):
+        print(f"error: --layers {' '.join(unknown)}: not a cross layer of {args.model}; allowed: {' '.join(known)}",
+              file=sys.stderr)
+        raise SystemExit(2)
     before = start_shares(pipe, probe, args.steps, args.guidance)
     if args.method == "key":
-        for r in install_key_sink(pipe, all_prompts(world), args.boost):
+        for r in install_key_sink(pipe, all_prompts(world), args.boost, layers=args.layers):
             print(f"{r['layer']:45s} start logit +{r['start_lift']:.2f} over the others' mean; others' spread "
                   f"{r['others_spread']:.3f}; key variance lost {r['key_variance_lost']:.2%}")
         after = start_shares(pipe, probe, args.steps, args.guidance)
