@@ -408,6 +408,23 @@ def test_sink_cli_names_an_unknown_layer(capsys):
     assert len(err) == 1 and err[0].startswith("error: --layers cross-99") and "cross-1 cross-2" in err[0]
 
 
+def test_colour_subspace_finds_the_direction_the_colour_moves_the_queries_along():
+    """diagnose_tokens.colour_subspace: queries whose colour moves only their first coordinate give η² near 1
+    along that axis, near 0 across it, and tr B / tr T for a random direction."""
+    from toyworld.diagnose_tokens import colour_subspace
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(5), 40)
+    q = rng.normal(scale=3.0, size=(len(y), 1, 6, 4))  # (images, heads, positions, head dim); mean over 6: var 1.5
+    q[..., 0] += 3 * y[:, None, None]
+    along = colour_subspace(q, y, np.array([[1.0, 0, 0, 0]]))
+    across = colour_subspace(q, y, np.array([[0, 1.0, 0, 0]]))
+    assert along["eta2 along k_a - k_start"] > 0.85 and across["eta2 along k_a - k_start"] < 0.1  # 18 / 19.5, 0
+    assert along["colour rank"] == 1 and along["eta2, least colour-laden direction"] < 0.1
+    assert 0.5 < along["eta2, random direction"] < along["eta2 along k_a - k_start"]  # 18 / (18 + 4 × 1.5)
+    assert along["eta2, most colour-laden direction"] >= along["eta2 along k_a - k_start"] - 1e-9
+
+
 def test_token_map_recorder_leaves_sampling_unchanged(pipe):
     """toyworld.diagnose_tokens records maps without changing the output (its hook returns SDPA)."""
     from sdattn.hooks import HookSet

@@ -99,6 +99,8 @@ class TokenMapRecorder(AttentionHook):
         self.add("noun: map", probs[..., p.noun].mean(1))
         self.add("start: map", ps.mean(1))  # 1 − the others' share: what a sink leaves of the softmax share
         self.add("mass", probs.mean((1, 2)))  # (B, L)
+        self.add("queries", query[rows])  # (B, H, N, d): their step mean, for the colour subspace
+        self.add("article key", key[rows][:, :, p.article] - key[rows][:, :, p.start])  # (B, H, d): k_a − k_start
         self.add("steps", torch.ones(()))
         return super().attend(attn, query, key, value, mask)
 
@@ -159,6 +161,37 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, image_seeds: np.ndarray, n_test
     net.eval()
     with torch.no_grad():
         return float((net(x[~train]).argmax(-1) == y[~train]).float().mean())
+
+
+def colour_subspace(queries: np.ndarray, y: np.ndarray, article_key: np.ndarray, energy: float = 0.9) -> dict:
+    """How much the colour moves the queries along k_a − k_start, per head, averaged over heads.
+
+    ``queries`` (images, H, N, d) step means, ``y`` (images,) colour classes, ``article_key`` (H, d). Per head, on
+    the images' spatial-mean queries m (images, d): B = the covariance of the per-colour means, T = the covariance
+    of m. η²(v) = vᵀBv / vᵀTv is the colour's share of the variance of the spatial-mean logit m·v over images;
+    reported along v = k_a − k_start (what the map of "a" inherits once a sink takes all of the mass), for a
+    random direction (tr B / tr T) and for the most and the least colour-laden directions (the generalised
+    eigenvalues' extremes); with the colour rank (B's eigenvectors holding ``energy`` of its trace) beside the
+    head dim."""
+    rows: dict[str, list] = {"head dim": [], "colour rank": [], "eta2 along k_a - k_start": [],
+                             "eta2, random direction": [], "eta2, most colour-laden direction": [],
+                             "eta2, least colour-laden direction": []}
+    classes = np.unique(y)
+    for h in range(queries.shape[1]):
+        m = queries[:, h].astype(np.float64).mean(1)  # (images, d)
+        means = np.stack([m[y == c].mean(0) for c in classes])  # (C, d)
+        between = np.cov(means.T, bias=True)
+        total = np.cov(m.T, bias=True) + 1e-12 * np.eye(m.shape[1])
+        evals = np.linalg.eigvalsh(between)[::-1]
+        v = article_key[h].astype(np.float64)
+        rows["head dim"].append(m.shape[1])
+        rows["colour rank"].append(int(np.searchsorted(np.cumsum(evals) / evals.sum(), energy) + 1))
+        rows["eta2 along k_a - k_start"].append(float(v @ between @ v / (v @ total @ v)))
+        rows["eta2, random direction"].append(float(np.trace(between) / np.trace(total)))
+        generalised = np.linalg.eigvals(np.linalg.solve(total, between)).real
+        rows["eta2, most colour-laden direction"].append(float(generalised.max()))
+        rows["eta2, least colour-laden direction"].append(float(generalised.min()))
+    return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
 def column(label: str) -> str:
@@ -230,6 +263,12 @@ def main(argv: list[str] | None = None) -> None:
         row["mean over layers"] = interval(list(np.mean(list(accs.values()), axis=0)))
         rows[name] = row
         print(f"  probed {name}", flush=True)
+    if (labels[0], "queries") in feats:  # (older feature files lack the queries)
+        sub = {column(x): colour_subspace(feats[(x, "queries")], y, feats[(x, "article key")][0]) for x in labels}
+        sub_df = pd.DataFrame(sub)
+        print("\nthe colour in the queries along k_a − k_start (per head, mean over heads; eta2: the colour's share "
+              "of the variance over images of the spatial-mean logit along a direction; see colour_subspace)")
+        print(sub_df.round(2).to_markdown())
     table = pd.DataFrame(rows).T
     print(f"\ncolour probe accuracy, % (mean ± 95 % t half-width over {args.splits} splits; "
           f"{args.test_per_class * len(classes)} test images each; chance {100 / len(classes):.1f} %)")
