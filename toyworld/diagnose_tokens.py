@@ -190,7 +190,7 @@ def colour_subspace(queries: np.ndarray, y: np.ndarray, article_key: np.ndarray,
         rows["eta2, random direction"].append(float(np.trace(between) / np.trace(total)))
         generalised = np.linalg.eigvals(np.linalg.solve(total, between)).real
         rows["eta2, most colour-laden direction"].append(float(generalised.max()))
-        rows["eta2, least colour-laden direction"].append(float(generalised.min()))
+        rows["eta2, least colour-laden direction"].append(max(0.0, float(generalised.min())))  # rounding: ≥ 0
     return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
