@@ -386,16 +386,16 @@ def test_exact_start_token_sink_on_chosen_layers_leaves_the_others(pipe, world):
     """toyworld.sink --method key --layers: only the named cross layers' parameters move."""
     import copy
 
-    from toyworld.sink import all_prompts, cross_blocks, install_key_sink, model_cross_layers
+    from toyworld.sink import all_prompts, install_key_sink, model_cross_layers
 
-    label = model_cross_layers(pipe)[-1].label
+    layer = model_cross_layers(pipe)[-1]
+    block = layer.name.removesuffix(".attn2.processor")
     sunk = copy.deepcopy(pipe)
-    report = install_key_sink(sunk, all_prompts(world)[:30], boost=6.0, layers=[label])
-    assert [r["label"] for r in report] == [label]
-    chosen = [name for (name, _, _), x in zip(cross_blocks(pipe.unet), model_cross_layers(pipe)) if x.label == label]
+    report = install_key_sink(sunk, all_prompts(world)[:30], boost=6.0, layers=[layer.label])
+    assert [r["label"] for r in report] == [layer.label]
     changed = {name for (name, p), q in zip(pipe.unet.named_parameters(), sunk.unet.parameters())
                if not torch.equal(p, q)}
-    assert changed and all(name.startswith(chosen[0] + ".") for name in changed)
+    assert changed and all(name.startswith(block + ".") for name in changed)
 
 
 def test_sink_cli_names_an_unknown_layer(capsys):
@@ -406,6 +406,9 @@ def test_sink_cli_names_an_unknown_layer(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --layers cross-99") and "cross-1 cross-2" in err[0]
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", str(MODEL), "--out", "unused", "--method", "query", "--layers", "cross-1"])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().startswith("error: --layers is only for")
 
 
 def test_colour_subspace_finds_the_direction_the_colour_moves_the_queries_along():

@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     world = load_world(args.grammar)
     probe = [world.make_prompt(c, s) for c, s in zip(world.colors, list(world.shapes) * 2)][:args.images]
     known = sorted((x.label for x in model_cross_layers(pipe)), key=lambda label: int(label.rsplit("-", 1)[1]))
+    if args.layers is not None and args.method != "key":
+        print(f"error: --layers is only for --method key, not --method {args.method}", file=sys.stderr)
+        raise SystemExit(2)
     if args.layers is not None and (unknown := sorted(set(args.layers) - set(known))):
         print(f"error: --layers {' '.join(unknown)}: not a cross layer of {args.model}; allowed: {' '.join(known)}",
               file=sys.stderr)
