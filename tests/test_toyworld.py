@@ -276,6 +276,25 @@ def test_stage2_continues_with_a_frozen_text_encoder_and_a_longer_context(tmp_pa
     assert not any(m for n, m in moved.items() if frozen in n) and any(frozen in n for n in moved)
     metrics = pd.read_csv(next((tmp_path / "wb").rglob("metrics.csv")))
     assert metrics["unet/sink_deviation"].notna().any()
+    # the continued export names the run it came from: its settings and steps, then its own in "config"
+    meta_a, meta_b = (json.loads((tmp_path / x / "toy_model.json").read_text()) for x in ("a", "b"))
+    assert [run["config"] for run in meta_b["lineage"]] == [meta_a["config"]]
+    assert meta_b["lineage"][0]["unet_steps"] == meta_a["unet_steps"] == meta_b["init_unet_steps"]
+    assert meta_b["config"]["init_pipeline"] == str(tmp_path / "a") and "previous_config" not in meta_b
+
+
+def test_training_lineage_keeps_every_run_oldest_first():
+    """toy_model.json's lineage grows by one run per continuation; a file from before lineages (the shipped
+    model's: one ``previous_config``) gives that run first, then its own."""
+    from toyworld.train import training_lineage
+
+    shipped = json.loads((MODEL / "toy_model.json").read_text())
+    runs = training_lineage(shipped)
+    assert [r["config"] for r in runs] == [shipped["previous_config"], shipped["config"]]
+    assert [r["unet_steps"] for r in runs] == [shipped["init_unet_steps"], shipped["unet_steps"]]
+    child = {"lineage": runs, "config": {"output_dir": "c"}, "unet_steps": 7, "train_minutes": 1.5}
+    assert training_lineage(child) == runs + [{"config": {"output_dir": "c"}, "unet_steps": 7, "train_minutes": 1.5}]
+    assert training_lineage({}) == [] and training_lineage({"lineage": runs}) == runs
 
 
 def test_stage2_from_scratch_builds_a_fresh_unet_of_the_configured_sizes(pipe):

@@ -428,7 +428,7 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     vae = pipe.vae.eval().requires_grad_(False)
     info = {"init_pipeline": str(cfg.init_pipeline), "init_unet_steps": prev.get("unet_steps"),
             "vae_steps": prev.get("vae_steps"), "vae_recon_mae_255": prev.get("vae_recon_mae_255"),
-            "previous_config": prev.get("config"), "decoder_finetune": prev.get("decoder_finetune")}
+            "lineage": training_lineage(prev), "decoder_finetune": prev.get("decoder_finetune")}
     if cfg.unet.get("from_scratch"):
         info["init_unet_steps"] = 0
     unet = freeze_parameters(stage2_unet(cfg.unet, pipe, latent_size).train().requires_grad_(True),
@@ -436,6 +436,23 @@ def _continue_stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_
     text_encoder = text_encoder_for(cfg, pipe.text_encoder, pipe.tokenizer)
     return _stage2(cfg, world, work, out_dir, budget, t_start, factor, latent_size, vae, unet, text_encoder,
                    pipe.tokenizer, float(vae.config.scaling_factor), info, {}, make_logger)
+
+
+def training_lineage(meta: dict) -> list[dict]:
+    """Every training run behind the pipeline whose ``toy_model.json`` is ``meta``, oldest first, each as
+    ``{"config", "unet_steps", "train_minutes"}``: the runs it was continued from (its own ``lineage``; in files
+    written before lineages were kept, the one ``previous_config``) and then the run that exported it. A continued
+    export stores this, so the whole recipe of a model stays in its folder, not only the last two runs."""
+    if not meta:
+        return []
+    earlier = [dict(run) for run in meta.get("lineage") or []]
+    if not earlier and meta.get("previous_config") is not None:
+        earlier = [{"config": meta["previous_config"], "unet_steps": meta.get("init_unet_steps"),
+                    "train_minutes": None}]
+    if meta.get("config") is None:
+        return earlier
+    return earlier + [{"config": meta["config"], "unet_steps": meta.get("unet_steps"),
+                       "train_minutes": meta.get("train_minutes")}]
 
 
 def stage2_unet(ucfg, pipe, latent_size: int):
