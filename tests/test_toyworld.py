@@ -447,6 +447,21 @@ def test_colour_subspace_finds_the_direction_the_colour_moves_the_queries_along(
     assert along["eta2, most colour-laden direction"] >= along["eta2 along k_a - k_start"] - 1e-9
 
 
+def test_family_prompts_cycle_the_same_fills_over_every_colour():
+    """diagnose_tokens.family_prompts: with --fill, the k-th image of every colour gets fill k mod n (so the noun or
+    background varies but says nothing of the colour); a template and fills that do not match are refused."""
+    from toyworld.diagnose_tokens import family_prompts
+
+    prompts, seeds, y = family_prompts("a {cls} {fill}", ["red", "blue"], 3, ["circle", "star"])
+    assert prompts == ["a red circle", "a red star", "a red circle", "a blue circle", "a blue star", "a blue circle"]
+    assert seeds == [0, 1, 2, 0, 1, 2] and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert family_prompts("a {cls} car", ["red"], 2)[0] == ["a red car", "a red car"]
+    with pytest.raises(ValueError, match="fills"):
+        family_prompts("a {cls} car", ["red"], 2, ["star"])
+    with pytest.raises(ValueError, match="fills"):
+        family_prompts("a {cls} {fill}", ["red"], 2)
+
+
 def test_token_map_recorder_leaves_sampling_unchanged(pipe):
     """toyworld.diagnose_tokens records maps without changing the output (its hook returns SDPA)."""
     from sdattn.hooks import HookSet

@@ -23,6 +23,7 @@ plus the colour word's, the noun's and the start token's maps for reference, and
 position (start, "a", colour, noun, end, padding) — SD's start token takes most of it.
 
     python -m toyworld.diagnose_tokens [--model models/toy] [--n-per-class 8] [--splits 5]
+        [--template "a {cls} {fill}" --fill circle,square,... --classes red,green,...]
 
 prints the mass table and one probe-accuracy table (rows: variants; columns: layers, mean over layers,
 each the mean over splits ± its 95 % t-interval half-width).
@@ -194,6 +195,19 @@ def colour_subspace(queries: np.ndarray, y: np.ndarray, article_key: np.ndarray,
     return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
+def family_prompts(template: str, classes: list[str], n_per_class: int,
+                   fills: list[str] | None = None) -> tuple[list[str], list[int], np.ndarray]:
+    """The prompts, image seeds and colour labels of ``n_per_class`` images per class: ``template`` with ``{cls}``
+    and, when ``fills`` are given, ``{fill}`` = ``fills[k % len(fills)]`` for the class's k-th image (seed k): every
+    class sees the same fills (nouns, backgrounds) on the same seeds, variation that is not the colour."""
+    if ("{fill}" in template) != bool(fills):
+        raise ValueError(f"template {template!r} and fills {fills}: give fills exactly when the template has {{fill}}")
+    fill = (lambda k: {"fill": fills[k % len(fills)]}) if fills else (lambda k: {})
+    prompts = [template.format(cls=c, **fill(k)) for c in classes for k in range(n_per_class)]
+    seeds = [k for _ in classes for k in range(n_per_class)]
+    return prompts, seeds, np.repeat(np.arange(len(classes)), n_per_class)
+
+
 def column(label: str) -> str:
     """A layer label "cross-3" → the table column "L3"."""
     return f"L{label.rsplit('-', 1)[1]}"
@@ -216,6 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="models/toy")
     ap.add_argument("--family", default="datasets/probe/toy_color_car.yaml")
+    ap.add_argument("--template", default=None,
+                    help='prompt template instead of the family\'s, e.g. "a {cls} {fill}" with --fill')
+    ap.add_argument("--fill", default=None,
+                    help="comma-separated words or phrases for {fill}, cycled over each class's seeds (the same on "
+                         "every class); the prompts must keep one length (the key positions are the first's)")
+    ap.add_argument("--classes", default=None, help="comma-separated subset of the family's classes")
     ap.add_argument("--n-per-class", type=int, default=8)
     ap.add_argument("--test-per-class", type=int, default=2)
     ap.add_argument("--splits", type=int, default=5)
@@ -229,14 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     family = yaml.safe_load((REPO_ROOT / args.family).read_text())
     mlp = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "configs/probe/cross_attn.yaml").mlp)
     epochs = int(OmegaConf.load(REPO_ROOT / "configs/trainer/probe.yaml").max_epochs)
-    classes = list(family["classes"])
-    prompts = [family["template"].format(cls=c) for c in classes for _ in range(args.n_per_class)]
-    seeds = [k for _ in classes for k in range(args.n_per_class)]
-    y = np.repeat(np.arange(len(classes)), args.n_per_class)
+    classes = args.classes.split(",") if args.classes else list(family["classes"])
+    template = args.template or family["template"]
+    prompts, seeds, y = family_prompts(template, classes, args.n_per_class,
+                                       args.fill.split(",") if args.fill else None)
     words = prompts[0].split()
     pos = Positions(article=1, colour=2, noun=3, end=1 + len(words))
     steps, guidance = sampling_settings(args.model)
-    print(f"model {args.model}: {len(prompts)} images ({family['template']}), {steps} steps, guidance {guidance}, "
+    print(f"model {args.model}: {len(prompts)} images ({template}), {steps} steps, guidance {guidance}, "
           f"context {pipe.tokenizer.model_max_length} tokens", flush=True)
     feats, labels = cached_capture(args.features, pipe, prompts, seeds, steps, guidance, args.batch, pos)
 
