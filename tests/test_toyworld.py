@@ -107,6 +107,23 @@ def test_outline_is_outside_the_object_and_the_checker_reads_both_worlds(world):
         assert m["color_accuracy"] >= 0.99 and m["shape_accuracy"] >= 0.99 and m["mask_iou"] > 0.95
 
 
+def test_varied_world_adds_texture_and_background_tints_but_keeps_layout_and_colour(world):
+    """datasets/toy_world_varied.yaml: the same prompts, placements and masks as the plain world for a seed; the
+    object gets a stripe texture (its pixels spread, its mean colour stays near its own) and the background a
+    per-image tint (two seeds on one background differ)."""
+    varied = load_world(REPO_ROOT / "datasets" / "toy_world_varied.yaml")
+    assert varied.texture > 0 and varied.background_jitter > 0 and world.texture == world.background_jitter == 0
+    assert varied.vocabulary() == world.vocabulary()
+    a, b = world.render("red", "square", "none", seed=3), varied.render("red", "square", "none", seed=3)
+    assert a.prompt == b.prompt and np.array_equal(a.mask, b.mask)
+    inner = ndimage.binary_erosion(a.mask, iterations=2)  # away from the anti-aliased edge and the ring
+    obj, plain_obj = b.image[inner].astype(float), a.image[inner].astype(float)
+    assert obj[:, 0].std() > 3 * plain_obj[:, 0].std()  # the texture varies the object's brightness
+    assert np.abs(obj.mean(0) - plain_obj.mean(0)).max() < 25  # around its own colour
+    other = varied.render("red", "square", "none", seed=4)
+    assert np.abs(b.image[~b.mask].mean((0,)) - other.image[~other.mask].mean((0,))).max() > 2  # its own tint
+
+
 def test_outline_colour_default_is_read_from_the_grammar_only(tmp_path):
     """The outline colour comes from the YAML (style: or the background); a world drawing outlines with
     none is an error when loaded, naming the key; a flat world needs none."""

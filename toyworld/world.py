@@ -89,6 +89,16 @@ def outline_coverage(cov: np.ndarray, width: int) -> np.ndarray:
     return ndimage.grey_dilation(cov, footprint=disc)
 
 
+def texture_factor(n: int, amplitude: float, rng: np.random.Generator,
+                   wavelength: tuple[float, float] = (6.0, 16.0)) -> np.ndarray:
+    """(n, n) brightness factor 1 + amplitude · sin(stripes): orientation, wavelength (px) and phase drawn from
+    ``rng``, so every image gets its own pattern while the object's mean colour stays its own."""
+    theta, lam, phase = rng.uniform(0, np.pi), rng.uniform(*wavelength), rng.uniform(0, 2 * np.pi)
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32)
+    return (1 + amplitude * np.sin(2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / lam + phase)).astype(
+        np.float32)
+
+
 def shading_factor(n: int, y0: int, size: int, shading: float) -> np.ndarray:
     """(n, n) brightness factor: 1 at the object's top row, 1 - shading at its bottom row."""
     rows = ((np.arange(n, dtype=np.float32) - y0) / max(size - 1, 1)).clip(0, 1)
@@ -127,6 +137,16 @@ class World:
     @property
     def shading(self) -> float:
         return float(self.style.get("shading", 0.0))
+
+    @property
+    def texture(self) -> float:
+        """Amplitude of the per-image stripe texture on the object (0 = none)."""
+        return float(self.style.get("texture", 0.0))
+
+    @property
+    def background_jitter(self) -> float:
+        """Per-image uniform offset of the background's RGB, ± this many levels (0 = none)."""
+        return float(self.style.get("background_jitter", 0.0))
 
     def __post_init__(self) -> None:
         if self.outline_width > 0:  # every background needs an outline colour: an error now, not mid-render
@@ -223,12 +243,17 @@ class World:
         cov = np.zeros((n, n), np.float32)
         cov[y0:y0 + size, x0:x0 + size] = coverage(shape, int(size))[: n - y0, : n - x0]
         bg = np.array(self.backgrounds[background]["rgb"], np.float32)
+        if self.background_jitter:  # drawn only when set: the plain world's renders stay as they were
+            bg = np.clip(bg + rng.uniform(-self.background_jitter, self.background_jitter, 3), 0, 255).astype(
+                np.float32)
         fg = np.array(self.colors[color], np.float32)
         img = np.broadcast_to(bg, (n, n, 3)).astype(np.float32)
         if self.outline_width:
             ring = outline_coverage(cov, self.outline_width)
             img = img * (1 - ring[..., None]) + np.array(self.outline_rgb(background), np.float32) * ring[..., None]
         fg_img = fg * shading_factor(n, y0, size, self.shading)[..., None]  # (n, n, 3)
+        if self.texture:
+            fg_img = fg_img * texture_factor(n, self.texture, rng)[..., None]
         img = img * (1 - cov[..., None]) + fg_img * cov[..., None]
         img = img + rng.normal(0.0, self.noise_std, img.shape).astype(np.float32)
         image = np.clip(np.round(img), 0, 255).astype(np.uint8)
