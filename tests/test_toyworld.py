@@ -114,6 +114,9 @@ def test_varied_world_adds_texture_and_background_tints_but_keeps_layout_and_col
     varied = load_world(REPO_ROOT / "datasets" / "toy_world_varied.yaml")
     assert varied.texture > 0 and varied.background_jitter > 0 and world.texture == world.background_jitter == 0
     assert varied.vocabulary() == world.vocabulary()
+    # it extends the plain grammar: every other setting, nested style keys included, is the plain world's
+    assert varied.colors == world.colors and varied.backgrounds == world.backgrounds
+    assert {k: v for k, v in varied.style.items() if k not in ("texture", "background_jitter")} == world.style
     a, b = world.render("red", "square", "none", seed=3), varied.render("red", "square", "none", seed=3)
     assert a.prompt == b.prompt and np.array_equal(a.mask, b.mask)
     inner = ndimage.binary_erosion(a.mask, iterations=2)  # away from the anti-aliased edge and the ring
@@ -121,7 +124,7 @@ def test_varied_world_adds_texture_and_background_tints_but_keeps_layout_and_col
     assert obj[:, 0].std() > 3 * plain_obj[:, 0].std()  # the texture varies the object's brightness
     assert np.abs(obj.mean(0) - plain_obj.mean(0)).max() < 25  # around its own colour
     other = varied.render("red", "square", "none", seed=4)
-    assert np.abs(b.image[~b.mask].mean((0,)) - other.image[~other.mask].mean((0,))).max() > 2  # its own tint
+    assert np.abs(b.image[~b.mask].mean(0) - other.image[~other.mask].mean(0)).max() > 2  # its own tint
 
 
 def test_outline_colour_default_is_read_from_the_grammar_only(tmp_path):

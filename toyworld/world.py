@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 from scipy import ndimage
 
@@ -277,9 +278,20 @@ def load_world(path: str | Path | None = None) -> World:
     return _load_world(str(Path(path) if path else DEFAULT_GRAMMAR))
 
 
+def read_grammar(path: str | Path) -> dict:
+    """A grammar YAML as a dict; one with ``extends: <file>`` (relative to its own folder) is that grammar with
+    this file's keys merged over it (nested keys such as ``style:`` one by one), so a variant names only what
+    it changes."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    base = cfg.pop("extends", None)
+    if base is None:
+        return cfg
+    return OmegaConf.to_container(OmegaConf.merge(read_grammar(Path(path).parent / base), cfg))
+
+
 @functools.lru_cache(maxsize=8)
 def _load_world(path: str) -> World:
-    cfg = yaml.safe_load(Path(path).read_text())
+    cfg = read_grammar(path)
     return World(
         image_size=int(cfg["image_size"]),
         noise_std=float(cfg["noise_std"]),
