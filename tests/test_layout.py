@@ -8,14 +8,14 @@ from .conftest import ROOT
 
 PACKAGES = ("sdattn", "probing", "editing", "evaluation", "experiments", "toyworld")
 # Who may import whom: sdattn (core) ← probing, editing ← evaluation ← experiments. toyworld (the toy
-# world's renderer, model, CLIP and edit benchmark) builds on the core, the editors and the metrics;
-# evaluation reaches it only through what experiments/tasks inject.
+# world's renderer, model, CLIP and edit benchmark) builds on the core, the probes' prompts, the editors and
+# the metrics; evaluation reaches it only through what experiments/tasks inject.
 ALLOWED = {
     "sdattn": set(),
     "probing": {"sdattn"},
     "editing": {"sdattn"},
     "evaluation": {"sdattn", "probing", "editing"},
-    "toyworld": {"sdattn", "editing", "evaluation"},
+    "toyworld": {"sdattn", "probing", "editing", "evaluation"},
     "experiments": {"sdattn", "probing", "editing", "evaluation", "toyworld"},
 }
 

@@ -472,14 +472,15 @@ def test_family_prompts_cycle_the_same_fills_over_every_colour():
     background varies but says nothing of the colour); a template and fills that do not match are refused."""
     from toyworld.diagnose_tokens import family_prompts
 
-    prompts, seeds, y = family_prompts("a {cls} {fill}", ["red", "blue"], 3, ["circle", "star"])
+    family = {"name": "cars", "template": "a {cls} car", "classes": ["green", "red", "blue"]}
+    prompts, seeds, y = family_prompts(family, 3, ["red", "blue"], "a {cls} {fill}", ["circle", "star"])
     assert prompts == ["a red circle", "a red star", "a red circle", "a blue circle", "a blue star", "a blue circle"]
     assert seeds == [0, 1, 2, 0, 1, 2] and y.tolist() == [0, 0, 0, 1, 1, 1]
-    assert family_prompts("a {cls} car", ["red"], 2)[0] == ["a red car", "a red car"]
+    assert family_prompts(family, 2, ["red"])[0] == ["a red car", "a red car"]
     with pytest.raises(ValueError, match="fills"):
-        family_prompts("a {cls} car", ["red"], 2, ["star"])
+        family_prompts(family, 2, ["red"], fills=["star"])
     with pytest.raises(ValueError, match="fills"):
-        family_prompts("a {cls} {fill}", ["red"], 2)
+        family_prompts(family, 2, ["red"], "a {cls} {fill}")
 
 
 def test_token_map_recorder_leaves_sampling_unchanged(pipe):

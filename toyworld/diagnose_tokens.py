@@ -42,6 +42,7 @@ import yaml
 from omegaconf import OmegaConf
 from scipy import stats
 
+from probing.prompts import build_prompts
 from sdattn.files import REPO_ROOT
 from sdattn.hooks import AttentionHook, HookSet
 from sdattn.layers import enumerate_layers
@@ -195,17 +196,19 @@ def colour_subspace(queries: np.ndarray, y: np.ndarray, article_key: np.ndarray,
     return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
-def family_prompts(template: str, classes: list[str], n_per_class: int,
+def family_prompts(family: dict, n_per_class: int, classes: list[str] | None = None, template: str | None = None,
                    fills: list[str] | None = None) -> tuple[list[str], list[int], np.ndarray]:
-    """The prompts, image seeds and colour labels of ``n_per_class`` images per class: ``template`` with ``{cls}``
-    and, when ``fills`` are given, ``{fill}`` = ``fills[k % len(fills)]`` for the class's k-th image (seed k): every
+    """The prompts, image seeds and class indices of ``n_per_class`` images per class of a probe ``family`` (the
+    probes' own :func:`probing.prompts.build_prompts`; ``classes`` a subset), its template replaced by ``template``
+    and ``{fill}`` filled from ``fills``: the class's k-th image (seed k) gets ``fills[k % len(fills)]``, so every
     class sees the same fills (nouns, backgrounds) on the same seeds, variation that is not the colour."""
+    template = template or family["template"]
     if ("{fill}" in template) != bool(fills):
         raise ValueError(f"template {template!r} and fills {fills}: give fills exactly when the template has {{fill}}")
-    fill = (lambda k: {"fill": fills[k % len(fills)]}) if fills else (lambda k: {})
-    prompts = [template.format(cls=c, **fill(k)) for c in classes for k in range(n_per_class)]
-    seeds = [k for _ in classes for k in range(n_per_class)]
-    return prompts, seeds, np.repeat(np.arange(len(classes)), n_per_class)
+    fill = {**(family.get("fill") or {}), **({"fill": list(fills)} if fills else {})}
+    items = build_prompts({**family, "template": template, "fill": fill}, n_per_class, classes=classes)
+    order = list(classes or family["classes"])
+    return [p.prompt for p in items], [p.seed for p in items], np.array([order.index(p.label) for p in items])
 
 
 def column(label: str) -> str:
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     epochs = int(OmegaConf.load(REPO_ROOT / "configs/trainer/probe.yaml").max_epochs)
     classes = args.classes.split(",") if args.classes else list(family["classes"])
     template = args.template or family["template"]
-    prompts, seeds, y = family_prompts(template, classes, args.n_per_class,
+    prompts, seeds, y = family_prompts(family, args.n_per_class, classes, template,
                                        args.fill.split(",") if args.fill else None)
     words = prompts[0].split()
     pos = Positions(article=1, colour=2, noun=3, end=1 + len(words))
